@@ -1,0 +1,58 @@
+"""The server process: wire the repository, engine, models, service and listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from appliance.config import Config
+from appliance.models import ModelManager
+from appliance.repository import Repository
+from appliance.server import SocketServer, run_until_signalled
+from appliance.service import Service
+from engines import select_engine
+
+log = logging.getLogger("outpost.app")
+
+
+async def serve(config: Config, ready_hook=None) -> int:
+    """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0."""
+    t0 = time.monotonic()
+    repo = Repository(config.data_path)
+    repo.clean_staging()
+    engine, reason = select_engine(config.engine)
+    log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
+    manager = ModelManager(repo, engine, config)
+    await manager.load_all()
+    service = Service(manager, config.server.max_frame_bytes)
+    server = SocketServer(service, config)
+    await server.start()
+    if ready_hook is not None:
+        ready_hook(server, service)
+    log.info("ready", extra={
+        "socket": str(server.socket_path),
+        "tcp": f"{server.tcp_address[0]}:{server.tcp_address[1]}" if server.tcp_address
+        else None,
+        "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
+        "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
+    await run_until_signalled(server)
+    log.info("stopping: draining in-flight requests")
+    service.draining = True
+    await server.stop()
+    await manager.unload_all()
+    repo.close()
+    log.info("stopped")
+    return 0
+
+
+def run(config: Config, loop_kind: str = "auto") -> int:
+    if loop_kind in ("auto", "uvloop"):
+        try:
+            import uvloop  # noqa: PLC0415
+        except ImportError:
+            if loop_kind == "uvloop":
+                raise
+        else:
+            return uvloop.run(serve(config))
+    return asyncio.run(serve(config))

@@ -1,0 +1,331 @@
+"""Dynamic batching: queues and time, not engines.
+
+``decide`` is the pure batching decision (send now, or wait how long), a function of the
+queue and the oldest request's age, as in Triton's dynamic batcher. ``DynamicBatcher``
+owns the queues on the event loop and hands formed batches to ``ModelInstance`` workers,
+one thread and one engine session each. Everything here except ``ModelInstance._work``
+runs on the event loop thread, so the queue state needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from appliance.errors import (
+    DeadlineExceeded,
+    Internal,
+    OutpostError,
+    ResourceExhausted,
+    Unavailable,
+)
+from appliance.stats import VersionStats
+from engines.base import Session
+from engines.errors import EngineError
+
+QUEUED, RUNNING, DONE = 0, 1, 2
+
+# done(outputs, error): exactly one of them is None. Called on the event loop thread.
+DoneCallback = Callable[[dict | None, OutpostError | None], None]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int  # 0: the model has no batch dim; one request per run
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    priority_levels: int = 1
+
+
+def decide(queued_rows: int, oldest_age_us: float, policy: BatchPolicy) -> tuple[int, float]:
+    """How many rows to send now, or (0, microseconds to wait) before asking again.
+
+    A full batch goes at once; so does a preferred size as soon as one can be formed; the
+    rest goes when the oldest request has waited ``max_queue_delay_us``.
+    """
+    if queued_rows <= 0:
+        return 0, 0.0
+    limit = max(policy.max_batch_size, 1)
+    if queued_rows >= limit:
+        return limit, 0.0
+    preferred = [p for p in policy.preferred_batch_sizes if p <= queued_rows]
+    if preferred:
+        return max(preferred), 0.0
+    wait_us = policy.max_queue_delay_us - oldest_age_us
+    if wait_us <= 0:
+        return queued_rows, 0.0
+    return 0, wait_us
+
+
+class InferRequest:
+    __slots__ = ("inputs", "rows", "signature", "priority", "deadline", "done", "enqueued",
+                 "started", "state", "timer", "tag", "owner")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, signature: tuple,
+                 priority: int, deadline: float | None, done: DoneCallback, tag=None):
+        self.inputs = inputs
+        self.rows = rows
+        self.signature = signature  # the non-batch dims: requests batch when these agree
+        self.priority = priority
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.done = done
+        self.enqueued = 0.0
+        self.started = 0.0
+        self.state = QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.tag = tag  # whatever the caller wants back (e.g. the connection)
+        self.owner: DynamicBatcher | None = None  # the batcher that queued it
+
+
+class ModelInstance:
+    """One session on one worker thread: initialise, warm up, execute. Nothing else."""
+
+    def __init__(self, session: Session, name: str):
+        self.session = session
+        self._jobs: collections.deque = collections.deque()
+        self._wake = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.append(job)
+        self._wake.release()
+
+    def stop(self) -> None:
+        self.submit(None)
+        self._thread.join(timeout=30)
+        self.session.close()
+
+    def _work(self) -> None:
+        while True:
+            self._wake.acquire()
+            job = self._jobs.popleft()
+            if job is None:
+                return
+            job()
+
+
+def run_batch(session: Session, requests: list[InferRequest]) -> list[dict[str, np.ndarray]]:
+    """Concatenate along dim 0, run once, split back per request exactly."""
+    if len(requests) == 1:
+        return [session.run(requests[0].inputs)]
+    names = requests[0].inputs.keys()
+    feeds = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}
+    total = sum(r.rows for r in requests)
+    outputs = session.run(feeds)
+    for name, arr in outputs.items():
+        if arr.ndim == 0 or arr.shape[0] != total:
+            raise EngineError(
+                f"output '{name}' came back with shape {list(arr.shape)} for a batch of "
+                f"{total}; a batched model's outputs must keep dim 0"
+            )
+    split = []
+    start = 0
+    for r in requests:
+        end = start + r.rows
+        split.append({n: a[start:end] for n, a in outputs.items()})
+        start = end
+    return split
+
+
+class DynamicBatcher:
+    """The scheduler for one model version: Enqueue, InflightInferenceCount, Stop."""
+
+    def __init__(self, policy: BatchPolicy, instances: list[ModelInstance],
+                 stats: VersionStats, loop: asyncio.AbstractEventLoop | None = None):
+        self.policy = policy
+        self.stats = stats
+        self._loop = loop or asyncio.get_running_loop()
+        self._queues = [collections.deque() for _ in range(policy.priority_levels)]
+        self._queued = 0  # live requests waiting (expired ones may still sit in the deques)
+        self._queued_rows = 0
+        self._dead = 0  # expired or cancelled requests still in the deques
+        self._running = 0  # requests handed to an instance, not yet answered
+        self._idle = list(instances)
+        self._instances = list(instances)
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._drained: asyncio.Event | None = None
+
+    # -- the scheduler's contract -----------------------------------------------------
+
+    def enqueue(self, request: InferRequest) -> None:
+        """Queue a request or raise at once (RESOURCE_EXHAUSTED, UNAVAILABLE)."""
+        if self._stopping:
+            raise Unavailable("this model version is unloading; retry and the router "
+                              "will pick the version now active")
+        if self._queued >= self.policy.max_queue_size:
+            raise ResourceExhausted(
+                f"the queue is full ({self.policy.max_queue_size} requests waiting); "
+                f"retry later or raise dynamic_batching.max_queue_size"
+            )
+        request.enqueued = time.monotonic()
+        request.owner = self
+        self._queues[request.priority].append(request)
+        self._queued += 1
+        self._queued_rows += request.rows
+        if request.deadline is not None:
+            request.timer = self._loop.call_at(
+                self._loop.time() + max(0.0, request.deadline - request.enqueued),
+                self._expire, request)
+        if self._idle:
+            self._schedule()
+
+    def inflight_count(self) -> int:
+        return self._queued + self._running
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish every queued and running one, stop the instances."""
+        self._stopping = True
+        if self.inflight_count():
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+        for inst in self._instances:
+            await asyncio.to_thread(inst.stop)
+        self._instances.clear()
+        self._idle.clear()
+
+    # -- state changes (event loop) ------------------------------------------------------
+
+    def cancel(self, request: InferRequest) -> None:
+        """Forget a request whose caller went away; no callback."""
+        if request.state == QUEUED:
+            self._retire(request)
+        request.state = DONE
+
+    def _retire(self, request: InferRequest) -> None:
+        self._queued -= 1
+        self._queued_rows -= request.rows
+        self._dead += 1
+        if request.timer is not None:
+            request.timer.cancel()
+        if self._dead > max(64, self._queued):
+            self._compact()
+        self._check_drained()
+
+    def _compact(self) -> None:
+        for i, q in enumerate(self._queues):
+            self._queues[i] = collections.deque(r for r in q if r.state == QUEUED)
+        self._dead = 0
+
+    def _expire(self, request: InferRequest) -> None:
+        if request.state == DONE:
+            return
+        waited_ms = (time.monotonic() - request.enqueued) * 1e3
+        where = "in the queue" if request.state == QUEUED else "while running"
+        if request.state == QUEUED:
+            self._retire(request)
+        request.state = DONE
+        err = DeadlineExceeded(
+            f"the request's timeout passed {where} after {waited_ms:.1f} ms; raise "
+            f"timeout_ms or lower the load")
+        self.stats.request_failed(err.code)
+        request.done(None, err)
+
+    def _oldest(self) -> InferRequest | None:
+        for q in self._queues:
+            while q and q[0].state != QUEUED:
+                q.popleft()
+                self._dead -= 1
+            if q:
+                return q[0]
+        return None
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._idle and self._queued:
+            head = self._oldest()
+            if head is None:
+                break
+            age_us = (time.monotonic() - head.enqueued) * 1e6
+            rows, wait_us = decide(self._queued_rows, age_us, self.policy)
+            if rows == 0:
+                self._timer = self._loop.call_later(wait_us / 1e6, self._schedule)
+                return
+            batch = self._take(head, rows if self.policy.max_batch_size else 1)
+            self._dispatch(self._idle.pop(), batch)
+
+    def _take(self, head: InferRequest, rows: int) -> list[InferRequest]:
+        """Up to ``rows`` rows of requests shaped like ``head``, by priority then age."""
+        batch, total = [], 0
+        for q in self._queues:
+            while q and total < rows:
+                r = q[0]
+                if r.state != QUEUED:
+                    q.popleft()
+                    self._dead -= 1
+                    continue
+                if r.signature != head.signature or total + r.rows > rows:
+                    break
+                q.popleft()
+                batch.append(r)
+                total += r.rows
+            if total >= rows:
+                break
+        if not batch:  # head alone is bigger than `rows` asked for: send it by itself
+            self._queues[head.priority].remove(head)
+            batch, total = [head], head.rows
+        now = time.monotonic()
+        for r in batch:
+            r.state = RUNNING
+            r.started = now
+        self._queued -= len(batch)
+        self._queued_rows -= total
+        self._running += len(batch)
+        return batch
+
+    def _dispatch(self, instance: ModelInstance, batch: list[InferRequest]) -> None:
+        loop = self._loop
+
+        def job() -> None:
+            t0 = time.monotonic()
+            try:
+                result: list | BaseException = run_batch(instance.session, batch)
+            except BaseException as exc:  # reported per request on the loop
+                result = exc
+            loop.call_soon_threadsafe(self._finished, instance, batch, result,
+                                      time.monotonic() - t0)
+
+        instance.submit(job)
+
+    def _finished(self, instance: ModelInstance, batch: list[InferRequest],
+                  result, compute_s: float) -> None:
+        self._running -= len(batch)
+        self._idle.append(instance)
+        now = time.monotonic()
+        if isinstance(result, BaseException):
+            err = (result if isinstance(result, OutpostError)
+                   else Internal(f"the engine failed on this batch: {result}"))
+            for r in batch:
+                if r.state == RUNNING:
+                    r.state = DONE
+                    if r.timer is not None:
+                        r.timer.cancel()
+                    self.stats.request_failed(err.code)
+                    r.done(None, err)
+        else:
+            self.stats.batch_done(sum(r.rows for r in batch))
+            for r, outputs in zip(batch, result):
+                if r.state == RUNNING:
+                    r.state = DONE
+                    if r.timer is not None:
+                        r.timer.cancel()
+                    self.stats.request_done(now - r.enqueued, r.started - r.enqueued,
+                                            compute_s)
+                    r.done(outputs, None)
+        self._check_drained()
+        if self._queued:
+            self._schedule()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.inflight_count():
+            self._drained.set()

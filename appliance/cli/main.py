@@ -1,0 +1,57 @@
+"""`outpost`: parse, dispatch, and turn every expected error into one clear line.
+
+Each command group lives in its own module with ``register(subparsers)``; add a module
+to COMMANDS to add a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from appliance import __version__
+from appliance.errors import ConfigError, OutpostError
+
+COMMANDS = (
+    "appliance.cli.serve_cmd",
+    "appliance.cli.models_cmd",
+    "appliance.cli.infer_cmd",
+    "appliance.cli.config_cmd",
+    "appliance.cli.demo_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outpost", description="Edge model-serving appliance.")
+    parser.add_argument("--version", action="version", version=f"outpost {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"outpost: config error: {exc}", file=sys.stderr)
+        return 2
+    except OutpostError as exc:
+        print(f"outpost: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except _engine_errors() as exc:
+        print(f"outpost: engine error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _engine_errors():
+    from engines import EngineError  # noqa: PLC0415
+
+    return EngineError

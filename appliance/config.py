@@ -1,0 +1,173 @@
+"""The appliance config: one TOML file, flags on top, defaults for everything.
+
+``outpost serve --config FILE`` reads it; ``outpost config show`` prints the effective
+result. Sizes and times carry their unit in the key name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import ConfigError
+from appliance.protocol import DEFAULT_MAX_FRAME_BYTES
+from appliance.settings import from_mapping, read_toml
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket_path: str = ""  # "": $XDG_RUNTIME_DIR/outpost/outpost.sock, else <data_dir>/outpost.sock
+    socket_mode: str = "0660"
+    tcp: str = ""  # "HOST:PORT"; "" keeps TCP off
+    token: str = ""  # when set (always on TCP), a connection must say hello with it first
+    token_file: str = ""  # read the token from this file instead (first line)
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_connections: int = 1024
+    max_inflight_per_connection: int = 256
+    drain_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"socket_mode {self.socket_mode!r} must be octal like \"0660\"")
+        if self.tcp:
+            parse_host_port(self.tcp, "tcp")
+        if self.token and self.token_file:
+            raise ValueError("set token or token_file, not both")
+        if not 1024 <= self.max_frame_bytes <= 1 << 31:
+            raise ValueError("max_frame_bytes must lie in 1024..2147483648")
+        if self.max_connections < 1 or self.max_inflight_per_connection < 1:
+            raise ValueError("max_connections and max_inflight_per_connection must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class ThreadsConfig:
+    intra_op: int = 1  # threads inside one engine call
+    inter_op: int = 1
+
+    def check(self) -> None:
+        if self.intra_op < 1 or self.inter_op < 1:
+            raise ValueError("intra_op and inter_op must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Defaults for every model whose config.toml leaves them out."""
+
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    default_timeout_ms: int = 0  # 0: no timeout
+    instances: int = 1
+
+    def check(self) -> None:
+        if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.default_timeout_ms < 0:
+            raise ValueError("max_batch_size, max_queue_delay_us, default_timeout_ms must be >= 0")
+        if self.max_queue_size < 1 or self.instances < 1:
+            raise ValueError("max_queue_size and instances must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"  # auto: JSON lines unless stderr is a terminal
+
+    def check(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise ValueError(f"level {self.level!r}: use one of {', '.join(LOG_LEVELS)}")
+        if self.format not in LOG_FORMATS:
+            raise ValueError(f"format {self.format!r}: use one of {', '.join(LOG_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = ""  # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
+    profile: str = "auto"  # a firmware profile name, or auto-detect
+    engine: str = "auto"  # auto | onnxruntime | tensorrt
+    server: ServerConfig = field(default_factory=ServerConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        from engines import ENGINE_KINDS  # noqa: PLC0415
+
+        if self.engine not in ENGINE_KINDS:
+            raise ValueError(f"engine {self.engine!r}: use one of {', '.join(ENGINE_KINDS)}")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.server.socket_path)
+
+    def token(self) -> str:
+        """The configured token ('' for none), read from token_file where that is set."""
+        if self.server.token_file:
+            try:
+                return Path(self.server.token_file).read_text().strip().splitlines()[0]
+            except (OSError, IndexError) as exc:
+                raise ConfigError(
+                    f"server.token_file {self.server.token_file}: can't read a token from it"
+                ) from exc
+        return self.server.token or os.environ.get("OUTPOST_TOKEN", "")
+
+
+def parse_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} {text!r} must be HOST:PORT, like 127.0.0.1:7070")
+    return host, int(port)
+
+
+def default_data_dir() -> Path:
+    if os.environ.get("OUTPOST_DATA_DIR"):
+        return Path(os.environ["OUTPOST_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "outpost"
+
+
+def default_socket_path(data_dir: Path) -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "outpost" / "outpost.sock"
+    return data_dir / "outpost.sock"
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> Config:
+    """The effective config: defaults, then the file, then ``overrides`` (dotted keys)."""
+    data: dict = read_toml(path) if path else {}
+    where = str(path) if path else "config"
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    config = from_mapping(Config, data, where)
+    data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+    socket_path = (
+        Path(config.server.socket_path).expanduser()
+        if config.server.socket_path
+        else default_socket_path(data_dir)
+    )
+    return dataclasses.replace(
+        config,
+        data_dir=str(data_dir.absolute()),
+        server=dataclasses.replace(config.server, socket_path=str(socket_path.absolute())),
+    )

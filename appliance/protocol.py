@@ -1,0 +1,138 @@
+"""Wire protocol v1: frames, msgpack maps and tensors (DESIGN section 2, docs/protocol.md).
+
+Knows bytes and maps, nothing of models. Shared by the server and the clients.
+"""
+
+from __future__ import annotations
+
+import struct
+from math import prod
+
+import msgpack
+import numpy as np
+
+from appliance.errors import InvalidArgument
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
+HEADER = struct.Struct(">I")
+
+# Wire dtype name -> the little-endian NumPy dtype its bytes hold.
+DTYPES = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+    )
+}
+_NATIVE_LITTLE = np.little_endian
+
+
+class FrameError(Exception):
+    """The byte stream can't be trusted any more: answer once with id nil, then close."""
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies. Refuses a bad length before reading the body."""
+
+    __slots__ = ("_buf", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._buf = bytearray()
+        self.max_frame_bytes = max_frame_bytes
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        bodies = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (n,) = HEADER.unpack_from(buf, pos)
+            if n == 0:
+                raise FrameError("frame length is 0; every frame holds one msgpack map")
+            if n > self.max_frame_bytes:
+                raise FrameError(
+                    f"frame length {n} is over this server's limit of {self.max_frame_bytes} "
+                    f"bytes; send smaller requests (the limit is in the hello response)"
+                )
+            if end - pos - 4 < n:
+                break
+            bodies.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return bodies
+
+
+def encode_frame(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict:
+    """The map one frame holds; FrameError unless the bytes are exactly one msgpack map."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except msgpack.ExtraData as exc:
+        raise FrameError("frame holds more than one msgpack object; send exactly one map") from exc
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise FrameError(f"frame is not valid msgpack ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(message, dict):
+        raise FrameError(
+            f"frame holds a msgpack {type(message).__name__}, not a map; "
+            f"every request is a map with 'op' and 'id'"
+        )
+    return message
+
+
+def encode_tensor(array: np.ndarray) -> dict:
+    array = np.asarray(array)
+    name = array.dtype.name
+    wire = DTYPES.get(name)
+    if wire is None:
+        raise InvalidArgument(
+            f"dtype {name} can't be sent; use one of {', '.join(DTYPES)}"
+        )
+    if not array.flags.c_contiguous or (array.dtype.byteorder == ">" or
+                                         (array.dtype.byteorder == "=" and not _NATIVE_LITTLE)):
+        array = np.ascontiguousarray(array, dtype=wire)
+    # A view of the array's own bytes: msgpack copies them into the frame once.
+    data = array.reshape(-1).view(np.uint8).data if array.size else b""
+    return {"dtype": name, "shape": list(array.shape), "data": data}
+
+
+def decode_tensor(obj: object, where: str) -> np.ndarray:
+    """A tensor map as a read-only array over the frame's bytes (no copy)."""
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{where} must be a map with dtype, shape and data")
+    dtype = obj.get("dtype")
+    wire = DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if wire is None:
+        raise InvalidArgument(
+            f"{where}.dtype is {dtype!r}; use one of {', '.join(DTYPES)}"
+        )
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not all(
+        type(d) is int and d >= 0 for d in shape
+    ):
+        raise InvalidArgument(f"{where}.shape must be a list of non-negative integers, got {shape!r}")
+    data = obj.get("data")
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidArgument(f"{where}.data must be msgpack bin, got {type(data).__name__}")
+    expected = prod(shape) * wire.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{where}.data holds {len(data)} bytes but shape {shape} of {dtype} needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=wire).reshape(shape)
+    if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts
+        array = array.astype(wire.newbyteorder("="))
+    return array
+
+
+def error_response(request_id: int | None, error) -> dict:
+    return {"id": request_id, "ok": False, "error": error.as_wire()}

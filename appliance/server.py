@@ -1,0 +1,314 @@
+"""The msgpack socket server: Unix socket by default, TCP when asked (DESIGN section 2).
+
+``Connection`` only parses frames and maps and calls the ``Service``; responses are
+written as they complete, in any order. Flow control: a connection stops being read
+while it has ``max_inflight`` requests unanswered or its transport's write buffer is
+full, and resumes at half of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+from appliance.config import Config, parse_host_port
+from appliance.errors import (
+    ConfigError,
+    Internal,
+    InvalidArgument,
+    OutpostError,
+    ResourceExhausted,
+    error_from_wire,
+)
+from appliance.protocol import FrameError, FrameReader, decode_body, encode_frame, error_response
+from appliance.service import Service
+
+log = logging.getLogger("outpost.server")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: SocketServer, needs_hello: bool):
+        self.server = server
+        self.service = server.service
+        self.reader = FrameReader(server.max_frame_bytes)
+        self.needs_hello = needs_hello
+        self.transport: asyncio.Transport | None = None
+        self.pending: set = set()  # queued InferRequests, cancelled if the peer goes away
+        self.inflight = 0
+        self.max_inflight = server.max_inflight
+        self.read_paused = False
+        self.write_paused = False
+        self.closed = False
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+        if len(self.server.connections) > self.server.max_connections:
+            self.fatal(None, f"too many connections (limit "
+                             f"{self.server.max_connections}); retry later",
+                       code="RESOURCE_EXHAUSTED")
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for request in self.pending:
+            self.service.cancel(request)
+        self.pending.clear()
+        self.server.connection_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            bodies = self.reader.feed(data)
+        except FrameError as exc:
+            self.fatal(None, str(exc))
+            return
+        for body in bodies:
+            if self.closed:
+                return
+            try:
+                msg = decode_body(body)
+            except FrameError as exc:
+                self.fatal(None, str(exc))
+                return
+            self.handle(msg)
+
+    def eof_received(self):
+        # The peer finished sending; keep the socket open to answer what is in flight.
+        if self.inflight:
+            return True
+        return False
+
+    # -- requests --------------------------------------------------------------------------
+
+    def handle(self, msg: dict) -> None:
+        rid = msg.get("id")
+        if type(rid) is not int or rid < 0:
+            self.send(error_response(None, InvalidArgument(
+                f"request 'id' must be an unsigned integer, got {rid!r}")))
+            return
+        op = msg.get("op")
+        if self.needs_hello:
+            if op != "hello":
+                self.fatal(rid, "this connection must start with 'hello' carrying the "
+                                "server's token", code="UNAUTHENTICATED")
+                return
+            token = msg.get("token")
+            if not isinstance(token, str) or not hmac.compare_digest(
+                    token.encode(), self.server.token.encode()):
+                self.fatal(rid, "hello carried a missing or wrong token; use the token "
+                                "configured on the server", code="UNAUTHENTICATED")
+                return
+            self.needs_hello = False
+        try:
+            if op == "infer":
+                self.infer(rid, msg)
+                return
+            handler = self.server.simple_ops.get(op)
+            if handler is None:
+                raise InvalidArgument(f"unknown op {op!r}; this server knows "
+                                      f"{', '.join(self.server.op_names)}")
+            fields = handler(msg)
+        except OutpostError as exc:
+            self.send(error_response(rid, exc))
+            return
+        except Exception as exc:  # a bug: answer it, keep the connection and the server
+            log.exception("op failed", extra={"op": str(op)})
+            self.send(error_response(rid, Internal(f"op {op!r} failed: {exc}")))
+            return
+        fields["id"] = rid
+        fields["ok"] = True
+        self.send(fields)
+
+    def infer(self, rid: int, msg: dict) -> None:
+        request = None
+
+        def reply(fields, error) -> None:
+            self.inflight -= 1
+            self.pending.discard(request)
+            if error is not None:
+                self.send(error_response(rid, error))
+            else:
+                fields["id"] = rid
+                fields["ok"] = True
+                self.send(fields)
+            self._update_reading()
+
+        self.inflight += 1
+        try:
+            request = self.service.infer(msg, reply, tag=self)
+        except OutpostError as exc:
+            self.inflight -= 1
+            self.send(error_response(rid, exc))
+            return
+        except Exception as exc:
+            self.inflight -= 1
+            log.exception("infer failed")
+            self.send(error_response(rid, Internal(f"infer failed: {exc}")))
+            return
+        if request is not None and self.inflight:
+            self.pending.add(request)
+        self._update_reading()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        if self.closed or self.transport is None:
+            return
+        try:
+            frame = encode_frame(message)
+        except Exception as exc:
+            log.exception("encode failed")
+            frame = encode_frame(error_response(message.get("id"), Internal(
+                f"the response could not be encoded: {exc}")))
+        if len(frame) - 4 > self.server.max_frame_bytes:
+            frame = encode_frame(error_response(message.get("id"), ResourceExhausted(
+                f"the response would be {len(frame) - 4} bytes, over the frame limit of "
+                f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))
+        self.transport.write(frame)
+
+    def fatal(self, rid, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        """Answer once, then close: the stream (or the peer) can't be trusted any more."""
+        self.send(error_response(rid, error_from_wire({"code": code, "message": message})))
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        should_pause = self.write_paused or self.inflight >= self.max_inflight
+        if should_pause and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        elif (not should_pause and self.read_paused
+              and self.inflight <= self.max_inflight // 2):
+            self.read_paused = False
+            self.transport.resume_reading()
+        if not self.inflight and self.server.stopping:
+            self.transport.close()
+
+
+class SocketServer:
+    """Listeners and connections; ``stop`` drains gracefully."""
+
+    def __init__(self, service: Service, config: Config):
+        self.service = service
+        self.config = config
+        self.max_frame_bytes = config.server.max_frame_bytes
+        self.max_inflight = config.server.max_inflight_per_connection
+        self.max_connections = config.server.max_connections
+        self.token = config.token()
+        self.connections: set[Connection] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.stopping = False
+        self._all_gone: asyncio.Event | None = None
+        self.simple_ops = {
+            "hello": service.hello, "models": service.models, "metadata": service.metadata,
+            "health": service.health, "stats": service.stats,
+        }
+        self.op_names = ("hello", "infer", "models", "metadata", "health", "stats")
+        self.socket_path = Path(config.server.socket_path)
+        self.tcp_address: tuple[str, int] | None = None
+
+    def extra_op(self, name: str, handler) -> None:
+        """Register another map-in, map-out op (admin ops of other features)."""
+        self.simple_ops[name] = handler
+        self.op_names = (*self.op_names, name)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_socket(path)
+        unix = await loop.create_unix_server(
+            lambda: Connection(self, needs_hello=bool(self.token)), str(path), backlog=1024)
+        os.chmod(path, int(self.config.server.socket_mode, 8))
+        self.listeners.append(unix)
+        if self.config.server.tcp:
+            if not self.token:
+                raise ConfigError(
+                    "server.tcp is set but no token is configured: TCP connections must "
+                    "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
+            host, port = parse_host_port(self.config.server.tcp, "server.tcp")
+            tcp = await loop.create_server(lambda: Connection(self, needs_hello=True),
+                                           host, port, backlog=1024)
+            self.listeners.append(tcp)
+            sockname = tcp.sockets[0].getsockname()
+            self.tcp_address = (sockname[0], sockname[1])
+            for s in tcp.sockets:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def stop(self) -> None:
+        """Stop accepting; answer what is in flight; close idle connections."""
+        self.stopping = True
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self.connections):
+            if not conn.inflight and conn.transport is not None:
+                conn.transport.close()
+        if self.connections:
+            self._all_gone = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_gone.wait(),
+                                       self.config.server.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timed out", extra={"connections": len(self.connections)})
+                for conn in list(self.connections):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+        try:
+            if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        except OSError:
+            pass
+
+    def connection_gone(self) -> None:
+        if self._all_gone is not None and not self.connections:
+            self._all_gone.set()
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead server; refuse to steal a live one's."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; remove it or choose another "
+                          f"server.socket_path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another server is serving on {path}; stop it or choose another "
+                      f"server.socket_path")
+
+
+async def run_until_signalled(server: SocketServer, on_ready=None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready()
+    await stop.wait()

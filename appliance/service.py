@@ -1,0 +1,122 @@
+"""The application behind every transport: the v1 ops on maps in, maps out.
+
+The socket server (and the HTTP side) parse bytes and call in here; nothing here knows
+frames or sockets. ``infer`` answers through a callback so the socket path needs no task
+or future per request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from appliance import __version__
+from appliance.batcher import InferRequest
+from appliance.errors import InvalidArgument, NotFound, OutpostError, Unavailable
+from appliance.models import ModelManager
+from appliance.protocol import PROTOCOL_VERSION, encode_tensor
+
+OPS = ("hello", "infer", "models", "metadata", "health", "stats")
+SERVER_NAME = "outpost"
+
+
+class Service:
+    def __init__(self, manager: ModelManager, max_frame_bytes: int):
+        self.manager = manager
+        self.max_frame_bytes = max_frame_bytes
+        self.draining = False
+        self.started = time.time()
+
+    # -- simple ops: map in, map out (raise OutpostError on bad input) ------------------
+
+    def hello(self, msg: dict) -> dict:
+        v = msg.get("v")
+        if v != PROTOCOL_VERSION:
+            raise InvalidArgument(f"hello asks for protocol v={v!r}; this server speaks "
+                                  f"v={PROTOCOL_VERSION}")
+        return {"v": PROTOCOL_VERSION,
+                "server": {"name": SERVER_NAME, "version": __version__},
+                "max_frame_bytes": self.max_frame_bytes, "ops": list(OPS)}
+
+    def models(self, msg: dict) -> dict:
+        out = []
+        for rec in self.manager.repo.models():
+            versions = []
+            for v in rec.versions:
+                lv = self.manager.loaded.get((rec.name, v.version))
+                state = lv.state.value if lv else ("bad" if v.state == "bad" else "unloaded")
+                versions.append({"version": v.version, "state": state,
+                                 "engine": lv.engine_kind if lv else None})
+            out.append({"name": rec.name,
+                        "active_version": self.manager.active.get(rec.name,
+                                                                  rec.active_version),
+                        "versions": versions})
+        return {"models": out}
+
+    def metadata(self, msg: dict) -> dict:
+        lv = self.manager.get(msg.get("model"), msg.get("version"))
+        return {"name": lv.name, "version": lv.version,
+                "inputs": [s.as_dict() for s in lv.inputs],
+                "outputs": [s.as_dict() for s in lv.outputs],
+                "max_batch_size": lv.max_batch_size}
+
+    def health(self, msg: dict) -> dict:
+        return {"live": True, "ready": not self.draining and self.manager.ready()}
+
+    def stats(self, msg: dict) -> dict:
+        model = msg.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InvalidArgument("'model' must be a string")
+        rows = []
+        for (name, version), lv in sorted(self.manager.loaded.items()):
+            if model is not None and name != model:
+                continue
+            queued = lv.batcher.inflight_count() if lv.batcher else 0
+            rows.append({"model": name, "version": version, "state": lv.state.value,
+                         "inflight": queued, **lv.stats.snapshot()})
+        if model is not None and not rows:
+            raise NotFound(f"model '{model}' is not loaded here")
+        return {"models": rows, "uptime_s": round(time.time() - self.started, 3),
+                "pid": os.getpid()}
+
+    # -- infer ---------------------------------------------------------------------------
+
+    def infer(self, msg: dict, reply: Callable[[dict | None, OutpostError | None], None],
+              tag=None) -> InferRequest:
+        """Route, check and queue; ``reply(response_fields, error)`` runs on the loop later.
+
+        Raises OutpostError for a request that can't be queued at all.
+        """
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry against its successor")
+        lv = self.manager.get(msg.get("model"), msg.get("version"))
+        wanted = msg.get("outputs")
+        if wanted is not None:
+            if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+                raise InvalidArgument("'outputs' must be a list of output names")
+            unknown = [w for w in wanted if w not in lv.output_names]
+            if unknown:
+                raise InvalidArgument(
+                    f"output '{unknown[0]}' is not an output of model '{lv.name}'; it has "
+                    f"{', '.join(sorted(lv.output_names))}")
+        name, version = lv.name, lv.version
+
+        def done(outputs, error) -> None:
+            if error is not None:
+                reply(None, error)
+                return
+            names = wanted if wanted is not None else outputs.keys()
+            reply({"model": name, "version": version,
+                   "outputs": {n: encode_tensor(outputs[n]) for n in names}}, None)
+
+        request = lv.request(msg.get("inputs"), msg.get("priority"), msg.get("timeout_ms"),
+                             done, tag)
+        lv.submit(request)
+        return request
+
+    @staticmethod
+    def cancel(request: InferRequest) -> None:
+        """The caller went away: drop the request if it is still queued; no reply."""
+        if request.owner is not None:
+            request.owner.cancel(request)

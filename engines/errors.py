@@ -1,0 +1,25 @@
+"""Engine errors, by cause. Each message says what failed, where, and what to try."""
+
+
+class EngineError(Exception):
+    """Base of every error raised by ``engines``."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine's library or device is not usable on this host."""
+
+
+class ModelInvalid(EngineError):
+    """The ONNX model itself is malformed or unsupported."""
+
+
+class PrepareError(EngineError):
+    """Building or optimising the model for this device failed."""
+
+
+class LoadError(EngineError):
+    """A prepared artifact could not be loaded as a session."""
+
+
+class RunError(EngineError):
+    """Running a batch failed inside the engine."""

@@ -1,0 +1,1 @@
+"""OTA: the fleet side (publish, roll out) and the device agent."""
