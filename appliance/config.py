@@ -98,6 +98,8 @@ class Config:
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # [updater]: the OTA agent's table, checked key by key by updater.config.from_table
+    updater: dict[str, str | int | float | bool | dict[str, str]] = field(default_factory=dict)
 
     def check(self) -> None:
         from engines import ENGINE_KINDS  # noqa: PLC0415

@@ -19,6 +19,8 @@ COMMANDS = (
     "appliance.cli.infer_cmd",
     "appliance.cli.config_cmd",
     "appliance.cli.demo_cmd",
+    "appliance.cli.fleet_cmd",
+    "appliance.cli.update_cmd",
 )
 
 
