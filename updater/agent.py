@@ -57,7 +57,7 @@ class Agent:
         self.unpack_root = self.data_dir / "staging" / "updates"
         self.downloads.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.data_dir / "state.db")
-        self.fetcher = fetcher or Fetcher(config.http_timeout_s)
+        self.fetcher = fetcher or Fetcher(config.http_timeout_s, config.download_chunk_bytes)
         self.fault = fault
         self.device_id = config.device
         self.base_url = config.fleet_url.rstrip("/")
@@ -210,7 +210,7 @@ class Agent:
             return self.journal.advance(u, Step.PREPARE)
         if u.step is Step.PREPARE:
             await asyncio.to_thread(self.host.prepare_and_validate, u.model, u.version,
-                                    self.fault)
+                                    self._unpacked(u) / "samples.npz", self.fault)
             self._report(u, "validated")
             current = self.host.active(u.model)
             base = self.host.health(u.model, current)
@@ -285,12 +285,11 @@ class Agent:
         self.fault("download-done")
 
     def _stage(self, u: Update, staged_before: bool) -> None:
-        if staged_before:
-            return  # added before a restart: versions are immutable
         _, done = self._part(u)
-        folder = extract_release(done, self.unpack_root / f"{u.model}-{u.version}",
-                                 self.config.max_release_bytes)
+        folder = extract_release(done, self._unpacked(u), self.config.max_release_bytes)
         self.fault("stage-mid")
+        if staged_before:
+            return  # in the repository already (before a restart, or a fallback): immutable
         try:
             self.host.stage(u.model, u.version, folder)
         except OutpostError as exc:
@@ -338,9 +337,12 @@ class Agent:
         for p in self._part(u):
             p.unlink(missing_ok=True)
 
+    def _unpacked(self, u: Update) -> Path:
+        return self.unpack_root / f"{u.model}-{u.version}"
+
     def _cleanup(self, u: Update) -> None:
         self._discard_download(u)
-        shutil.rmtree(self.unpack_root / f"{u.model}-{u.version}", ignore_errors=True)
+        shutil.rmtree(self._unpacked(u), ignore_errors=True)
 
     # -- reports -------------------------------------------------------------------------
 

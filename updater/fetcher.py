@@ -20,8 +20,9 @@ CHUNK = 65536
 
 
 class Fetcher(FetcherInterface):
-    def __init__(self, timeout_s: float = 30.0):
+    def __init__(self, timeout_s: float = 30.0, chunk_bytes: int = CHUNK):
         self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
 
     def _open(self, url: str, headers: dict | None = None):
         req = urllib.request.Request(url, headers={"User-Agent": "outpost-updater",
@@ -37,12 +38,11 @@ class Fetcher(FetcherInterface):
             raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
         return self._chunks(resp, url)
 
-    @staticmethod
-    def _chunks(resp, url: str) -> Iterator[bytes]:
+    def _chunks(self, resp, url: str) -> Iterator[bytes]:
         with resp:
             while True:
                 try:
-                    chunk = resp.read(CHUNK)
+                    chunk = resp.read(self.chunk_bytes)
                 except OSError as exc:
                     raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
                 if not chunk:

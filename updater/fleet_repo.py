@@ -203,6 +203,11 @@ class FleetRepo:
     def publish(self, name: str, version: int, model: Path, config: Path,
                 samples: Path) -> Release:
         """Add the release archive as a target (no rollout yet: no device takes it)."""
+        return self.publish_archive(name, version, build_release_archive(model, config,
+                                                                         samples))
+
+    def publish_archive(self, name: str, version: int, data: bytes) -> Release:
+        """Sign ``data`` as release name/version (publish() builds it; tests craft it)."""
         from tuf.api.metadata import TargetFile  # noqa: PLC0415
 
         path = release_path(name, version)
@@ -211,7 +216,6 @@ class FleetRepo:
             if path in targets:
                 raise FleetRepoError(f"release {name} {version} is already published; "
                                      f"releases are immutable: publish a new version")
-            data = build_release_archive(model, config, samples)
             _atomic_write(self.targets_dir / path, data)
             tf = TargetFile.from_data(path, data, ["sha256"])
             tf.unrecognized_fields["custom"] = {"model": name, "version": version,

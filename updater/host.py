@@ -8,7 +8,6 @@ marks bad versions. The fleet simulation supplies its own host with the same met
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +69,13 @@ class ApplianceHost:
                      config_path=folder / "config.toml",
                      samples_path=folder / "samples.npz", activate=False)
 
-    def prepare_and_validate(self, model: str, version: int, fault=None) -> None:
-        """Prepare the engine for this device (cached) and check it on the samples."""
+    def prepare_and_validate(self, model: str, version: int, release_samples: Path,
+                             fault=None) -> None:
+        """Prepare the engine for this device (cached) and check it on the samples.
+
+        The stored version's own samples.npz when it has one (a version added locally
+        may not), else the release's.
+        """
         from appliance.models import build_options  # noqa: PLC0415
         from engines import EngineError, RuntimeOptions  # noqa: PLC0415
 
@@ -88,7 +92,8 @@ class ApplianceHost:
         except EngineError as exc:
             raise ReleaseError(f"{where}: the engine could not prepare it: {exc}") from exc
         try:
-            inputs, expected = read_samples(record.path / "samples.npz")
+            samples = record.path / "samples.npz"
+            inputs, expected = read_samples(samples if samples.exists() else release_samples)
             if not expected:
                 raise ReleaseError(f"{where}: its samples hold no expected outputs")
             got = run_session(session, inputs)
