@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -40,7 +41,6 @@ def test_publish_builds_expected_outputs_from_the_model(fleet, demo_files, tmp_p
     tf = _targets(fleet).signed.targets[rel.target_path]
     data = (fleet.dir / "targets" / rel.target_path).read_bytes()
     tf.verify_length_and_hashes(data)
-    import tarfile
     with tarfile.open(fleet.dir / "targets" / rel.target_path) as tar:
         assert sorted(tar.getnames()) == ["config.toml", "model.onnx", "samples.npz"]
         tar.extract("samples.npz", tmp_path, filter="data")

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
+from appliance.demo import _save
 from appliance.repository import Repository
 from updater.fleet_repo import FleetRepo, init_repo
 from updater.validation import make_release_samples
@@ -29,16 +31,13 @@ def free_port() -> int:
 
 def run_outpost(*args: str, env: dict | None = None, timeout: float = 120
                 ) -> subprocess.CompletedProcess:
-    return subprocess.run([*OUTPOST, *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*OUTPOST, *map(str, args)], check=False, capture_output=True,
+                          text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def nan_model(path: Path, width: int = 16) -> Path:
     """Like the demo identity model, but y = x + log(-1): NaN everywhere."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from appliance.demo import _save
-
     k = numpy_helper.from_array(np.full((width,), -1.0, np.float32), "k")
     graph = helper.make_graph(
         [helper.make_node("Log", ["k"], ["l"]), helper.make_node("Add", ["x", "l"], ["y"])],
