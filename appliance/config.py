@@ -91,7 +91,8 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    data_dir: str = ""  # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
+    # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
+    data_dir: str = ""
     profile: str = "auto"  # a firmware profile name, or auto-detect
     engine: str = "auto"  # auto | onnxruntime | tensorrt
     server: ServerConfig = field(default_factory=ServerConfig)

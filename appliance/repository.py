@@ -141,7 +141,7 @@ class Repository:
         version: int | None = None,
         config_path: Path | None = None,
         samples_path: Path | None = None,
-        defaults: BatchingConfig = BatchingConfig(),
+        defaults: BatchingConfig | None = None,
         activate: bool = True,
     ) -> VersionRecord:
         """Check, complete and store a new immutable version; returns its record."""
@@ -150,7 +150,8 @@ class Repository:
         if not model_path.is_file():
             raise InvalidArgument(f"{model_path}: no such model file")
         external = check_onnx(model_path)
-        config = complete(load_model_config(config_path), model_path, defaults,
+        config = complete(load_model_config(config_path), model_path,
+                          defaults or BatchingConfig(),
                           str(config_path or model_path))
         if version is None:
             row = list(self.db.query(
