@@ -39,9 +39,11 @@ def test_publish_builds_expected_outputs_from_the_model(fleet, demo_files, tmp_p
     rel = fleet.publish("identity", 2, demo_files["identity"])
     assert rel.rollout is None
     tf = _targets(fleet).signed.targets[rel.target_path]
-    data = (fleet.dir / "targets" / rel.target_path).read_bytes()
+    target = fleet.repo.target_file(rel.target_path)
+    assert target.name == f"{tf.hashes['sha256']}.2.tar"  # consistent-snapshot name
+    data = target.read_bytes()
     tf.verify_length_and_hashes(data)
-    with tarfile.open(fleet.dir / "targets" / rel.target_path) as tar:
+    with tarfile.open(target) as tar:
         assert sorted(tar.getnames()) == ["config.toml", "model.onnx", "samples.npz"]
         tar.extract("samples.npz", tmp_path, filter="data")
     inputs, outputs = read_samples(tmp_path / "samples.npz")

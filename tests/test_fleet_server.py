@@ -46,9 +46,10 @@ def _report(device, rollout_id, state, version=2):
 
 
 def test_serves_targets_with_range_and_never_the_keys(fleet):
-    path = "releases/identity/2.tar"
-    whole = (fleet.dir / "targets" / path).read_bytes()
-    status, body = _get(f"{fleet.url}/targets/{path}", {"Range": "bytes=100-"})
+    target = fleet.repo.target_file("releases/identity/2.tar")
+    whole = target.read_bytes()
+    url = f"{fleet.url}/targets/{target.relative_to(fleet.dir / 'targets')}"
+    status, body = _get(url, {"Range": "bytes=100-"})
     assert status == 206 and body == whole[100:]
     assert _get(f"{fleet.url}/metadata/timestamp.json")[0] == 200
     for url in ("/keys/targets.pem", "/metadata/../keys/root.pem", "/fleet.db",

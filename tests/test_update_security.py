@@ -51,6 +51,8 @@ def _resign(fleet, role: str, change=None, key_dir=None) -> None:
     md.signatures.clear()
     md.sign(load_signer((key_dir or fleet.dir / "keys") / f"{role}.pem"))
     path.write_bytes(md.to_bytes(_serializer()))
+    if role != "timestamp":  # consistent snapshots: devices fetch N.<role>.json
+        path.with_name(f"{md.signed.version}.{role}.json").write_bytes(path.read_bytes())
 
 
 def _check(config, expect_rc=1):
@@ -62,7 +64,7 @@ def _check(config, expect_rc=1):
 
 def test_tampered_artifact_is_rejected_while_the_server_keeps_serving(fleet, device):
     data, config = device
-    tar = fleet.dir / "targets" / "releases" / "identity" / "2.tar"
+    tar = fleet.repo.target_file("releases/identity/2.tar")
     raw = bytearray(tar.read_bytes())
     raw[600] ^= 0xFF
     tar.write_bytes(bytes(raw))
@@ -77,7 +79,8 @@ def test_tampered_artifact_is_rejected_while_the_server_keeps_serving(fleet, dev
 
 def test_tampered_metadata_is_rejected(fleet, device):
     data, config = device
-    path = fleet.dir / "metadata" / "targets.json"
+    version = Metadata.from_file(str(fleet.dir / "metadata" / "targets.json")).signed.version
+    path = fleet.dir / "metadata" / f"{version}.targets.json"
     path.write_text(path.read_text().replace('"fraction": "1.0"', '"fraction": "0.9"'))
     assert "UnsignedMetadataError" in _check(config)
     assert active_version(data) == 1 and journal_rows(data) == []

@@ -30,7 +30,7 @@ from updater.cohort import Release, desired_version
 from updater.config import UpdaterConfig, trusted_root_bytes
 from updater.errors import FetchError, HealthError, ReleaseError, TrustError, UpdaterError
 from updater.fetcher import Fetcher
-from updater.fleet_repo import releases_from_targets
+from updater.fleet_repo import releases_from_targets, target_url_path
 from updater.host import Health
 from updater.journal import Journal, Step, Update
 from updater.release import extract_release
@@ -248,7 +248,7 @@ class Agent:
             if have < u.length:
                 if have:
                     self.journal.note(u, f"resuming the download at byte {have}")
-                url = f"{self.base_url}/targets/{u.target_path}"
+                url = f"{self.base_url}/targets/{target_url_path(u.target_path, u.sha256)}"
                 start, chunks = self.fetcher.fetch_from(url, have)
                 with open(part, "r+b" if part.exists() else "wb") as f:
                     f.seek(start)

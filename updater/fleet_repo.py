@@ -2,8 +2,13 @@
 
 Layout of a fleet directory (only ``metadata/`` and ``targets/`` are ever served)::
 
-    DIR/metadata/1.root.json, root.json, targets.json, snapshot.json, timestamp.json
-    DIR/targets/releases/<name>/<version>.tar   one release: model, config, samples
+    DIR/metadata/1.root.json, N.targets.json, N.snapshot.json, timestamp.json
+                (and unversioned copies of root, targets and snapshot for people)
+    DIR/targets/releases/<name>/<sha256>.<version>.tar   one release: model, config,
+                samples
+
+Consistent snapshots: metadata and targets are never overwritten but added under new
+names, so a device refreshing while the fleet re-signs still reads one consistent set.
     DIR/keys/targets.pem, snapshot.pem, timestamp.pem    online keys
     DIR/keys/root.pem      the root key: move it offline after `fleet init`
     DIR/fleet.db           device reports (the fleet server writes it)
@@ -103,7 +108,7 @@ def init_repo(directory: Path, *, expiry: Expiry = Expiry(),
     os.chmod(keys_dir, 0o700)
     root_signer = _generate_signer()
     signers = {role: _generate_signer() for role in ONLINE_ROLES}
-    root = Root(expires=_now() + expiry.of("root"), consistent_snapshot=False)
+    root = Root(expires=_now() + expiry.of("root"), consistent_snapshot=True)
     root.add_key(root_signer.public_key, "root")
     for role, signer in signers.items():
         root.add_key(signer.public_key, role)
@@ -129,6 +134,12 @@ def _serializer():
     from tuf.api.serialization.json import JSONSerializer  # noqa: PLC0415
 
     return JSONSerializer(compact=False)
+
+
+def target_url_path(path: str, sha256: str) -> str:
+    """``releases/m/2.tar`` -> ``releases/m/<sha256>.2.tar`` (TUF consistent snapshots)."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/{sha256}.{name}" if head else f"{sha256}.{name}"
 
 
 def release_path(name: str, version: int) -> str:
@@ -191,6 +202,12 @@ class FleetRepo:
                 sorted(self._load("targets").signed.targets.items())
                 if path.startswith("releases/")]
 
+    def target_file(self, path: str, sha256: str | None = None) -> Path:
+        """Where a target lives: hash-prefixed, as consistent snapshots name it."""
+        if sha256 is None:
+            sha256 = self._load("targets").signed.targets[path].hashes["sha256"]
+        return self.targets_dir / target_url_path(path, sha256)
+
     def release(self, name: str, version: int) -> Release:
         for rel in self.releases():
             if rel.model == name and rel.version == version:
@@ -216,8 +233,8 @@ class FleetRepo:
             if path in targets:
                 raise FleetRepoError(f"release {name} {version} is already published; "
                                      f"releases are immutable: publish a new version")
-            _atomic_write(self.targets_dir / path, data)
             tf = TargetFile.from_data(path, data, ["sha256"])
+            _atomic_write(self.target_file(path, tf.hashes["sha256"]), data)
             tf.unrecognized_fields["custom"] = {"model": name, "version": version,
                                                 "rollout": None}
             targets[path] = tf
@@ -272,7 +289,9 @@ class FleetRepo:
         md = Metadata(Targets(version=old_version + 1, expires=_now() + self.expiry.of(
             "targets"), targets=targets))
         md.sign(load_signer(self.keys_dir / "targets.pem"))
-        _atomic_write(self.metadata_dir / "targets.json", md.to_bytes(_serializer()))
+        raw = md.to_bytes(_serializer())
+        _atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", raw)
+        _atomic_write(self.metadata_dir / "targets.json", raw)
         self._write_snapshot_and_timestamp(md.signed.version)
 
     def _write_snapshot_and_timestamp(self, targets_version: int) -> None:
@@ -289,6 +308,7 @@ class FleetRepo:
                                  meta={"targets.json": MetaFile(targets_version)}))
         snap.sign(load_signer(self.keys_dir / "snapshot.pem"))
         snap_bytes = snap.to_bytes(_serializer())
+        _atomic_write(self.metadata_dir / f"{snap.signed.version}.snapshot.json", snap_bytes)
         _atomic_write(self.metadata_dir / "snapshot.json", snap_bytes)
         ts = Metadata(Timestamp(
             version=next_version("timestamp"), expires=_now() + self.expiry.of("timestamp"),
