@@ -4,13 +4,17 @@ queue reports while the fleet can't be reached."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import time
 
 import numpy as np
 import pytest
 from updater_support import (
     Fleet,
     active_version,
+    batch_one_model,
+    journal_rows,
     make_device,
     nan_model,
     run_outpost,
@@ -19,6 +23,7 @@ from updater_support import (
 )
 
 from appliance.client import Client
+from appliance.errors import OutpostError
 from appliance.launcher import ServerProcess
 from updater.validation import random_inputs, write_samples
 
@@ -99,3 +104,31 @@ def test_bad_updater_config_is_one_clear_error(fleet, short_tmp, demo_files):
     out = run_outpost("update", "check", "--config", config)
     assert out.returncode == 2
     assert "unknown key 'updater.poll_every'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_health_watch_rolls_back_a_version_that_fails_requests(fleet, short_tmp, demo_files,
+                                                               tmp_path):
+    """v3 passes validation (one-row samples) but fails every two-row request it serves."""
+    x = np.ones((1, 16), np.float32)
+    write_samples(tmp_path / "samples.npz", {"x": x}, {"y": x})
+    fleet.publish("identity", 3, batch_one_model(tmp_path / "b1.onnx"),
+                  samples=tmp_path / "samples.npz")
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, demo_files["identity"], window_s=2.0)
+    fleet.repo.set_rollout("identity", 3, new=True, fraction=1.0)
+    two = np.ones((2, 16), np.float32)
+    with ServerProcess(data, extra_args=["--config", str(config)]) as device:
+        with Client(device.socket_path) as c:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # steady traffic, across the swap
+                with contextlib.suppress(OutpostError):
+                    c.infer("identity", {"x": two})
+                rows = [r for r in journal_rows(data) if r["version"] == 3]
+                if rows and rows[-1]["step"] == "done":
+                    break
+                time.sleep(0.02)
+        row = wait_done(data, 3, 1)
+        assert row["outcome"] == "rolled_back" and "error rate" in row["detail"], row
+        assert _served_version(device) == 1
+    assert active_version(data) == 1
+    assert "rolled_back 1" in run_outpost("fleet", "status", fleet.dir, "identity").stdout

@@ -150,3 +150,14 @@ def wait_done(data_dir: Path, version: int, timeout_s: float = 30.0) -> dict:
         rows = [r for r in journal_rows(data_dir) if r["version"] == version]
         return rows[-1] if rows and rows[-1]["step"] == "done" else None
     return wait_for(done, timeout_s, f"update to {version} to finish")
+
+
+def batch_one_model(path: Path, width: int = 16) -> Path:
+    """y = reshape(x, [1, width]): right for one row, a runtime error for more."""
+    shape = numpy_helper.from_array(np.array([1, width], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "batch_one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[shape])
+    return _save(graph, path)
