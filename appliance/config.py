@@ -78,6 +78,17 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class ResidencyConfig:
+    """How much memory loaded models may hold; past it, idle versions unload (LRU)."""
+
+    memory_budget_mb: int = 0  # 0: no budget
+
+    def check(self) -> None:
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be >= 0")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto: JSON lines unless stderr is a terminal
@@ -98,6 +109,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:
