@@ -33,7 +33,7 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.model_config import ModelConfig
-from appliance.protocol import decode_tensor
+from appliance.protocol import DTYPE_OF_NAME, decode_tensor
 from appliance.repository import VersionRecord
 from appliance.stats import VersionStats
 from engines import BuildOptions, Engine, EngineError, RuntimeOptions, Session, TensorSpec
@@ -74,30 +74,29 @@ def check_session(session: Session, config: ModelConfig, where: str) -> None:
 def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                  feeds: dict[str, np.ndarray]) -> tuple[int, tuple]:
     """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature)."""
-    names = {s.name for s in specs}
-    missing = sorted(names - feeds.keys())
-    if missing:
-        raise InvalidArgument(
-            f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
-            f"takes {', '.join(sorted(names))}")
-    extra = sorted(str(k) for k in feeds.keys() - names)
-    if extra:
+    if len(feeds) != len(specs) or any(s.name not in feeds for s in specs):
+        names = {s.name for s in specs}
+        missing = sorted(names - feeds.keys())
+        if missing:
+            raise InvalidArgument(
+                f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
+                f"takes {', '.join(sorted(names))}")
+        extra = sorted(str(k) for k in feeds.keys() - names)
         raise InvalidArgument(
             f"input '{extra[0]}' is not an input of model '{name}'; it takes "
             f"{', '.join(sorted(names))}")
     signature = []
     rows = None
     for spec in specs:
-        where = f"inputs.{spec.name}"
         arr = feeds[spec.name]
-        if arr.dtype.name != spec.dtype:
+        if arr.dtype != DTYPE_OF_NAME[spec.dtype]:
             raise InvalidArgument(
-                f"{where} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
+                f"inputs.{spec.name} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
                 f"outpost does not cast: send {spec.dtype}")
         if arr.ndim != len(spec.shape) or any(
                 w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
             raise InvalidArgument(
-                f"{where} has shape {list(arr.shape)} but model '{name}' takes "
+                f"inputs.{spec.name} has shape {list(arr.shape)} but model '{name}' takes "
                 f"{list(spec.shape)} (-1: any size)")
         if max_batch_size:
             n = arr.shape[0]
@@ -105,7 +104,7 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                 rows = n
             elif n != rows:
                 raise InvalidArgument(
-                    f"{where} has {n} rows in dim 0 but other inputs have {rows}; "
+                    f"inputs.{spec.name} has {n} rows in dim 0 but other inputs have {rows}; "
                     f"every input of a request carries the same batch")
             signature.append(arr.shape[1:])
     if max_batch_size:
