@@ -9,7 +9,7 @@ import time
 from appliance.config import Config
 from appliance.models import ModelManager
 from appliance.repository import Repository
-from appliance.server import SocketServer, run_until_signalled
+from appliance.server import SocketServer, install_stop_signals
 from appliance.service import Service
 from engines import select_engine
 
@@ -19,6 +19,7 @@ log = logging.getLogger("outpost.app")
 async def serve(config: Config, ready_hook=None) -> int:
     """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0."""
     t0 = time.monotonic()
+    stop = install_stop_signals()  # before anything listens: no window where TERM kills
     repo = Repository(config.data_path)
     repo.clean_staging()
     engine, reason = select_engine(config.engine)
@@ -36,7 +37,7 @@ async def serve(config: Config, ready_hook=None) -> int:
         else None,
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
-    await run_until_signalled(server)
+    await stop.wait()
     log.info("stopping: draining in-flight requests")
     service.draining = True
     await server.stop()

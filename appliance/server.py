@@ -352,11 +352,10 @@ def _clear_stale_socket(path: Path) -> None:
                       f"server.socket_path")
 
 
-async def run_until_signalled(server: SocketServer, on_ready=None) -> None:
+def install_stop_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a graceful stop), from now on."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready()
-    await stop.wait()
+    return stop
