@@ -25,6 +25,7 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.model_config import ModelConfig
+from appliance.profiles import Profile, resolve
 from appliance.protocol import decode_tensor
 from appliance.repository import Repository, VersionRecord
 from appliance.stats import VersionStats
@@ -41,11 +42,14 @@ class VersionState(enum.Enum):
     FAILED = "failed"
 
 
-def build_options(config: ModelConfig) -> BuildOptions:
+def build_options(config: ModelConfig, profile: Profile | None = None) -> BuildOptions:
+    """The model's batch range, and the device's build fields from its firmware profile."""
     mbs = config.max_batch_size or 0
     preferred = config.dynamic_batching.preferred_batch_sizes
+    device = profile.build_fields() if profile is not None else {}
     return BuildOptions(max_batch_size=mbs,
-                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2))
+                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2),
+                        **device)
 
 
 def check_session(session: Session, config: ModelConfig, where: str) -> None:
@@ -81,10 +85,11 @@ class LoadedVersion:
     def __repr__(self) -> str:
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
 
-    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions) -> None:
+    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
+                   profile: Profile | None = None) -> None:
         where = f"model '{self.name}' version {self.version}"
         try:
-            opts = build_options(self.config)
+            opts = build_options(self.config, profile)
             artifact = await asyncio.to_thread(
                 engine.prepare, self.record.model_file, opts, cache_dir)
             instances = []
@@ -203,13 +208,14 @@ class ModelManager:
                                       inter_op_threads=config.threads.inter_op)
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.active: dict[str, int] = {}
+        self.profile = resolve(config.profile).profile
 
     async def load_version(self, record: VersionRecord) -> LoadedVersion:
         lv = LoadedVersion(record, record.config(), self.engine.kind)
         self.loaded[(lv.name, lv.version)] = lv
         t0 = time.monotonic()
         try:
-            await lv.load(self.engine, self.repo.engines_dir, self.runtime)
+            await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile)
         except OutpostError as exc:
             log.error("load failed", extra={"model": lv.name, "version": lv.version,
                                             "error": str(exc)})
