@@ -207,14 +207,14 @@ def host_memory_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
     return 0
 
 
-def cuda_gpu_name() -> str:
-    """The first CUDA device's name, '' when there is none (or no CUDA binding)."""
+def cuda_gpu_name() -> tuple[str, str]:
+    """The first CUDA device's name ('' when there is none), and why there is none."""
     try:
         from engines.tensorrt.cuda import load_cuda, usable_gpus  # noqa: PLC0415
 
-        return usable_gpus(load_cuda())[0].name
-    except Exception:  # no binding, no driver, no device: all mean "no GPU" here
-        return ""
+        return usable_gpus(load_cuda())[0].name, ""
+    except Exception as exc:  # no binding, no driver, no device: all mean "no GPU" here
+        return "", str(exc)
 
 
 def _fits_memory(p: Profile, memory_mb: int) -> bool:
@@ -247,7 +247,7 @@ def detect(*, device_tree: Path | None = None, memory_mb: int | None = None,
                 f"device-tree model {model!r} matches {closest.name}, but this board has "
                 f"{memory_mb} MiB and that profile is for {closest.device.memory_mb} MiB; "
                 f"write a profile for this variant (docs/profiles.md) and set profile"))
-    gpu = cuda_gpu_name() if gpu_name is None else gpu_name
+    gpu, why = cuda_gpu_name() if gpu_name is None else (gpu_name, "")
     if gpu:
         for p in profiles:
             if any(s.lower() in gpu.lower() for s in p.device.gpu_name):
@@ -255,7 +255,8 @@ def detect(*, device_tree: Path | None = None, memory_mb: int | None = None,
         return Detection(by_name[CPU_PROFILE], "none",
                          f"CUDA device {gpu!r} matches no profile's gpu_name")
     where = f"device-tree model {model!r} matches no profile and " if model else ""
-    return Detection(by_name[CPU_PROFILE], "none", f"{where}no CUDA device was found")
+    return Detection(by_name[CPU_PROFILE], "none", f"{where}no CUDA device was found"
+                     + (f" ({why})" if why else ""))
 
 
 def resolve(name: str, **detect_args) -> Detection:
@@ -271,12 +272,16 @@ def _host_detection() -> Detection:
     return detect()
 
 
-def choose_engine(engine: str, profile: Profile):
-    """(Engine, reason) for the config's ``engine`` on this profile: ``auto`` follows the
-    profile's engine.kind, taking TensorRT only where it and a GPU are usable."""
+def choose_engine(engine: str, detection: Detection):
+    """(Engine, reason) for the config's ``engine`` on this host.
+
+    ``auto`` takes TensorRT where it and a GPU are usable, else ONNX Runtime, saying why;
+    a profile named in the config whose engine.kind is onnxruntime keeps ONNX Runtime.
+    """
     from engines import select_engine  # noqa: PLC0415
 
-    if engine == "auto" and profile.engine.kind == "onnxruntime":
+    profile = detection.profile
+    if engine == "auto" and detection.source == "config" and profile.engine.kind == "onnxruntime":
         chosen, _ = select_engine("onnxruntime")
-        return chosen, f"onnxruntime, as profile {profile.name} says"
+        return chosen, f"onnxruntime, as the configured profile {profile.name} says"
     return select_engine(engine)
