@@ -302,3 +302,86 @@ def test_plan_built_on_another_gpu_is_rebuilt(demo_files, tmp_path):
     meta_path(again.path).write_bytes(meta_path(art.path).read_bytes())
     engine(trt2, other).prepare(demo_files["mlp"], OPTS, tmp_path)
     assert len(trt2.builds) == 2
+
+
+# -- the CLI over the stand-in ------------------------------------------------------------
+
+
+def test_compile_writes_a_plan_with_the_profile_settings(trt, cuda, demo_files, tmp_path,
+                                                         capsys):
+    from appliance.cli.compile_cmd import compile_model
+    from appliance.cli.main import build_parser
+
+    out = tmp_path / "mlp.plan"
+    args = build_parser().parse_args([
+        "compile", str(demo_files["mlp"]), "--profile", "jetson-orin-nx-16gb", "-o", str(out),
+        "--data-dir", str(tmp_path / "data"), "--no-progress"])
+    assert compile_model(args, engine=engine(trt, cuda)) == 0
+    assert out.read_bytes().startswith(b"STANDIN-TRT-PLAN")
+    (build,) = trt.builds
+    assert build["workspace"] == 1024 << 20 and build["flags"] == ["FP16"]
+    assert build["shapes"]["features"][2] == [16, 32]  # the profile's max_batch_size
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "profile jetson-orin-nx-16gb" in printed
+    assert list((tmp_path / "data" / "engines").glob("timing-*.cache"))
+
+
+def test_compile_without_tensorrt_says_where_to_build(demo_files, tmp_path):
+    import subprocess
+    import sys
+
+    from engines.tensorrt import probe
+
+    if probe()[0]:
+        pytest.skip("TensorRT is usable here")
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "compile", str(demo_files["mlp"]), "--profile",
+         "jetson-orin-nano-8gb", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "TensorRT can't build on this host" in proc.stderr
+    assert "on the target device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_files, tmp_path,
+                                                                   monkeypatch, capsys):
+    from appliance import profiles
+    from appliance.cli.main import main
+    from appliance.repository import Repository
+
+    trt = make_trt(cuda, unsupported_ops=("Softmax",))  # as if this TensorRT lacked it
+    monkeypatch.setattr(profiles, "choose_engine",
+                        lambda *_: (engine(trt, cuda), "stand-in TensorRT"))
+    data = tmp_path / "data"
+    code = main(["models", "add", "mlp", str(demo_files["mlp"]), "--data-dir", str(data),
+                 "--appliance-config", str(_config(tmp_path, "jetson-orin-nano-8gb"))])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "model 'mlp' was not added" in err
+    assert "(Softmax)" in err and "another opset" in err
+    repo = Repository(data)
+    assert repo.models() == [] and not list((data / "models").iterdir())
+    repo.close()
+
+
+def test_models_add_builds_the_engine_for_the_profile(trt, cuda, demo_files, tmp_path,
+                                                      monkeypatch, capsys):
+    from appliance import profiles
+    from appliance.cli.main import main
+
+    monkeypatch.setattr(profiles, "choose_engine",
+                        lambda *_: (engine(trt, cuda), "stand-in TensorRT"))
+    data = tmp_path / "data"
+    code = main(["models", "add", "mlp", str(demo_files["mlp"]), "--data-dir", str(data),
+                 "--appliance-config", str(_config(tmp_path, "jetson-orin-nano-8gb"))])
+    assert code == 0, capsys.readouterr().err
+    assert "tensorrt engine for profile jetson-orin-nano-8gb" in capsys.readouterr().out
+    (build,) = trt.builds
+    assert build["workspace"] == 512 << 20 and build["shapes"]["features"][2] == [8, 32]
+    assert len(list((data / "engines").glob("*.plan"))) == 1
+
+
+def _config(tmp_path, profile):
+    path = tmp_path / "outpost.toml"
+    path.write_text(f"profile = \"{profile}\"\n")
+    return path
