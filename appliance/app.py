@@ -24,7 +24,7 @@ async def serve(config: Config, ready_hook=None) -> int:
     detection = resolve(config.profile)
     log.info("profile", extra={"profile": detection.profile.name, "source": detection.source,
                                "reason": detection.reason})
-    engine, reason = choose_engine(config.engine, detection.profile)
+    engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
     await manager.load_all()
