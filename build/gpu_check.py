@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-FP16_RTOL, FP16_ATOL = 1e-2, 2e-3  # softmax probabilities through an fp16 engine
+FP16_RTOL, FP16_ATOL = 1e-2, 5e-3  # softmax probabilities through an fp16 engine
 
 
 class Skip(Exception):

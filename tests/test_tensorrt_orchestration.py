@@ -385,3 +385,10 @@ def _config(tmp_path, profile):
     path = tmp_path / "outpost.toml"
     path.write_text(f"profile = \"{profile}\"\n")
     return path
+
+
+def test_a_refused_optimisation_profile_is_an_error(trt, cuda, demo_files, tmp_path):
+    ranges = {"features": ShapeRange((4, 32), (2, 32), (8, 32))}  # min > opt
+    with pytest.raises(PrepareError, match="refused the optimisation profile"):
+        engine(trt, cuda).prepare(demo_files["mlp"],
+                                  BuildOptions(max_batch_size=8, shape_ranges=ranges), tmp_path)

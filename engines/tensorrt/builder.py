@@ -196,7 +196,11 @@ def configure(trt, builder, network, options: BuildOptions, model_path: Path):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise PrepareError(
+                f"TensorRT refused the optimisation profile "
+                f"{ {n: [list(s) for s in v] for n, v in shapes.items()} } (min <= opt <= max, "
+                f"all positive, is required); check max_batch_size and the declared ranges")
     return config
 
 
