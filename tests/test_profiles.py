@@ -139,6 +139,9 @@ def test_profile_defaults_feed_the_config_where_it_is_silent(tmp_path):
     assert config.threads.intra_op == 4
     cli = load_config(path, {"threads.intra_op": 3})
     assert cli.threads.intra_op == 3  # and a flag wins
+    assert config.residency.memory_budget_mb == 32768  # the profile's model budget
+    path.write_text("profile = \"jetson-agx-orin-64gb\"\n[residency]\nmemory_budget_mb = 100\n")
+    assert load_config(path).residency.memory_budget_mb == 100
 
 
 def test_unknown_profile_in_config_names_the_file(tmp_path):
