@@ -392,3 +392,34 @@ def test_a_refused_optimisation_profile_is_an_error(trt, cuda, demo_files, tmp_p
     with pytest.raises(PrepareError, match="refused the optimisation profile"):
         engine(trt, cuda).prepare(demo_files["mlp"],
                                   BuildOptions(max_batch_size=8, shape_ranges=ranges), tmp_path)
+
+
+def test_progress_bar_draws_nested_phases_and_cancels():
+    import io
+
+    from appliance.cli.progress import BuildProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = BuildProgressBar(out=tty, width=10)
+    bar.phase_start("Building engine", None, 4)
+    bar.phase_start("Tactic selection", "Building engine", 20)
+    bar.step_complete("Tactic selection", 9)
+    bar.phase_finish("Tactic selection")
+    bar.step_complete("Building engine", 1)
+    assert "Building engine > Tactic selection 10/20" in tty.getvalue()
+    assert "[#####.....]  50% Building engine" in tty.getvalue()
+    bar.cancelled = True
+    assert bar.step_complete("Building engine", 2) is False  # TensorRT then stops the build
+    plain = io.StringIO()
+    bar = BuildProgressBar(out=plain)
+    bar.phase_start("Building engine", None, 4)
+    bar.phase_start("Inner", "Building engine", 2)
+    bar.phase_finish("Inner")
+    bar.phase_finish("Building engine")
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "build: Building engine (4 steps)"
+    assert lines[1].startswith("build: Building engine done after") and len(lines) == 2
