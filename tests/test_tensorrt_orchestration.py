@@ -423,3 +423,28 @@ def test_progress_bar_draws_nested_phases_and_cancels():
     lines = plain.getvalue().splitlines()
     assert lines[0] == "build: Building engine (4 steps)"
     assert lines[1].startswith("build: Building engine done after") and len(lines) == 2
+
+
+def test_dims_fixed_in_config_toml_close_the_graphs_open_dims(trt, cuda, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from appliance.config import BatchingConfig
+    from appliance.model_config import complete, load_model_config
+    from appliance.models import build_options
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t"])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    toml = tmp_path / "config.toml"
+    toml.write_text("max_batch_size = 4\n[[input]]\nname = \"a\"\ndims = [16]\n")
+    config = complete(load_model_config(toml), path, BatchingConfig(), str(toml))
+    opts = build_options(config)
+    eng = engine(trt, cuda)
+    session = eng.load(eng.prepare(path, opts, tmp_path / "c"), opts, RuntimeOptions())
+    assert trt.builds[-1]["shapes"] == {"a": [[1, 16], [2, 16], [4, 16]]}
+    a = np.linspace(-1, 1, 48, dtype=np.float32).reshape(3, 16)
+    np.testing.assert_array_equal(session.run({"a": a})["y"], np.maximum(a, 0))
