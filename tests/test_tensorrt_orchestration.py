@@ -180,6 +180,11 @@ def test_instances_get_their_own_context_and_stream(trt, cuda, demo_files, tmp_p
     np.testing.assert_array_equal(a.run({"x": x})["y"], x)
     np.testing.assert_array_equal(b.run({"x": x + 1})["y"], x + 1)
     assert [e for e, _ in trt.events].count("deserialize") == 1
+    a.close()
+    assert eng._engines  # the other instance still uses it
+    b.close()
+    b.close()  # closing twice is harmless
+    assert not eng._engines  # the last close frees the engine's weights
 
 
 def test_warmup_runs_min_and_opt_shapes(trt, cuda, demo_files, tmp_path):

@@ -70,7 +70,10 @@ class TensorRTEngine(Engine):
         self.progress = progress
         self._runtime = None
         self._logger = None
-        self._engines: dict[tuple[Path, str], object] = {}  # deserialized, shared by instances
+        # Deserialized engines, shared by a version's instances; dropped (freeing the
+        # weights on the device) when the last session made from one is closed.
+        self._engines: dict[tuple[Path, str], object] = {}
+        self._users: dict[tuple[Path, str], int] = {}
         self._lock = threading.Lock()
 
     # -- the device, checked before TensorRT -------------------------------------------
@@ -137,13 +140,13 @@ class TensorRTEngine(Engine):
     # -- load ----------------------------------------------------------------------------
 
     def _deserialize(self, path: Path, options: BuildOptions):
-        """The ICudaEngine of ``path``, deserialized once; None when TensorRT refuses it."""
+        """(key, the ICudaEngine of ``path``) deserialized once; None when TensorRT refuses."""
         trt, cuda, gpu = self._ready()
-        sha = file_sha256(path)
+        key = (path, file_sha256(path))
         with self._lock:
-            cached = self._engines.get((path, sha))
+            cached = self._engines.get(key)
             if cached is not None:
-                return cached
+                return key, cached
             with cuda.activate(gpu.index):
                 if self._runtime is None:
                     self._logger = make_logger(trt)
@@ -153,20 +156,33 @@ class TensorRTEngine(Engine):
                     self._runtime.engine_host_code_allowed = True
                 engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is not None:
-                self._engines[(path, sha)] = engine
-            return engine
+                self._engines[key] = engine
+            return key, engine
 
     def _deserialize_complaint(self, path: Path, options: BuildOptions) -> str | None:
-        if self._deserialize(path, options) is not None:
+        if self._deserialize(path, options)[1] is not None:
             return None
         said = " | ".join(self._logger.errors()[-2:]) if self._logger else ""
         return f"TensorRT {self.version()} could not deserialize it here" + (
             f": {said}" if said else "")
 
     def load(self, artifact: Artifact, options: BuildOptions, runtime: RuntimeOptions) -> Session:
-        engine = self._deserialize(Path(artifact.path), options)
+        key, engine = self._deserialize(Path(artifact.path), options)
         if engine is None:
             raise LoadError(f"{artifact.path} is not a TensorRT {self.version()} plan for "
                             f"{self.gpu.name}; remove it and load again to rebuild it")
-        return TensorRTSession(self._trt, self._cuda, engine, self.gpu.index,
-                               options.max_batch_size)
+        with self._lock:
+            self._users[key] = self._users.get(key, 0) + 1
+        try:
+            return TensorRTSession(self._trt, self._cuda, engine, self.gpu.index,
+                                   options.max_batch_size, on_close=lambda: self._release(key))
+        except BaseException:
+            self._release(key)
+            raise
+
+    def _release(self, key: tuple[Path, str]) -> None:
+        with self._lock:
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                self._engines.pop(key, None)

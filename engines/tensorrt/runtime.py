@@ -48,8 +48,10 @@ def _np_dtype(trt, trt_dtype, name: str) -> np.dtype:
 
 
 class TensorRTSession(Session):
-    def __init__(self, trt, cuda: CudaApi, engine, device_index: int, max_batch_size: int):
+    def __init__(self, trt, cuda: CudaApi, engine, device_index: int, max_batch_size: int,
+                 on_close=None):
         self._trt = trt
+        self._on_close = on_close
         self._cuda = cuda
         self._engine = engine  # shared by the instances; each holds its own context
         self._device = device_index
@@ -165,6 +167,9 @@ class TensorRTSession(Session):
     def close(self) -> None:
         with self._cuda.activate(self._device):
             self._release()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
     def _release(self) -> None:
         self._context = None  # before the memory it was bound to
