@@ -8,10 +8,10 @@ import time
 
 from appliance.config import Config
 from appliance.models import ModelManager
+from appliance.profiles import choose_engine, resolve
 from appliance.repository import Repository
 from appliance.server import SocketServer, install_stop_signals
 from appliance.service import Service
-from engines import select_engine
 
 log = logging.getLogger("outpost.app")
 
@@ -22,7 +22,10 @@ async def serve(config: Config, ready_hook=None) -> int:
     stop = install_stop_signals()  # before anything listens: no window where TERM kills
     repo = Repository(config.data_path)
     repo.clean_staging()
-    engine, reason = select_engine(config.engine)
+    detection = resolve(config.profile)
+    log.info("profile", extra={"profile": detection.profile.name, "source": detection.source,
+                               "reason": detection.reason})
+    engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
     await manager.load_all()

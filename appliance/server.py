@@ -281,6 +281,10 @@ class SocketServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.server.tcp and not self.token:  # refuse before listening at all
+            raise ConfigError(
+                "server.tcp is set but no token is configured: TCP connections must "
+                "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(path)
@@ -289,10 +293,6 @@ class SocketServer:
         os.chmod(path, int(self.config.server.socket_mode, 8))
         self.listeners.append(unix)
         if self.config.server.tcp:
-            if not self.token:
-                raise ConfigError(
-                    "server.tcp is set but no token is configured: TCP connections must "
-                    "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
             host, port = parse_host_port(self.config.server.tcp, "server.tcp")
             tcp = await loop.create_server(lambda: Connection(self, needs_hello=True),
                                            host, port, backlog=1024)
