@@ -30,6 +30,8 @@ from engines.base import Session
 from engines.errors import EngineError
 
 QUEUED, RUNNING, DONE = 0, 1, 2
+INLINE_MAX_S = 100e-6  # a batch this quick runs on the event loop, not a worker thread
+INLINE_MIN_SAMPLES = 16
 
 # done(outputs, error): exactly one of them is None. Called on the event loop thread.
 DoneCallback = Callable[[dict | None, OutpostError | None], None]
@@ -103,6 +105,10 @@ class ModelInstance:
         self._thread.join(timeout=30)
         self.session.close()
 
+    def abandon(self) -> None:
+        """Let a worker that may be stuck in the engine exit when it can; don't wait."""
+        self.submit(None)
+
     def _work(self) -> None:
         while True:
             self._wake.acquire()
@@ -153,6 +159,8 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._drained: asyncio.Event | None = None
+        self._timed = 0  # batches timed so far
+        self._compute_ewma_s = 1.0  # moving average of a batch's engine time
 
     # -- the scheduler's contract -----------------------------------------------------
 
@@ -181,16 +189,64 @@ class DynamicBatcher:
     def inflight_count(self) -> int:
         return self._queued + self._running
 
-    async def stop(self) -> None:
-        """Refuse new requests, finish every queued and running one, stop the instances."""
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def instance_count(self) -> int:
+        return len(self._instances)
+
+    def add_instance(self, instance: ModelInstance) -> None:
+        self._instances.append(instance)
+        self._idle.append(instance)
+        if self._queued:
+            self._schedule()
+
+    def remove_idle_instance(self) -> ModelInstance | None:
+        """Take one idle instance out of service (the caller stops it); None if all busy."""
+        if len(self._instances) <= 1 or not self._idle:
+            return None
+        inst = self._idle.pop()
+        self._instances.remove(inst)
+        return inst
+
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Refuse new requests, finish every queued and running one, stop the instances.
+
+        Returns False when ``timeout_s`` passed first: what is still queued then fails with
+        UNAVAILABLE, and a worker stuck in the engine is left to finish on its own.
+        """
         self._stopping = True
+        drained = True
         if self.inflight_count():
             self._drained = asyncio.Event()
-            await self._drained.wait()
-        for inst in self._instances:
-            await asyncio.to_thread(inst.stop)
-        self._instances.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except TimeoutError:
+                drained = False
+                self._fail_queued(Unavailable("the version was unloaded before this request "
+                                              "could run; retry"))
+        instances, self._instances = self._instances, []
         self._idle.clear()
+        for inst in instances:
+            if drained:
+                await asyncio.to_thread(inst.stop)
+            else:
+                inst.abandon()
+        return drained
+
+    def _fail_queued(self, err: OutpostError) -> None:
+        for q in self._queues:
+            while q:
+                r = q.popleft()
+                if r.state == QUEUED:
+                    r.state = DONE
+                    if r.timer is not None:
+                        r.timer.cancel()
+                    self.stats.request_failed(err.code)
+                    r.done(None, err)
+        self._queued = self._queued_rows = self._dead = 0
 
     # -- state changes (event loop) ------------------------------------------------------
 
@@ -285,6 +341,15 @@ class DynamicBatcher:
 
     def _dispatch(self, instance: ModelInstance, batch: list[InferRequest]) -> None:
         loop = self._loop
+        if self._inline_ok(instance):
+            # Tiny models: two thread hand-offs would cost more than the run itself.
+            t0 = time.perf_counter()
+            try:
+                result: list | BaseException = run_batch(instance.session, batch)
+            except BaseException as exc:
+                result = exc
+            self._complete(instance, batch, result, time.perf_counter() - t0)
+            return
 
         def job() -> None:
             t0 = time.monotonic()
@@ -297,10 +362,25 @@ class DynamicBatcher:
 
         instance.submit(job)
 
+    def _inline_ok(self, instance: ModelInstance) -> bool:
+        """Run on the loop itself: only sessions that allow it, only once enough batches
+        have shown the model to be far cheaper than a thread hand-off."""
+        return (instance.session.inline_ok and self._timed >= INLINE_MIN_SAMPLES
+                and self._compute_ewma_s < INLINE_MAX_S)
+
     def _finished(self, instance: ModelInstance, batch: list[InferRequest],
                   result, compute_s: float) -> None:
+        self._complete(instance, batch, result, compute_s)
+        if self._queued:
+            self._schedule()
+
+    def _complete(self, instance: ModelInstance, batch: list[InferRequest],
+                  result, compute_s: float) -> None:
+        self._timed += 1
+        self._compute_ewma_s += (compute_s - self._compute_ewma_s) * 0.1
         self._running -= len(batch)
-        self._idle.append(instance)
+        if instance in self._instances:
+            self._idle.append(instance)
         now = time.monotonic()
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)
@@ -323,8 +403,6 @@ class DynamicBatcher:
                                             compute_s)
                     r.done(outputs, None)
         self._check_drained()
-        if self._queued:
-            self._schedule()
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self.inflight_count():

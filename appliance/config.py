@@ -78,6 +78,17 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class ResidencyConfig:
+    """How much memory loaded models may hold; past it, idle versions unload (LRU)."""
+
+    memory_budget_mb: int = 0  # 0: no budget
+
+    def check(self) -> None:
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be >= 0")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto: JSON lines unless stderr is a terminal
@@ -98,6 +109,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # [updater]: the OTA agent's table, checked key by key by updater.config.from_table
     updater: dict[str, str | int | float | bool | dict[str, str]] = field(default_factory=dict)
@@ -163,6 +175,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
             node = node.setdefault(p, {})
         node[leaf] = value
     config = from_mapping(Config, data, where)
+    config = _with_profile_defaults(config, data, where)
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
     socket_path = (
         Path(config.server.socket_path).expanduser()
@@ -174,3 +187,23 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         data_dir=str(data_dir.absolute()),
         server=dataclasses.replace(config.server, socket_path=str(socket_path.absolute())),
     )
+
+
+def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
+    """Batching and thread defaults from the firmware profile, where the config is silent."""
+    from appliance.profiles import resolve  # noqa: PLC0415
+
+    try:
+        profile = resolve(config.profile).profile
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    given_b, given_t = data.get("batching", {}), data.get("threads", {})
+    batching = dataclasses.replace(config.batching, **{
+        k: v for k, v in dataclasses.asdict(profile.batching).items() if k not in given_b})
+    threads = dataclasses.replace(config.threads, **{
+        k: v for k, v in dataclasses.asdict(profile.threads).items() if k not in given_t})
+    residency = config.residency
+    if "memory_budget_mb" not in data.get("residency", {}):
+        residency = dataclasses.replace(residency,
+                                        memory_budget_mb=profile.memory.model_budget_mb)
+    return dataclasses.replace(config, batching=batching, threads=threads, residency=residency)

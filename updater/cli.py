@@ -254,8 +254,8 @@ def make_agent(config, manager=None, repo=None, engine=None):
     """The agent for an appliance config, or None when it has no [updater] section."""
     if not config.updater:
         return None
+    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
     from appliance.repository import Repository  # noqa: PLC0415
-    from engines import select_engine  # noqa: PLC0415
     from updater.agent import Agent  # noqa: PLC0415
     from updater.config import from_table  # noqa: PLC0415
     from updater.host import ApplianceHost  # noqa: PLC0415
@@ -263,7 +263,9 @@ def make_agent(config, manager=None, repo=None, engine=None):
     ucfg = from_table(config.updater)
     if repo is None:
         repo = Repository(config.data_path)
+    detection = resolve(config.profile)
     if engine is None:
-        engine, _ = select_engine(config.engine)
+        engine, _ = choose_engine(config.engine, detection)
     socket = None if manager is not None else config.socket
-    return Agent(ucfg, config.data_path, ApplianceHost(repo, engine, manager, socket))
+    host = ApplianceHost(repo, engine, detection.profile, manager, socket)
+    return Agent(ucfg, config.data_path, host)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.errors import NotFound, OutpostError
+from appliance.errors import NotFound
 from appliance.repository import Repository
 from updater.errors import ReleaseError
 from updater.validation import compare, read_samples, run_session
@@ -34,9 +34,11 @@ class Health:
 
 
 class ApplianceHost:
-    def __init__(self, repo: Repository, engine, manager=None, socket_path: Path | None = None):
+    def __init__(self, repo: Repository, engine, profile=None, manager=None,
+                 socket_path: Path | None = None):
         self.repo = repo
         self.engine = engine
+        self.profile = profile  # the firmware profile whose build fields engines use
         self.manager = manager  # None: no server in this process (`outpost update check`)
         self.socket_path = socket_path  # a server that may be running, for `update check`
 
@@ -76,14 +78,14 @@ class ApplianceHost:
         The stored version's own samples.npz when it has one (a version added locally
         may not), else the release's.
         """
-        from appliance.models import build_options  # noqa: PLC0415
+        from appliance.lifecycle import build_options  # noqa: PLC0415
         from engines import EngineError, RuntimeOptions  # noqa: PLC0415
 
         where = f"release {model} {version}"
         with self._thread_repo() as repo:
             record = repo.version(model, version)
         config = record.config()
-        opts = build_options(config)
+        opts = build_options(config, self.profile)
         try:
             artifact = self.engine.prepare(record.model_file, opts, self.repo.engines_dir)
             if fault is not None:
@@ -107,7 +109,7 @@ class ApplianceHost:
         if self.manager is None:
             self._activate_offline(model, version)
             return
-        await activate_in_manager(self.manager, self.repo, model, version)
+        await activate_in_manager(self.manager, model, version)
 
     def _activate_offline(self, model: str, version: int) -> None:
         """No server here: tell a running one over its socket, else move the pointer."""
@@ -127,7 +129,7 @@ class ApplianceHost:
         if self.manager is None or version is None:
             return None
         lv = self.manager.loaded.get((model, version))
-        if lv is None:
+        if lv is None or getattr(lv, "stats", None) is None:
             return None
         snap = lv.stats.snapshot()
         return Health(snap["request_success"], snap["request_failure"],
@@ -138,28 +140,8 @@ class ApplianceHost:
             self.repo.mark(model, version, "bad", why)
 
 
-async def activate_in_manager(manager, repo: Repository, model: str, version: int) -> None:
-    """Hot-swap ``model`` to ``version`` in a running server.
-
-    Uses ``ModelManager.activate`` (the versions issue) where it exists; until then the
-    same contract by hand: load and warm the new version, move the pointer in SQLite,
-    switch, unload the old one. A load failure raises FailedPrecondition, old one serving.
-    """
-    if hasattr(manager, "activate"):
-        await manager.activate(model, version)
-        return
-    record = repo.version(model, version)
-    lv = manager.loaded.get((model, version))
-    if lv is None or lv.state.value != "ready":
-        try:
-            lv = await manager.load_version(record)
-        except OutpostError:
-            manager.loaded.pop((model, version), None)
-            raise
-    old = manager.active.get(model)
-    repo.set_active(model, version)
-    manager.active[model] = version
-    if old is not None and old != version:
-        old_lv = manager.loaded.pop((model, old), None)
-        if old_lv is not None:
-            await old_lv.unload()
+async def activate_in_manager(manager, model: str, version: int) -> None:
+    """Hot-swap ``model`` to ``version`` in a running server (``ModelManager.activate``:
+    load and warm, switch between requests, drain and unload the old one). A version
+    that fails to load raises FailedPrecondition and leaves the old one serving."""
+    await manager.activate(model, version)
