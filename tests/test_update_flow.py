@@ -132,3 +132,18 @@ def test_health_watch_rolls_back_a_version_that_fails_requests(fleet, short_tmp,
         assert _served_version(device) == 1
     assert active_version(data) == 1
     assert "rolled_back 1" in run_outpost("fleet", "status", fleet.dir, "identity").stdout
+
+
+def test_update_check_swaps_a_running_server_over_its_socket(fleet, short_tmp, demo_files):
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, demo_files["identity"])
+    # The server runs without [updater]; `update check` beside it drives the update.
+    config.write_text(config.read_text().replace(
+        "[logging]", f'[server]\nsocket_path = "{data / "outpost.sock"}"\n[logging]'))
+    fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0)
+    with ServerProcess(data) as device:
+        assert _served_version(device) == 1
+        out = run_outpost("update", "check", "--config", config)
+        assert out.returncode == 0 and "identity 1 -> 2: committed" in out.stdout, out.stderr
+        assert _served_version(device) == 2  # swapped in the running server, no restart
+    assert active_version(data) == 2
