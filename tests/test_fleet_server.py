@@ -93,3 +93,30 @@ def test_auto_halt_counts_only_cohort_devices_and_resigns(fleet):
     [row] = json.loads(status)
     assert row["rollout"]["state"] == "halted"
     assert row["devices"] == {"committed": 4, "failed": 11, "rolled_back": 1}
+
+
+def test_server_renews_a_timestamp_near_its_expiry(tmp_path, demo_files):
+    from datetime import UTC, datetime, timedelta
+
+    from tuf.api.metadata import Metadata
+
+    from updater.fleet_repo import _serializer, load_signer
+
+    f = Fleet(tmp_path / "fleet")
+    path = f.dir / "metadata" / "timestamp.json"
+    md = Metadata.from_file(str(path))
+    md.signed.expires = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    md.signatures.clear()
+    md.sign(load_signer(f.dir / "keys" / "timestamp.pem"))
+    path.write_bytes(md.to_bytes(_serializer()))
+    old_version = md.signed.version
+    f.start("--timestamp-check-s", "0.2")
+    try:
+        deadline = time.monotonic() + 20
+        while Metadata.from_file(str(path)).signed.version == old_version:
+            assert time.monotonic() < deadline, "the timestamp was not renewed"
+            time.sleep(0.1)
+        renewed = Metadata.from_file(str(path)).signed
+        assert renewed.expires > datetime.now(UTC) + timedelta(hours=23)
+    finally:
+        f.stop()

@@ -87,7 +87,10 @@ def test_tampered_metadata_is_rejected(fleet, device):
 
 
 def test_expired_metadata_is_rejected(fleet, device):
+    """A freeze attack: a mirror keeps serving metadata past its expiry."""
     data, config = device
+    fleet.stop()
+    fleet.start("--timestamp-check-s", "0")  # this server must not renew it
     past = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
     def expire(signed):

@@ -70,10 +70,10 @@ class Fleet:
             config, samples_out = make_release_samples(model, None, samples, Path(tmp))
             return self.repo.publish(name, version, model, config, samples_out)
 
-    def start(self) -> Fleet:
+    def start(self, *extra: str) -> Fleet:
         self.log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [*OUTPOST, "fleet", "serve", str(self.dir), "--port", str(self.port)],
+            [*OUTPOST, "fleet", "serve", str(self.dir), "--port", str(self.port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

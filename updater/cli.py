@@ -108,6 +108,9 @@ def register_fleet(sub) -> None:
     sv.add_argument("dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8470)
+    sv.add_argument("--timestamp-check-s", type=float, default=60.0,
+                    help="how often to renew the timestamp when half its life is gone "
+                         "(0: never; devices then stop updating when it expires)")
     sv.set_defaults(func=_clean(fleet_serve))
 
 
@@ -219,7 +222,7 @@ def fleet_serve(args) -> int:
     from updater.fleet_server import run_fleet_server  # noqa: PLC0415
 
     FleetRepo(args.dir)  # a wrong directory fails here, in one line
-    return run_fleet_server(args.dir, args.host, args.port)
+    return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s)
 
 
 def update_check(args) -> int:

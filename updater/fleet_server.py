@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class FleetServer:
         self.repo = FleetRepo(directory)
         self.db = FleetDB(self.repo.dir / "fleet.db")
         self.timestamp_check_s = timestamp_check_s
-        self.halts: list[tuple[str, int, str]] = []  # (model, version, why), for the sim
+        self.halts: list[tuple[str, int, str, float]] = []  # (model, version, why, unix ts)
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task | None = None
 
@@ -70,7 +71,8 @@ class FleetServer:
         return app
 
     async def _start(self, _app) -> None:
-        self._refresher = asyncio.create_task(self._refresh_timestamp())
+        if self.timestamp_check_s > 0:
+            self._refresher = asyncio.create_task(self._refresh_timestamp())
 
     async def _stop(self, _app) -> None:
         if self._refresher:
@@ -125,7 +127,7 @@ class FleetServer:
                    f" reporting cohort devices failed (threshold {rollout.failure_threshold})")
             await asyncio.to_thread(self.repo.set_rollout, release.model, release.version,
                                     state="halted")
-            self.halts.append((release.model, release.version, why))
+            self.halts.append((release.model, release.version, why, time.time()))
             log.warning("rollout halted", extra={"model": release.model,
                                                  "version": release.version, "why": why})
 
@@ -142,9 +144,10 @@ def status_report(repo: FleetRepo, db: FleetDB) -> list[dict]:
 
 
 async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int = 0,
+                             timestamp_check_s: float = 60.0,
                              ) -> tuple[FleetServer, web.AppRunner, int]:
     """Start on host:port (0: any free port); returns the server, its runner and port."""
-    server = FleetServer(directory)
+    server = FleetServer(directory, timestamp_check_s)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -153,9 +156,11 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
     return server, runner, bound
 
 
-def run_fleet_server(directory: Path, host: str, port: int) -> int:
+def run_fleet_server(directory: Path, host: str, port: int,
+                     timestamp_check_s: float = 60.0) -> int:
     async def main() -> None:
-        _server, runner, bound = await start_fleet_server(directory, host, port)
+        _server, runner, bound = await start_fleet_server(directory, host, port,
+                                                          timestamp_check_s)
         print(f"fleet server on http://{host}:{bound}/ serving {directory}", flush=True)
         try:
             await asyncio.Event().wait()
