@@ -70,9 +70,13 @@ class Agent:
 
     async def run_forever(self) -> None:
         """Recover, then poll every poll_interval_s + jitter; errors are logged, not fatal."""
-        await self.recover()
+        recovered = False
         while True:
             try:
+                if not recovered:
+                    recovered = True
+                    for line in await self.recover():
+                        log.info("update recovered", extra={"result": line})
                 for line in await self.check_once():
                     log.info("update", extra={"result": line})
             except UpdaterError as exc:
