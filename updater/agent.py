@@ -31,7 +31,7 @@ from updater.config import UpdaterConfig, trusted_root_bytes
 from updater.errors import FetchError, HealthError, ReleaseError, TrustError, UpdaterError
 from updater.fetcher import Fetcher
 from updater.fleet_repo import releases_from_targets, target_url_path
-from updater.host import Health
+from updater.health import Health, verdict, window
 from updater.journal import Journal, Step, Update
 from updater.release import extract_release
 
@@ -199,6 +199,17 @@ class Agent:
                 self._report(u, "failed", str(exc))
             except HealthError as exc:
                 u = self.journal.advance(u, Step.ROLLBACK, str(exc))
+            except Exception as exc:  # a bug of ours: leave no update half done
+                if u.step is Step.ROLLBACK:
+                    raise  # the journal keeps it; recover() retries at the next start
+                log.exception("update step crashed", extra={"step": u.step.value})
+                why = f"internal error at step {u.step.value}: {exc!r}"
+                if u.step in (Step.ACTIVATE, Step.WATCH):
+                    u = self.journal.advance(u, Step.ROLLBACK, why)
+                    continue
+                self._discard_download(u)
+                u = self.journal.advance(u, Step.DONE, why, outcome="failed")
+                self._report(u, "failed", why)
         self._cleanup(u)
         await self.flush_reports()
         return f"{where}: {u.outcome}" + (f" ({u.detail})" if u.detail else "")
@@ -302,27 +313,23 @@ class Agent:
     async def _watch(self, u: Update) -> None:
         """Compare the new version's errors and latency with the previous one's."""
         start = self.host.health(u.model, u.version)
-        window = self.config.health_window_s
+        watch_s = self.config.health_window_s
         t0 = time.monotonic()
-        while time.monotonic() - t0 < window:
-            await asyncio.sleep(min(0.5, window))
+        while time.monotonic() - t0 < watch_s:
+            await asyncio.sleep(min(0.5, watch_s))
             self.fault("watch-mid")
         end = self.host.health(u.model, u.version)
         if start is None or end is None:
             if getattr(self.host, "manager", None) is not None:
                 raise HealthError(f"{u.model} {u.version} is not loaded after activation")
             return  # no server in this process: nothing served, nothing to watch
-        new = Health(end.success - start.success, end.failure - start.failure, end.p50_ms)
         base = Health(**json.loads(u.baseline)) if u.baseline else None
-        base_rate = base.error_rate if base else 0.0
-        if new.total and new.error_rate > base_rate + self.config.health_max_error_rate_increase:
-            raise HealthError(
-                f"error rate {new.error_rate:.1%} over {new.total} requests against "
-                f"{base_rate:.1%} for the previous version")
-        if base and base.p50_ms > 0 and new.total >= self.config.health_min_requests and \
-                new.p50_ms > self.config.health_max_latency_ratio * base.p50_ms:
-            raise HealthError(f"p50 latency {new.p50_ms:.2f} ms against {base.p50_ms:.2f} ms "
-                              f"for the previous version")
+        why = verdict(window(start, end), base,
+                      max_error_rate_increase=self.config.health_max_error_rate_increase,
+                      max_latency_ratio=self.config.health_max_latency_ratio,
+                      min_requests=self.config.health_min_requests)
+        if why:
+            raise HealthError(why)
 
     async def _rollback(self, u: Update) -> Update:
         why = u.detail or "the update failed"

@@ -263,7 +263,7 @@ def make_agent(config, manager=None, repo=None, engine=None):
     from updater.config import from_table  # noqa: PLC0415
     from updater.host import ApplianceHost  # noqa: PLC0415
 
-    ucfg = from_table(config.updater)
+    ucfg = from_table(config.updater, "the appliance config's [updater] table")
     if repo is None:
         repo = Repository(config.data_path)
     detection = resolve(config.profile)

@@ -9,28 +9,13 @@ marks bad versions. The fleet simulation supplies its own host with the same met
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import NotFound
 from appliance.repository import Repository
 from updater.errors import ReleaseError
+from updater.health import Health
 from updater.validation import compare, read_samples, run_session
-
-
-@dataclass(frozen=True)
-class Health:
-    success: int
-    failure: int
-    p50_ms: float
-
-    @property
-    def total(self) -> int:
-        return self.success + self.failure
-
-    @property
-    def error_rate(self) -> float:
-        return self.failure / self.total if self.total else 0.0
 
 
 class ApplianceHost:

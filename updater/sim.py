@@ -29,7 +29,7 @@ from updater.config import UpdaterConfig
 from updater.errors import ReleaseError, UpdaterError
 from updater.fleet_repo import FleetRepo, init_repo
 from updater.fleet_server import start_fleet_server
-from updater.host import Health
+from updater.health import Health
 from updater.validation import compare, make_release_samples, read_samples, run_session
 
 TRAFFIC_ROWS = 8  # requests a device serves between two health readings
