@@ -57,6 +57,7 @@ class FleetServer:
         self.db = FleetDB(self.repo.dir / "fleet.db")
         self.timestamp_check_s = timestamp_check_s
         self.halts: list[tuple[str, int, str, float]] = []  # (model, version, why, unix ts)
+        self.on_halt = None  # called (model, version, why) after an auto-halt
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task | None = None
 
@@ -128,6 +129,8 @@ class FleetServer:
             await asyncio.to_thread(self.repo.set_rollout, release.model, release.version,
                                     state="halted")
             self.halts.append((release.model, release.version, why, time.time()))
+            if self.on_halt is not None:
+                self.on_halt(release.model, release.version, why)
             log.warning("rollout halted", extra={"model": release.model,
                                                  "version": release.version, "why": why})
 

@@ -151,10 +151,8 @@ class Simulation:
         self.timeline: list[str] = []
         self.t0 = time.monotonic()
 
-    def note(self, text: str, at: float | None = None) -> None:
-        """A timeline line; ``at`` a time.time() when it happened earlier than now."""
-        t = time.monotonic() - self.t0 - (time.time() - at if at is not None else 0.0)
-        line = f"t={t:7.2f}s  {text}"
+    def note(self, text: str) -> None:
+        line = f"t={time.monotonic() - self.t0:7.2f}s  {text}"
         self.timeline.append(line)
         print(line, flush=True)
 
@@ -196,6 +194,8 @@ class Simulation:
         init_repo(self.work / "fleet")
         self.repo = FleetRepo(self.work / "fleet")
         server, runner, port = await start_fleet_server(self.work / "fleet")
+        server.on_halt = lambda model, version, why: self.note(
+            f"fleet: halted {model} v{version} by itself: {why}")
         url = f"http://127.0.0.1:{port}"
         cache = SessionCache()
         good = identity_model(self.work / "identity.onnx")
@@ -239,8 +239,6 @@ class Simulation:
             self.note(f"operator: rollout v3 (bad on thermal sensors) to {self.canary:.0%} "
                       f"(rollout {r.id})")
             await self.round("v3 canary")
-            for model, version, why, at in server.halts:
-                self.note(f"fleet: halted {model} v{version} by itself: {why}", at)
             await self.round("after the halt")
             rel = self.repo.release("identity", 3)
             summary = {
