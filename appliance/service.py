@@ -110,8 +110,12 @@ class Service:
             reply({"model": name, "version": version,
                    "outputs": {n: encode_tensor(outputs[n]) for n in names}}, None)
 
-        request = lv.request(msg.get("inputs"), msg.get("priority"), msg.get("timeout_ms"),
-                             done, tag)
+        try:
+            request = lv.request(msg.get("inputs"), msg.get("priority"),
+                                 msg.get("timeout_ms"), done, tag)
+        except OutpostError as exc:  # counted like any failure, on every transport
+            lv.stats.request_failed(exc.code)
+            raise
         lv.submit(request)
         return request
 
