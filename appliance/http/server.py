@@ -64,7 +64,9 @@ class HttpServer:
         except web.HTTPException as exc:  # routing: 404, 405; answered with the v2 body
             if exc.status == 404:
                 return outpost_error_response(not_found_route(request))
-            return error_response(exc.status, exc.reason, headers=dict(exc.headers))
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return error_response(exc.status, f"{request.method} {request.path}: "
+                                              f"{exc.reason}", headers=allow)
         except Exception as exc:  # a bug: answer it, keep serving
             log.exception("http request failed", extra={"path": request.path})
             return error_response(500, f"internal error: {exc}")
