@@ -73,7 +73,7 @@ class ModelCollector(Collector):
                 failure.add_metric([*labels, code], n)
             inferences.add_metric(labels, st.inference_count)
             executions.add_metric(labels, st.execution_count)
-            pending.add_metric(labels, lv.batcher.inflight_count() if lv.batcher else 0)
+            pending.add_metric(labels, lv.inflight_count())
             is_ready = lv.state is VersionState.READY
             loaded += is_ready
             ready.add_metric(labels, int(is_ready))

@@ -119,7 +119,8 @@ def decode_tensor(obj: object, where: str) -> np.ndarray:
     if not isinstance(shape, list) or not all(
         type(d) is int and d >= 0 for d in shape
     ):
-        raise InvalidArgument(f"{where}.shape must be a list of non-negative integers, got {shape!r}")
+        raise InvalidArgument(
+            f"{where}.shape must be a list of non-negative integers, got {shape!r}")
     data = obj.get("data")
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidArgument(f"{where}.data must be msgpack bin, got {type(data).__name__}")

@@ -24,6 +24,7 @@ from appliance.errors import (
     InvalidArgument,
     OutpostError,
     ResourceExhausted,
+    Unavailable,
     error_from_wire,
 )
 from appliance.protocol import FrameError, FrameReader, decode_body, encode_frame, error_response
@@ -119,6 +120,10 @@ class Connection(asyncio.Protocol):
             if op == "infer":
                 self.infer(rid, msg)
                 return
+            admin = self.server.async_ops.get(op)
+            if admin is not None:
+                self.run_async(rid, op, admin(msg))
+                return
             handler = self.server.simple_ops.get(op)
             if handler is None:
                 raise InvalidArgument(f"unknown op {op!r}; this server knows "
@@ -164,6 +169,30 @@ class Connection(asyncio.Protocol):
         if request is not None and self.inflight:
             self.pending.add(request)
         self._update_reading()
+
+    def run_async(self, rid: int, op: str, coro) -> None:
+        """An op that loads models: answered when done; the connection keeps serving."""
+        self.inflight += 1
+
+        def finished(task: asyncio.Task) -> None:
+            self.inflight -= 1
+            exc = task.exception() if not task.cancelled() else Unavailable("cancelled")
+            if exc is None:
+                fields = task.result()
+                fields["id"] = rid
+                fields["ok"] = True
+                self.send(fields)
+            elif isinstance(exc, OutpostError):
+                self.send(error_response(rid, exc))
+            else:
+                log.error("op failed", exc_info=exc, extra={"op": op})
+                self.send(error_response(rid, Internal(f"op {op!r} failed: {exc}")))
+            self._update_reading()
+
+        task = asyncio.get_running_loop().create_task(coro)
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+        task.add_done_callback(finished)
 
     # -- output ----------------------------------------------------------------------------
 
@@ -222,7 +251,13 @@ class SocketServer:
             "hello": service.hello, "models": service.models, "metadata": service.metadata,
             "health": service.health, "stats": service.stats,
         }
-        self.op_names = ("hello", "infer", "models", "metadata", "health", "stats")
+        self.async_ops = {
+            "activate": service.activate, "traffic": service.traffic, "load": service.load,
+            "unload": service.unload,
+        }
+        self.tasks: set[asyncio.Task] = set()
+        self.op_names = ("hello", "infer", "models", "metadata", "health", "stats",
+                         *self.async_ops)
         self.socket_path = Path(config.server.socket_path)
         self.tcp_address: tuple[str, int] | None = None
 

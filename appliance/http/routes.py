@@ -32,7 +32,7 @@ from appliance.http.codec import (
 from appliance.http.control import ModelControl
 from appliance.http.triton_config import model_config, platform
 from appliance.metrics import render
-from appliance.models import LoadedVersion, VersionState
+from appliance.models import ServedVersion, VersionState
 from appliance.service import SERVER_NAME, Service
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
@@ -80,15 +80,17 @@ class Routes:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def lookup(self, request: web.Request) -> LoadedVersion:
-        name = request.match_info["model"]
+    @staticmethod
+    def url_version(request: web.Request) -> int | None:
         text = request.match_info.get("version")
-        version = None
-        if text:  # Triton treats an empty version as "the one the server picks"
-            if not text.isdigit() or int(text) < 1:
-                raise InvalidArgument(f"version {text!r} in the URL must be a positive integer")
-            version = int(text)
-        return self.manager.get(name, version)
+        if not text:  # Triton treats an empty version as "the one the server picks"
+            return None
+        if not text.isdigit() or int(text) < 1:
+            raise InvalidArgument(f"version {text!r} in the URL must be a positive integer")
+        return int(text)
+
+    def lookup(self, request: web.Request) -> ServedVersion:
+        return self.manager.get(request.match_info["model"], self.url_version(request))
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -110,12 +112,13 @@ class Routes:
     async def model_metadata(self, request: web.Request) -> web.Response:
         lv = self.lookup(request)
         versions = sorted(v for (n, v) in self.manager.loaded if n == lv.name)
+        inputs, outputs = getattr(lv, "inputs", ()), getattr(lv, "outputs", ())
         return json_response({
             "name": lv.name,
             "versions": [str(v) for v in versions],
             "platform": platform(lv.engine_kind),
-            "inputs": [_tensor_metadata(s) for s in lv.inputs],
-            "outputs": [_tensor_metadata(s) for s in lv.outputs],
+            "inputs": [_tensor_metadata(s) for s in inputs],
+            "outputs": [_tensor_metadata(s) for s in outputs],
         })
 
     async def config(self, request: web.Request) -> web.Response:
@@ -143,7 +146,7 @@ class Routes:
             async with asyncio.timeout(self.request_timeout_s):
                 raw = await self.read_body(request)
                 body = parse_infer_body(raw, request.headers.get(HEADER_LENGTH))
-                msg = self.service_message(lv, body)
+                msg = self.service_message(lv, body, self.url_version(request))
                 fields = await self.run(msg)
         except TimeoutError:
             err = DeadlineExceeded(
@@ -160,9 +163,12 @@ class Routes:
         resp.headers[HEADER_LENGTH] = str(header_len)
         return resp
 
-    def service_message(self, lv: LoadedVersion, body) -> dict:
-        """The request as the socket would send it: one route into the models."""
-        specs = {s.name: s for s in lv.inputs}
+    @staticmethod
+    def service_message(lv: ServedVersion, body, version: int | None) -> dict:
+        """The request as the socket would send it: one route into the models (without a
+        version in the URL the router picks one, traffic splits included)."""
+        specs = {s.name: s for s in getattr(lv, "inputs", ())}  # an ensemble learns its
+        # inputs when it loads
         inputs = {}
         for name, array in body.inputs.items():
             spec = specs.get(name)
@@ -172,7 +178,9 @@ class Routes:
                     f"'{lv.name}' takes {v2_datatype(spec.dtype)}; outpost does not cast")
             inputs[name] = {"dtype": array.dtype.name, "shape": list(array.shape),
                             "data": array.tobytes()}
-        msg = {"model": lv.name, "version": lv.version, "inputs": inputs}
+        msg = {"model": lv.name, "inputs": inputs}
+        if version is not None:
+            msg["version"] = version
         if body.outputs is not None:
             msg["outputs"] = body.outputs
         timeout_us = body.parameters.get("timeout")
@@ -181,8 +189,9 @@ class Routes:
                 raise InvalidArgument("parameters.timeout must be a non-negative integer of "
                                       "microseconds")
             msg["timeout_ms"] = math.ceil(timeout_us / 1000)
-        if "priority" in body.parameters:
-            msg["priority"] = body.parameters["priority"]
+        for key in ("priority", "routing_key"):
+            if key in body.parameters:
+                msg[key] = body.parameters[key]
         return msg
 
     async def run(self, msg: dict) -> dict:
@@ -286,7 +295,7 @@ def _duration(count: int, seconds: float) -> dict:
     return {"count": count, "ns": int(seconds * 1e9)}
 
 
-def _triton_stats(lv: LoadedVersion) -> dict:
+def _triton_stats(lv: ServedVersion) -> dict:
     st = lv.stats
     ok = st.request_success
     return {

@@ -29,7 +29,7 @@ class HttpServer:
         self.http = config.http
         self.service = service
         self.registry = make_registry(service.manager)
-        self.control = ModelControl(service.manager)
+        self.control = ModelControl(service)
         self.routes = Routes(service, self.control, self.registry,
                              max_body_bytes=self.http.max_body_bytes,
                              request_timeout_s=self.http.request_timeout_s,

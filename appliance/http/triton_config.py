@@ -8,7 +8,7 @@ Triton answers with its ModelConfig protobuf as JSON; clients such as perf_analy
 from __future__ import annotations
 
 from appliance.http.codec import v2_datatype
-from appliance.models import LoadedVersion
+from appliance.models import ServedVersion
 
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
              "tensorrt": ("tensorrt_plan", "tensorrt")}
@@ -25,18 +25,21 @@ def _tensor(spec, batched: bool) -> dict:
             "allow_ragged_batch": False, "optional": False}
 
 
-def model_config(lv: LoadedVersion) -> dict:
+def model_config(lv: ServedVersion) -> dict:
     batched = lv.max_batch_size > 0
     db = lv.config.dynamic_batching
-    plat, backend = PLATFORMS.get(lv.engine_kind, (lv.engine_kind, lv.engine_kind))
+    if getattr(lv.config, "ensemble", None) is not None:
+        plat = backend = "ensemble"
+    else:
+        plat, backend = PLATFORMS.get(lv.engine_kind, (lv.engine_kind, lv.engine_kind))
     return {
         "name": lv.name,
         "platform": plat,
         "backend": backend,
         "version_policy": {"specific": {"versions": [lv.version]}},
         "max_batch_size": lv.max_batch_size,
-        "input": [_tensor(s, batched) for s in lv.inputs],
-        "output": [_tensor(s, batched) for s in lv.outputs],
+        "input": [_tensor(s, batched) for s in getattr(lv, "inputs", ())],
+        "output": [_tensor(s, batched) for s in getattr(lv, "outputs", ())],
         "dynamic_batching": {
             "preferred_batch_size": list(db.preferred_batch_sizes),
             "max_queue_delay_microseconds": db.max_queue_delay_us or 0,
