@@ -24,7 +24,8 @@ MAX_BODY = 1 << 20
 def served(demo_files):
     data_dir = Path(tempfile.mkdtemp(prefix="op-"))
     proc, url = start_http_server(data_dir, demo_files, {
-        "admin_token": TOKEN, "max_body_bytes": MAX_BODY, "request_timeout_s": 0.5})
+        "admin_token": TOKEN, "max_body_bytes": MAX_BODY, "request_timeout_s": 0.5,
+        "max_inflight": 1})
     yield proc, urlsplit(url)
     code = proc.stop()
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -228,6 +229,14 @@ def test_stalled_body_times_out(served):
     t0 = time.monotonic()
     s.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\n"
               b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inp")
+    time.sleep(0.1)
+    # Meanwhile the one slot (http.max_inflight = 1) is taken: others get 503 at once.
+    other = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    status, message = error_of(call(other, "POST", "/v2/models/identity/infer",
+                                    identity_request()))
+    assert status == 503 and "max_inflight" in message
+    assert call(other, "GET", "/v2/health/live")[0] == 200  # probes are not limited
+    other.close()
     reply = s.recv(65536)
     elapsed = time.monotonic() - t0
     s.close()

@@ -25,12 +25,20 @@ V2_TO_NUMPY = {
     "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TO_NUMPY.items()}
+# dtype -> v2 name by hash lookup: ``dtype.name`` is slow enough to show in profiles.
+_DTYPE_TO_V2 = {np.dtype(n).newbyteorder(o): v for n, v in NUMPY_TO_V2.items()
+                for o in ("<", ">", "=")}
 # Known to the protocol but not served here: say so rather than "unknown".
 V2_UNSERVED = ("UINT16", "UINT32", "UINT64", "BF16", "BYTES")
 
 
 def v2_datatype(numpy_name: str) -> str:
     return NUMPY_TO_V2.get(numpy_name, numpy_name.upper())
+
+
+def v2_datatype_of(dtype: np.dtype) -> str:
+    v2 = _DTYPE_TO_V2.get(dtype)
+    return v2 if v2 is not None else v2_datatype(dtype.name)
 
 
 @dataclass
@@ -243,7 +251,7 @@ def encode_infer_response(model: str, version: int, body: InferBody,
     blobs: list[bytes] = []
     for name, value in outputs.items():
         array = np.asarray(value)
-        entry: dict = {"name": name, "datatype": v2_datatype(array.dtype.name),
+        entry: dict = {"name": name, "datatype": v2_datatype_of(array.dtype),
                        "shape": list(array.shape)}
         if wants_binary(body, name):
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))

@@ -25,9 +25,11 @@ from appliance.errors import (
 )
 from appliance.http.codec import (
     HEADER_LENGTH,
+    V2_TO_NUMPY,
     encode_infer_response,
     parse_infer_body,
     v2_datatype,
+    v2_datatype_of,
 )
 from appliance.http.control import ModelControl
 from appliance.http.triton_config import model_config, platform
@@ -172,11 +174,12 @@ class Routes:
         inputs = {}
         for name, array in body.inputs.items():
             spec = specs.get(name)
-            if spec is not None and array.dtype.name != spec.dtype:
+            datatype = v2_datatype_of(array.dtype)
+            if spec is not None and datatype != v2_datatype(spec.dtype):
                 raise InvalidArgument(
-                    f"input '{name}' is {v2_datatype(array.dtype.name)} but model "
-                    f"'{lv.name}' takes {v2_datatype(spec.dtype)}; outpost does not cast")
-            inputs[name] = {"dtype": array.dtype.name, "shape": list(array.shape),
+                    f"input '{name}' is {datatype} but model '{lv.name}' takes "
+                    f"{v2_datatype(spec.dtype)}; outpost does not cast")
+            inputs[name] = {"dtype": V2_TO_NUMPY[datatype], "shape": list(array.shape),
                             "data": array.tobytes()}
         msg = {"model": lv.name, "inputs": inputs}
         if version is not None:
@@ -215,8 +218,10 @@ class Routes:
 
     async def read_body(self, request: web.Request) -> bytes:
         limit = self.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(request.content_length)
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise PayloadTooLarge(request.content_length)
+            return await request.read()  # at most Content-Length bytes
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(1 << 16):
             size += len(chunk)

@@ -1,6 +1,6 @@
 """The HTTP listener: an aiohttp app on the socket server's event loop.
 
-Limits live here, answered before any work: past ``max_inflight`` concurrent requests a
+Limits live here, answered before any work: past ``max_inflight`` concurrent POSTs a
 503; a body over ``max_body_bytes`` a 413 without reading it; ``request_timeout_s`` bounds
 each infer (routes.py). ``stop`` stops accepting, lets in-flight requests finish (up to
 the drain timeout), then closes idle keep-alive connections.
@@ -47,11 +47,21 @@ class HttpServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        # Only POSTs (bodies, inference, model loads) count: health probes and scrapes
+        # stay answerable under load.
+        if request.method != "POST":
+            return await self._handle(request, handler)
         if self.inflight >= self.http.max_inflight:
             return outpost_error_response(Unavailable(
                 f"too many HTTP requests in flight (http.max_inflight = "
                 f"{self.http.max_inflight}); retry shortly"))
         self.inflight += 1
+        try:
+            return await self._handle(request, handler)
+        finally:
+            self.inflight -= 1
+
+    async def _handle(self, request: web.Request, handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except OutpostError as exc:
@@ -70,8 +80,6 @@ class HttpServer:
         except Exception as exc:  # a bug: answer it, keep serving
             log.exception("http request failed", extra={"path": request.path})
             return error_response(500, f"internal error: {exc}")
-        finally:
-            self.inflight -= 1
 
     async def start(self) -> None:
         host, port = parse_host_port(self.http.address, "http.address")
