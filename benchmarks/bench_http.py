@@ -1,7 +1,7 @@
 """HTTP (Open Inference Protocol v2) against the msgpack socket: one server, one run.
 
     python -m benchmarks.bench_http [--models identity,cnn] [--concurrency 1,8]
-        [--seconds 3] [--perf-analyzer PATH] [--stability 50]
+        [--seconds 3] [--repeats 3] [--perf-analyzer PATH] [--stability 50]
 
 One real `outpost serve --http` process serves every client. For each model and
 concurrency, measured back to back against that server:
@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--stability", type=int, default=50,
                     help="perf_analyzer --stability-percentage (the machine is noisy)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; rows report the median")
     args = ap.parse_args()
     models = args.models.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -188,38 +189,50 @@ def main() -> int:
         else:
             print("perf_analyzer: not found (see docs/http.md); its rows are skipped")
         ctx = multiprocessing.get_context("spawn")
+        runs: dict[tuple, list[dict]] = {}
         try:
             with ctx.Pool(1) as pool:
-                print("\nmodel     conc  client          req/s    p50 ms   p99 ms   "
-                      "vs socket")
-                for m in models:
-                    for c in concurrencies:
-                        rows = {"socket": pool.apply(_python_client, (
-                            ("socket", str(server.socket_path), m, c, args.seconds),))}
-                        rows["http-py"] = pool.apply(_python_client, (
-                            ("http-py", url, m, c, args.seconds),))
-                        if binary:
-                            csv_path = tmp / f"pa-{m}-{c}.csv"
-                            cmd = perf_analyzer_command(binary, m, address, c,
-                                                        int(args.seconds * 1000),
-                                                        args.stability, csv_path)
-                            rows["perf_analyzer"] = run_perf_analyzer(cmd, pa_env, csv_path)
-                        ref = rows["socket"]["rps"]
-                        for kind in ("socket", "http-py", "perf_analyzer"):
-                            r = rows.get(kind)
-                            if r is None:
-                                continue
-                            if "error" in r:
-                                print(f"{m:9} {c:<5} {kind:14} failed: {r['error']}")
-                                continue
-                            bad = f"  ({r['failed']} failed)" if r.get("failed") else ""
-                            print(f"{m:9} {c:<5} {kind:14} {r['rps']:7.0f}  "
-                                  f"{r['p50']:8.2f} {r['p99']:8.2f}   "
-                                  f"{r['rps'] / ref:6.2f}x{bad}")
+                # Rounds interleave the clients, so slow drifts of a shared machine hit
+                # every client alike; each row reports its median round.
+                for _ in range(args.repeats):
+                    for m in models:
+                        for c in concurrencies:
+                            for kind, target in (("socket", str(server.socket_path)),
+                                                 ("http-py", url)):
+                                runs.setdefault((m, c, kind), []).append(pool.apply(
+                                    _python_client, ((kind, target, m, c, args.seconds),)))
+                            if binary:
+                                csv_path = tmp / f"pa-{m}-{c}.csv"
+                                cmd = perf_analyzer_command(binary, m, address, c,
+                                                            int(args.seconds * 1000),
+                                                            args.stability, csv_path)
+                                runs.setdefault((m, c, "perf_analyzer"), []).append(
+                                    run_perf_analyzer(cmd, pa_env, csv_path))
         finally:
             code = server.stop()
+        print(f"\nmedian of {args.repeats} round(s)\n"
+              "model     conc  client          req/s    p50 ms   p99 ms   vs socket")
+        for m in models:
+            for c in concurrencies:
+                ref = _median(runs[(m, c, "socket")])["rps"]
+                for kind in ("socket", "http-py", "perf_analyzer"):
+                    if (m, c, kind) not in runs:
+                        continue
+                    r = _median(runs[(m, c, kind)])
+                    if "error" in r:
+                        print(f"{m:9} {c:<5} {kind:14} failed: {r['error']}")
+                        continue
+                    bad = f"  ({r['failed']} failed)" if r.get("failed") else ""
+                    print(f"{m:9} {c:<5} {kind:14} {r['rps']:7.0f}  {r['p50']:8.2f} "
+                          f"{r['p99']:8.2f}   {r['rps'] / ref:6.2f}x{bad}")
         print(f"\nserver exit code {code}")
     return 0
+
+
+def _median(rounds: list[dict]) -> dict:
+    """The round with the median throughput (an error if every round failed)."""
+    ok = sorted((r for r in rounds if "error" not in r), key=lambda r: r["rps"])
+    return ok[len(ok) // 2] if ok else rounds[-1]
 
 
 def _http_url(server: ServerProcess) -> str:
