@@ -193,6 +193,18 @@ def test_oversize_body_is_refused_unread(served):
     assert status == 413 and "max_body_bytes" in message
 
 
+def test_oversize_body_with_expect_gets_413_not_continue(served):
+    """A client that asks first ('Expect: 100-continue') is told 413 before sending."""
+    _, url = served
+    s = socket.create_connection((url.hostname, url.port), timeout=10)
+    s.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\n"
+              b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    reply = s.recv(65536)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"max_body_bytes" in reply
+
+
 def test_oversize_chunked_body_is_cut_off(served):
     """Without a Content-Length the server stops reading at the limit and answers 413."""
     _, url = served

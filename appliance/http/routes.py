@@ -32,6 +32,7 @@ from appliance.http.codec import (
     v2_datatype_of,
 )
 from appliance.http.control import ModelControl
+from appliance.http.errors import error_response
 from appliance.http.triton_config import model_config, platform
 from appliance.metrics import render
 from appliance.models import ServedVersion, VersionState
@@ -43,6 +44,11 @@ JSON = "application/json"
 
 class PayloadTooLarge(Exception):
     """The body is over http.max_body_bytes; answered 413 without reading the rest."""
+
+
+def too_large_message(size: int, limit: int) -> str:
+    return (f"the request body ({size} bytes or more) is over http.max_body_bytes = "
+            f"{limit}; send smaller requests")
 
 
 def json_response(obj, status: int = 200) -> web.Response:
@@ -74,10 +80,12 @@ class Routes:
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.config)
             r.add_get(base + "/stats", self.statistics)
-            r.add_post(base + "/infer", self.infer)
-        r.add_post("/v2/repository/index", self.repository_index)
-        r.add_post("/v2/repository/models/{model}/load", self.load)
-        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+            r.add_post(base + "/infer", self.infer, expect_handler=self.expect)
+        r.add_post("/v2/repository/index", self.repository_index, expect_handler=self.expect)
+        r.add_post("/v2/repository/models/{model}/load", self.load,
+                   expect_handler=self.expect)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload,
+                   expect_handler=self.expect)
         r.add_get("/metrics", self.metrics)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -215,6 +223,17 @@ class Routes:
         if error is not None:
             raise error
         return fields
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: refuse an oversize body before the client sends it."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is understood")
+        size = request.content_length
+        if size is not None and size > self.max_body_bytes:
+            return error_response(413, too_large_message(size, self.max_body_bytes),
+                                  close=True)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
 
     async def read_body(self, request: web.Request) -> bytes:
         limit = self.max_body_bytes

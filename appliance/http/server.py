@@ -16,7 +16,7 @@ from appliance.config import Config, parse_host_port
 from appliance.errors import ConfigError, OutpostError, Unavailable
 from appliance.http.control import ModelControl
 from appliance.http.errors import error_response, outpost_error_response
-from appliance.http.routes import PayloadTooLarge, Routes, not_found_route
+from appliance.http.routes import PayloadTooLarge, Routes, not_found_route, too_large_message
 from appliance.metrics import make_registry
 from appliance.service import Service
 
@@ -67,10 +67,8 @@ class HttpServer:
         except OutpostError as exc:
             return outpost_error_response(exc)
         except PayloadTooLarge as exc:
-            return error_response(413, f"the request body ({exc.args[0]} bytes or more) is "
-                                       f"over http.max_body_bytes = "
-                                       f"{self.http.max_body_bytes}; send smaller requests",
-                                  close=True)
+            return error_response(413, too_large_message(exc.args[0],
+                                                         self.http.max_body_bytes), close=True)
         except web.HTTPException as exc:  # routing: 404, 405; answered with the v2 body
             if exc.status == 404:
                 return outpost_error_response(not_found_route(request))
