@@ -223,6 +223,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
             node = node.setdefault(p, {})
         node[leaf] = value
     config = from_mapping(Config, data, where)
+    config = _with_profile_defaults(config, data, where)
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
     socket_path = (
         Path(config.server.socket_path).expanduser()
@@ -234,3 +235,23 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         data_dir=str(data_dir.absolute()),
         server=dataclasses.replace(config.server, socket_path=str(socket_path.absolute())),
     )
+
+
+def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
+    """Batching and thread defaults from the firmware profile, where the config is silent."""
+    from appliance.profiles import resolve  # noqa: PLC0415
+
+    try:
+        profile = resolve(config.profile).profile
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    given_b, given_t = data.get("batching", {}), data.get("threads", {})
+    batching = dataclasses.replace(config.batching, **{
+        k: v for k, v in dataclasses.asdict(profile.batching).items() if k not in given_b})
+    threads = dataclasses.replace(config.threads, **{
+        k: v for k, v in dataclasses.asdict(profile.threads).items() if k not in given_t})
+    residency = config.residency
+    if "memory_budget_mb" not in data.get("residency", {}):
+        residency = dataclasses.replace(residency,
+                                        memory_budget_mb=profile.memory.model_budget_mb)
+    return dataclasses.replace(config, batching=batching, threads=threads, residency=residency)

@@ -136,6 +136,13 @@ class EnsembleVersion(ServedVersion):
             out_names = declared
         else:
             out_names = list(self._out_maps[-1].values())
+        used = {t for m in self._in_maps for t in m.values()} | set(out_names)
+        unused = sorted(set(produced) - used)
+        if unused:
+            raise FailedPrecondition(
+                f"{where}: tensor '{unused[0]}' is produced but used by no later step and is "
+                f"not an ensemble output; later steps read "
+                f"{', '.join(sorted({t for m in self._in_maps for t in m.values()}))}")
         mbs = [m.max_batch_size for m in members]
         self.max_batch_size = 0 if 0 in mbs else min(mbs)
         self.inputs = tuple(TensorSpec(n, s.dtype, s.shape) for n, s in consumed.items())

@@ -33,10 +33,19 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.model_config import ModelConfig
-from appliance.protocol import decode_tensor
+from appliance.profiles import Profile
+from appliance.protocol import DTYPE_OF_NAME, decode_tensor
 from appliance.repository import VersionRecord
 from appliance.stats import VersionStats
-from engines import BuildOptions, Engine, EngineError, RuntimeOptions, Session, TensorSpec
+from engines import (
+    BuildOptions,
+    Engine,
+    EngineError,
+    RuntimeOptions,
+    Session,
+    ShapeRange,
+    TensorSpec,
+)
 
 log = logging.getLogger("outpost.models")
 
@@ -51,11 +60,22 @@ class VersionState(enum.Enum):
     FAILED = "failed"
 
 
-def build_options(config: ModelConfig) -> BuildOptions:
+def build_options(config: ModelConfig, profile: Profile | None = None) -> BuildOptions:
+    """The model's batch range and input shapes, and the device's build fields from its
+    firmware profile. An input whose dims config.toml fixes gets that shape for every batch
+    size (TensorRT needs a range for each dynamic dim the graph leaves open)."""
     mbs = config.max_batch_size or 0
     preferred = config.dynamic_batching.preferred_batch_sizes
-    return BuildOptions(max_batch_size=mbs,
-                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2))
+    opt = max(preferred) if preferred else max(1, mbs // 2)
+    ranges = {}
+    for t in config.input:
+        dims = tuple(t.dims or ())
+        if -1 in dims:
+            continue  # left open: the builder says which dim needs fixing
+        ranges[t.name] = (ShapeRange((1, *dims), (opt, *dims), (mbs, *dims)) if mbs
+                          else ShapeRange(dims, dims, dims))
+    device = profile.build_fields() if profile is not None else {}
+    return BuildOptions(max_batch_size=mbs, opt_batch_size=opt, shape_ranges=ranges, **device)
 
 
 def check_session(session: Session, config: ModelConfig, where: str) -> None:
@@ -74,30 +94,29 @@ def check_session(session: Session, config: ModelConfig, where: str) -> None:
 def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                  feeds: dict[str, np.ndarray]) -> tuple[int, tuple]:
     """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature)."""
-    names = {s.name for s in specs}
-    missing = sorted(names - feeds.keys())
-    if missing:
-        raise InvalidArgument(
-            f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
-            f"takes {', '.join(sorted(names))}")
-    extra = sorted(str(k) for k in feeds.keys() - names)
-    if extra:
+    if len(feeds) != len(specs) or any(s.name not in feeds for s in specs):
+        names = {s.name for s in specs}
+        missing = sorted(names - feeds.keys())
+        if missing:
+            raise InvalidArgument(
+                f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
+                f"takes {', '.join(sorted(names))}")
+        extra = sorted(str(k) for k in feeds.keys() - names)
         raise InvalidArgument(
             f"input '{extra[0]}' is not an input of model '{name}'; it takes "
             f"{', '.join(sorted(names))}")
     signature = []
     rows = None
     for spec in specs:
-        where = f"inputs.{spec.name}"
         arr = feeds[spec.name]
-        if arr.dtype.name != spec.dtype:
+        if arr.dtype != DTYPE_OF_NAME[spec.dtype]:
             raise InvalidArgument(
-                f"{where} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
+                f"inputs.{spec.name} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
                 f"outpost does not cast: send {spec.dtype}")
         if arr.ndim != len(spec.shape) or any(
                 w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
             raise InvalidArgument(
-                f"{where} has shape {list(arr.shape)} but model '{name}' takes "
+                f"inputs.{spec.name} has shape {list(arr.shape)} but model '{name}' takes "
                 f"{list(spec.shape)} (-1: any size)")
         if max_batch_size:
             n = arr.shape[0]
@@ -105,7 +124,7 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                 rows = n
             elif n != rows:
                 raise InvalidArgument(
-                    f"{where} has {n} rows in dim 0 but other inputs have {rows}; "
+                    f"inputs.{spec.name} has {n} rows in dim 0 but other inputs have {rows}; "
                     f"every input of a request carries the same batch")
             signature.append(arr.shape[1:])
     if max_batch_size:
@@ -206,10 +225,11 @@ class LoadedVersion(ServedVersion):
     def __repr__(self) -> str:
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
 
-    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions) -> None:
+    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
+                   profile: Profile | None = None) -> None:
         """Prepare, create and warm every instance; READY only when all are warm."""
         where = f"model '{self.name}' version {self.version}"
-        opts = build_options(self.config)
+        opts = build_options(self.config, profile)
         try:
             artifact = await asyncio.to_thread(
                 engine.prepare, self.record.model_file, opts, cache_dir)

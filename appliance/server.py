@@ -46,6 +46,9 @@ class Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
+        # Responses finished in one loop iteration leave in one write (one syscall).
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -209,11 +212,20 @@ class Connection(asyncio.Protocol):
             frame = encode_frame(error_response(message.get("id"), ResourceExhausted(
                 f"the response would be {len(frame) - 4} bytes, over the frame limit of "
                 f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))
-        self.transport.write(frame)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not self.closed and self.transport is not None and not \
+                self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def fatal(self, rid, message: str, code: str = "INVALID_ARGUMENT") -> None:
         """Answer once, then close: the stream (or the peer) can't be trusted any more."""
         self.send(error_response(rid, error_from_wire({"code": code, "message": message})))
+        self._flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
@@ -230,6 +242,7 @@ class Connection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
         if not self.inflight and self.server.stopping:
+            self._flush()
             self.transport.close()
 
 
@@ -268,6 +281,10 @@ class SocketServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.server.tcp and not self.token:  # refuse before listening at all
+            raise ConfigError(
+                "server.tcp is set but no token is configured: TCP connections must "
+                "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(path)
@@ -276,10 +293,6 @@ class SocketServer:
         os.chmod(path, int(self.config.server.socket_mode, 8))
         self.listeners.append(unix)
         if self.config.server.tcp:
-            if not self.token:
-                raise ConfigError(
-                    "server.tcp is set but no token is configured: TCP connections must "
-                    "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
             host, port = parse_host_port(self.config.server.tcp, "server.tcp")
             tcp = await loop.create_server(lambda: Connection(self, needs_hello=True),
                                            host, port, backlog=1024)
@@ -339,11 +352,10 @@ def _clear_stale_socket(path: Path) -> None:
                       f"server.socket_path")
 
 
-async def run_until_signalled(server: SocketServer, on_ready=None) -> None:
+def install_stop_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a graceful stop), from now on."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready()
-    await stop.wait()
+    return stop

@@ -14,8 +14,14 @@ from collections.abc import Callable
 
 from appliance import __version__
 from appliance.batcher import InferRequest
-from appliance.errors import InvalidArgument, NotFound, OutpostError, Unavailable
-from appliance.lifecycle import decode_inputs
+from appliance.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutpostError,
+    Unavailable,
+)
+from appliance.lifecycle import VersionState, decode_inputs
 from appliance.models import ModelManager, cancel_request
 from appliance.protocol import PROTOCOL_VERSION, encode_tensor
 from appliance.traffic import TrafficPolicy
@@ -103,6 +109,8 @@ class Service:
             raise Unavailable("the server is shutting down; retry against its successor")
         lv, shadow = self.manager.route(msg.get("model"), msg.get("version"),
                                         msg.get("routing_key"))
+        if lv.state is VersionState.FAILED:
+            raise FailedPrecondition(f"{lv.error}; fix it, then load it again (the 'load' op)")
         wanted = msg.get("outputs")
         if wanted is not None:
             if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):

@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -89,8 +87,8 @@ def main() -> int:
                     help="repeat each socket measurement, report the median")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         files = {n: b(tmp / f"{n}.onnx") for n, b in BUILDERS.items()}
         repo = Repository(tmp / "data")
         for name, path in files.items():

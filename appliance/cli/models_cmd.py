@@ -36,6 +36,8 @@ def register(sub) -> None:
     rm.add_argument("--version", type=int, help="remove only this version")
     rm.set_defaults(func=remove_model)
 
+    register_admin(msub)
+
 
 def _repo(args):
     from appliance.repository import Repository  # noqa: PLC0415
@@ -48,12 +50,47 @@ def add_model(args) -> int:
     repo, config = _repo(args)
     record = repo.add(args.name, args.model, version=args.version,
                       config_path=args.model_config, samples_path=args.samples,
-                      defaults=config.batching, activate=not args.stage)
+                      defaults=config.batching, activate=False)
+    engine_note = _prepare_engine(repo, config, record)
+    if not args.stage:
+        repo.set_active(record.model, record.version)
     cfg = record.config()
     print(f"added {record.model} version {record.version} "
           f"(max_batch_size {cfg.max_batch_size}, inputs "
-          f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())})")
+          f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())}; "
+          f"{engine_note})")
     return 0
+
+
+def _prepare_engine(repo, config, record) -> str:
+    """Build (or find) the engine for this device's profile now, not at the first load.
+
+    A model that will not build is removed again, with one error saying why and what to try.
+    """
+    from appliance.cli.progress import BuildProgressBar  # noqa: PLC0415
+    from appliance.errors import FailedPrecondition  # noqa: PLC0415
+    from appliance.models import build_options  # noqa: PLC0415
+    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
+    from engines import EngineError  # noqa: PLC0415
+
+    detection = resolve(config.profile)
+    engine, _reason = choose_engine(config.engine, detection)
+    bar = BuildProgressBar() if engine.kind == "tensorrt" else None
+    if bar is not None:
+        engine.progress = bar
+    try:
+        artifact = engine.prepare(record.model_file,
+                                  build_options(record.config(), detection.profile),
+                                  repo.engines_dir)
+    except EngineError as exc:
+        repo.remove(record.model, record.version)
+        raise FailedPrecondition(
+            f"model '{record.model}' was not added: its {engine.kind} engine for profile "
+            f"{detection.profile.name} could not be prepared: {exc}") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    return f"{engine.kind} engine for profile {detection.profile.name}: {artifact.path.name}"
 
 
 def list_models(args) -> int:
@@ -81,4 +118,114 @@ def remove_model(args) -> int:
     gone = repo.remove(args.name, args.version)
     print(f"removed {args.name} version{'s' if len(gone) > 1 else ''} "
           f"{', '.join(map(str, gone))}")
+    return 0
+
+
+def register_admin(msub) -> None:
+    """Commands that change what a running server serves (or, with no server, the
+    pointers it will start with)."""
+    from appliance.cli.common import add_connect_options
+
+    act = msub.add_parser("activate", help="make VERSION the active version (hot swap)")
+    add_config_options(act)
+    add_connect_options(act)
+    act.add_argument("name")
+    act.add_argument("version", type=int)
+    act.set_defaults(func=activate_model)
+
+    tr = msub.add_parser("traffic", help="show or set a canary/A-B split and a shadow")
+    add_config_options(tr)
+    add_connect_options(tr)
+    tr.add_argument("name")
+    tr.add_argument("--split", action="append", metavar="VERSION=FRACTION",
+                    help="a variant of the split (repeat; fractions add up to 1)")
+    tr.add_argument("--sticky", action="store_true",
+                    help="route by the request's routing_key, not at random")
+    tr.add_argument("--shadow", type=int, metavar="VERSION",
+                    help="send a copy of live requests to VERSION and compare")
+    tr.add_argument("--clear", action="store_true", help="remove the run-time policy")
+    tr.set_defaults(func=traffic_model)
+
+    for verb, helptext in (("load", "load a model version into the running server"),
+                           ("unload", "unload a model version from the running server")):
+        p = msub.add_parser(verb, help=helptext)
+        add_config_options(p)
+        add_connect_options(p)
+        p.add_argument("name")
+        p.add_argument("--version", type=int)
+        p.set_defaults(func=load_unload, verb=verb)
+
+
+def _client(args, config):
+    import os
+
+    from appliance.client import Client
+
+    return Client(args.socket or config.server.socket_path, tcp=args.tcp,
+                  token=args.token or os.environ.get("OUTPOST_TOKEN") or config.token(),
+                  timeout_s=600)
+
+
+def activate_model(args) -> int:
+    from appliance.errors import Unavailable
+
+    repo, config = _repo(args)
+    repo.version(args.name, args.version)  # NOT_FOUND before anything else
+    try:
+        client = _client(args, config)
+    except Unavailable:
+        repo.set_active(args.name, args.version)
+        print(f"no server answers on {args.socket or config.server.socket_path}: "
+              f"{args.name} version {args.version} is active from its next start")
+        return 0
+    with client:
+        r = client.call("activate", model=args.name, version=args.version)
+    print(f"{r['model']} version {r['version']} is active (was {r['previous']})")
+    return 0
+
+
+def _parse_split(items: list[str]) -> list[dict]:
+    from appliance.errors import InvalidArgument
+
+    out = []
+    for item in items:
+        v, sep, f = item.partition("=")
+        try:
+            out.append({"version": int(v), "fraction": float(f)})
+        except ValueError:
+            raise InvalidArgument(f"--split {item!r} must look like VERSION=FRACTION, "
+                                  f"like 2=0.1") from None
+        if not sep:
+            raise InvalidArgument(f"--split {item!r} must look like VERSION=FRACTION")
+    return out
+
+
+def traffic_model(args) -> int:
+    _, config = _repo(args)
+    with _client(args, config) as client:
+        if args.clear:
+            r = client.call("traffic", model=args.name, clear=True)
+        elif args.split or args.shadow is not None:
+            policy = {"split": _parse_split(args.split or []), "sticky": args.sticky}
+            if args.shadow is not None:
+                policy["shadow"] = args.shadow
+            r = client.call("traffic", model=args.name, policy=policy)
+        else:
+            r = client.call("traffic", model=args.name)
+    print(json.dumps(r["traffic"], indent=2) if r["traffic"] else
+          f"{args.name}: no traffic policy; the active version answers everything")
+    return 0
+
+
+def load_unload(args) -> int:
+    _, config = _repo(args)
+    fields = {"model": args.name}
+    if args.version is not None:
+        fields["version"] = args.version
+    with _client(args, config) as client:
+        r = client.call(args.verb, **fields)
+    if args.verb == "load":
+        print(f"{r['model']} version {r['version']} is {r['state']}")
+    else:
+        print(f"{r['model']}: unloaded version(s) {', '.join(map(str, r['unloaded']))}")
     return 0
