@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from appliance.launcher import ServerProcess
@@ -12,17 +11,7 @@ from appliance.repository import Repository
 
 def http_url(proc: ServerProcess, timeout_s: float = 10.0) -> str:
     """The HTTP base URL from the server's "ready" log line (it binds port 0)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in proc.log_path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("msg") == "ready" or record.get("message") == "ready":
-                return record["http"]
-        time.sleep(0.05)
-    raise AssertionError(f"no ready line with the HTTP address:\n{proc.log_tail()}")
+    return proc.ready_record(timeout_s)["http"]
 
 
 def start_http_server(data_dir: Path, demo_files: dict[str, Path],
