@@ -90,6 +90,46 @@ class ModelCollector(Collector):
         yield ready
         yield GaugeMetricFamily("outpost_models_loaded",
                                 "Model versions loaded and serving", value=loaded)
+        yield from self._traffic()
+
+    def _traffic(self) -> Iterator[Metric]:
+        """Per-variant routing counts and shadow divergence, per model."""
+        routed = CounterMetricFamily(
+            "outpost_routed_requests", "Requests the router sent to each version",
+            labels=LABELS)
+        compared = CounterMetricFamily(
+            "outpost_shadow_compared", "Shadow answers compared with the live ones",
+            labels=["model"])
+        dropped = CounterMetricFamily(
+            "outpost_shadow_dropped", "Copies not sent: the shadow was busy or not ready",
+            labels=["model"])
+        errors = CounterMetricFamily(
+            "outpost_shadow_errors", "Shadow requests that failed, by cause",
+            labels=["model", "code"])
+        max_diff = GaugeMetricFamily(
+            "outpost_shadow_max_abs_diff", "Largest absolute difference seen between a "
+            "shadow output and the live one", labels=["model"])
+        agree = GaugeMetricFamily(
+            "outpost_shadow_top1_agreement", "Share of rows whose top class agrees",
+            labels=["model"])
+        latency = GaugeMetricFamily(
+            "outpost_shadow_latency_seconds", "The shadow's recent latency",
+            labels=["model", "quantile"])
+        for name, counts in sorted(self.manager.routed.items()):
+            for version, n in sorted(counts.items()):
+                routed.add_metric([name, str(version)], n)
+        for name, sh in sorted(self.manager.shadows.items()):
+            snap = sh.snapshot()
+            compared.add_metric([name], snap["compared"])
+            dropped.add_metric([name], snap["dropped"])
+            for code, n in sorted(snap["errors"].items()):
+                errors.add_metric([name, code], n)
+            max_diff.add_metric([name], snap["max_abs_diff"])
+            if snap["top1_agreement"] is not None:
+                agree.add_metric([name], snap["top1_agreement"])
+            for q in ("p50", "p99"):
+                latency.add_metric([name, "0." + q[1:]], snap["latency_ms"][q] / 1e3)
+        yield from (routed, compared, dropped, errors, max_diff, agree, latency)
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:

@@ -86,6 +86,13 @@ class Routes:
                    expect_handler=self.expect)
         r.add_post("/v2/repository/models/{model}/unload", self.unload,
                    expect_handler=self.expect)
+        # Outpost's own extension: the hot swap and traffic policies of the socket's
+        # admin ops, under the same admin token.
+        r.add_post("/v2/repository/models/{model}/activate", self.activate,
+                   expect_handler=self.expect)
+        r.add_get("/v2/repository/models/{model}/traffic", self.traffic)
+        r.add_post("/v2/repository/models/{model}/traffic", self.traffic,
+                   expect_handler=self.expect)
         r.add_get("/metrics", self.metrics)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -303,6 +310,29 @@ class Routes:
         await self.control_body(request)  # unload_dependents and friends: nothing depends
         await self.control.unload(request.match_info["model"])
         return web.Response(status=200)
+
+
+    async def activate(self, request: web.Request) -> web.Response:
+        """Body {"version": N}: hot swap to that version (it loads and warms first)."""
+        self.require_admin(request)
+        body = await self.control_body(request)
+        result = await self.service.activate({"model": request.match_info["model"],
+                                              "version": body.get("version")})
+        return json_response(result)
+
+    async def traffic(self, request: web.Request) -> web.Response:
+        """GET: the policy in force. POST {"policy": {...}} sets one, {"clear": true}
+        removes the run-time one."""
+        self.require_admin(request)
+        msg: dict = {"model": request.match_info["model"]}
+        if request.method == "POST":
+            body = await self.control_body(request)
+            unknown = set(body) - {"policy", "clear"}
+            if unknown:
+                raise InvalidArgument(f"unknown field '{sorted(unknown)[0]}'; send "
+                                      f"{{\"policy\": {{...}}}} or {{\"clear\": true}}")
+            msg.update(body)
+        return json_response(await self.service.traffic(msg))
 
 
 def _tensor_metadata(spec) -> dict:
