@@ -35,6 +35,12 @@ async def serve(config: Config, ready_hook=None) -> int:
         agent = make_agent(config, manager=manager, repo=repo, engine=engine)
     await manager.load_all()
     service = Service(manager, config.server.max_frame_bytes)
+    http = None
+    if config.http.address:  # before the socket, so a socket that answers means both do
+        from appliance.http import HttpServer  # noqa: PLC0415  (off by default)
+
+        http = HttpServer(service, config)
+        await http.start()
     server = SocketServer(service, config)
     await server.start()
     if ready_hook is not None:
@@ -43,6 +49,7 @@ async def serve(config: Config, ready_hook=None) -> int:
         "socket": str(server.socket_path),
         "tcp": f"{server.tcp_address[0]}:{server.tcp_address[1]}" if server.tcp_address
         else None,
+        "http": http.url if http else None,
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
     agent_task = asyncio.create_task(agent.run_forever()) if agent is not None else None
@@ -53,7 +60,7 @@ async def serve(config: Config, ready_hook=None) -> int:
         agent.close()
     log.info("stopping: draining in-flight requests")
     service.draining = True
-    await server.stop()
+    await asyncio.gather(server.stop(), *([http.stop()] if http else []))
     await manager.unload_all()
     repo.close()
     log.info("stopped")
