@@ -145,6 +145,8 @@ class Repository:
         """Check, complete and store a new immutable version; returns its record.
 
         ``model_path`` is an ONNX model, or an ensemble's config.toml (no model file).
+        With ``activate=False`` the version is only staged, even the first of a model:
+        nothing serves it until it is activated (the updater validates it first).
         """
         check_model_name(name)
         model_path = Path(model_path)
@@ -199,8 +201,7 @@ class Repository:
                 "model": name, "version": version, "state": record.state,
                 "path": str(final), "sha256": record.sha256, "created_at": record.created_at,
             })
-            current = self.db["models"].get(name)["active_version"]
-            if activate or current is None:
+            if activate:
                 self.db["models"].update(name, {"active_version": version})
             self._event(name, version, "added", str(model_path))
         return record

@@ -81,3 +81,17 @@ def test_repeated_crash_during_health_watch_rolls_back(fleet, short_tmp, demo_fi
         assert row["outcome"] == "rolled_back" and "restarted" in row["detail"], row
         assert _serves(device) == 1
     assert active_version(data) == 1
+
+
+@pytest.mark.parametrize("point", ["stage-mid", "prepare-mid"])
+def test_first_install_killed_before_validation_serves_nothing_unvalidated(
+        fleet, short_tmp, demo_files, point):
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, demo_files["identity"], installed=False)
+    _kill_at(point, data, config)
+    assert active_version(data) is None  # staged at most, never active unvalidated
+    with ServerProcess(data, extra_args=["--config", str(config)]) as device:
+        row = wait_done(data, 2)
+        assert row["outcome"] == "committed", row
+        assert _serves(device) == 2
+    assert active_version(data) == 2

@@ -96,11 +96,13 @@ class Fleet:
 
 def make_device(data_dir: Path, fleet: Fleet, model_file: Path, *, device_id: str = "dev-1",
                 labels: dict | None = None, window_s: float = 0.3, poll_s: float = 0.2,
-                extra: str = "") -> Path:
-    """A device data dir holding `identity` version 1 (active) and its config file."""
+                extra: str = "", installed: bool = True) -> Path:
+    """A device data dir holding `identity` version 1 (active, unless ``installed`` is
+    False: a device that has never had the model) and its config file."""
     data_dir.mkdir(parents=True, exist_ok=True)
     repo = Repository(data_dir)
-    repo.add("identity", model_file, version=1)
+    if installed:
+        repo.add("identity", model_file, version=1)
     repo.close()
     label_lines = "".join(f'{k} = "{v}"\n' for k, v in (labels or {}).items())
     config = data_dir / "outpost.toml"
