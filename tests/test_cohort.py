@@ -87,3 +87,12 @@ def test_auto_halt_needs_min_reports_and_threshold():
     assert should_halt(r, ["failed"] * 2 + ["committed"] * 3)
     assert not should_halt(r, ["failed"] + ["committed"] * 4)
     assert not should_halt(r, ["downloading"] * 10)
+
+
+def test_validation_tolerances_follow_the_engine_precision():
+    from updater.validation import tolerances
+
+    assert tolerances(1e-3, 1e-4, "onnxruntime", "fp16") == (1e-3, 1e-4)  # CPU runs fp32
+    assert tolerances(1e-3, 1e-4, "tensorrt", "fp32") == (1e-3, 1e-4)
+    assert tolerances(1e-3, 1e-4, "tensorrt", "fp16") == (1e-2, 1e-2)
+    assert tolerances(0.2, 1e-4, "tensorrt", "bf16") == (0.2, 5e-2)  # a wider config wins

@@ -15,7 +15,7 @@ from appliance.errors import NotFound
 from appliance.repository import Repository
 from updater.errors import ReleaseError
 from updater.health import Health
-from updater.validation import compare, read_samples, run_session
+from updater.validation import compare, read_samples, run_session, tolerances
 
 
 class ApplianceHost:
@@ -88,7 +88,10 @@ class ApplianceHost:
             raise ReleaseError(f"{where}: running the samples failed: {exc}") from exc
         finally:
             session.close()
-        compare(got, expected, config.validation.rtol, config.validation.atol, where)
+        rtol, atol = tolerances(config.validation.rtol, config.validation.atol,
+                                self.engine.kind,
+                                self.profile.engine.precision if self.profile else "fp32")
+        compare(got, expected, rtol, atol, where)
 
     async def activate(self, model: str, version: int) -> None:
         if self.manager is None:
