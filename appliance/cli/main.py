@@ -19,6 +19,7 @@ COMMANDS = (
     "appliance.cli.infer_cmd",
     "appliance.cli.config_cmd",
     "appliance.cli.demo_cmd",
+    "appliance.cli.install_cmd",
 )
 
 
