@@ -162,6 +162,22 @@ no_traceback "$out"; expect "bogus.onnx" "$out"
 out=$(outpost models list --data-dir "$fresh") || fail "exit $?"
 [[ "$out" != *bogus* ]] || fail "the refused model left state behind: $out"
 
+begin "install into a folder: the executable installs itself"
+root="$tmp/root"
+out=$(outpost install --root "$root" --dry-run) || fail "exit $?: $out"
+expect "none done" "$out"
+[[ ! -e "$root" ]] || fail "--dry-run changed $root"
+out=$(outpost install --root "$root") || fail "exit $?: $out"
+installed="$root/opt/outpost/current/outpost"
+[[ -x "$installed" ]] || fail "no executable at $installed"
+[[ -f "$root/etc/outpost/config.toml" && -f "$root/etc/systemd/system/outpost.service" ]] \
+    || fail "config or unit missing: $(find "$root/etc")"
+ln -s "$installed" "$tmp/outpost-link"   # like /usr/local/bin/outpost
+out=$("${ENV[@]}" "$tmp/outpost-link" config show --config "$root/etc/outpost/config.toml") \
+    || fail "the installed copy, run through a symlink, failed: $out"
+expect 'socket_path = "/run/outpost/outpost.sock"' "$out"
+expect 'data_dir = "/var/lib/outpost"' "$out"
+
 begin "demo (the frozen executable starts a frozen server: launcher uses sys.executable)"
 log="$tmp/demo.out"
 outpost demo --seconds 0.2 --data-dir "$tmp/demo" > "$log" 2>&1 || fail "exit $?"
