@@ -71,10 +71,18 @@ if [[ -f /etc/nv_tegra_release ]]; then
 fi
 if [[ "$accel" != *tensorrt* ]] && [[ -x /usr/bin/python3 ]] \
         && /usr/bin/python3 -c 'import tensorrt' 2>/dev/null; then
-    # JetPack installs TensorRT's Python module into the system Python only.
-    echo "freeze.sh: note: the system Python has TensorRT but $py does not: this build" \
-         "will serve with ONNX Runtime only. Make the venv with" \
-         "'/usr/bin/python3 -m venv --system-site-packages .venv' to include TensorRT." >&2
+    # JetPack installs TensorRT's Python module for the system Python only.
+    sys_ver=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    our_ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    echo "freeze.sh: note: /usr/bin/python3 ($sys_ver) has TensorRT but $py ($our_ver) does" \
+         "not, so this build will serve with ONNX Runtime only." >&2
+    if [[ "$sys_ver" == "$our_ver" ]]; then
+        echo "freeze.sh: make the venv with '/usr/bin/python3 -m venv --system-site-packages" \
+             ".venv' to freeze TensorRT in." >&2
+    else
+        echo "freeze.sh: build TensorRT's Python bindings for Python $our_ver first" \
+             "(docs/operations.md, 'Jetson')." >&2
+    fi
 fi
 
 spec_args=()
