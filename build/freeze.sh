@@ -106,6 +106,16 @@ else
         echo "accelerators ${accel:-none}"
         echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     } > dist/outpost/BUILD-INFO.txt
+    # What the hooks in build/hooks/ are for: fail here rather than slow or broken later.
+    for want in "msgpack/_cmsgpack*.so" "onnxruntime/capi/libonnxruntime_providers_shared.so"; do
+        compgen -G "dist/outpost/_internal/$want" >/dev/null \
+            || { echo "freeze.sh: the build lacks $want (see build/hooks/)" >&2; exit 1; }
+    done
+    if [[ "$accel" == *tensorrt* ]] && ! compgen -G "dist/outpost/_internal/libnvinfer*.so*" >/dev/null; then
+        echo "freeze.sh: tensorrt is importable but no libnvinfer was collected" \
+             "(build/hooks/hook-tensorrt.py; set TENSORRT_LIB_DIR)" >&2
+        exit 1
+    fi
 fi
 "$exe" --version >/dev/null   # it starts at all
 echo "freeze.sh: built $exe ($size) in ${took} s"
