@@ -103,6 +103,10 @@ class ModelInstance:
         self._thread.join(timeout=30)
         self.session.close()
 
+    def abandon(self) -> None:
+        """Let a worker that may be stuck in the engine exit when it can; don't wait."""
+        self.submit(None)
+
     def _work(self) -> None:
         while True:
             self._wake.acquire()
@@ -181,16 +185,64 @@ class DynamicBatcher:
     def inflight_count(self) -> int:
         return self._queued + self._running
 
-    async def stop(self) -> None:
-        """Refuse new requests, finish every queued and running one, stop the instances."""
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def instance_count(self) -> int:
+        return len(self._instances)
+
+    def add_instance(self, instance: ModelInstance) -> None:
+        self._instances.append(instance)
+        self._idle.append(instance)
+        if self._queued:
+            self._schedule()
+
+    def remove_idle_instance(self) -> ModelInstance | None:
+        """Take one idle instance out of service (the caller stops it); None if all busy."""
+        if len(self._instances) <= 1 or not self._idle:
+            return None
+        inst = self._idle.pop()
+        self._instances.remove(inst)
+        return inst
+
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Refuse new requests, finish every queued and running one, stop the instances.
+
+        Returns False when ``timeout_s`` passed first: what is still queued then fails with
+        UNAVAILABLE, and a worker stuck in the engine is left to finish on its own.
+        """
         self._stopping = True
+        drained = True
         if self.inflight_count():
             self._drained = asyncio.Event()
-            await self._drained.wait()
-        for inst in self._instances:
-            await asyncio.to_thread(inst.stop)
-        self._instances.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except TimeoutError:
+                drained = False
+                self._fail_queued(Unavailable("the version was unloaded before this request "
+                                              "could run; retry"))
+        instances, self._instances = self._instances, []
         self._idle.clear()
+        for inst in instances:
+            if drained:
+                await asyncio.to_thread(inst.stop)
+            else:
+                inst.abandon()
+        return drained
+
+    def _fail_queued(self, err: OutpostError) -> None:
+        for q in self._queues:
+            while q:
+                r = q.popleft()
+                if r.state == QUEUED:
+                    r.state = DONE
+                    if r.timer is not None:
+                        r.timer.cancel()
+                    self.stats.request_failed(err.code)
+                    r.done(None, err)
+        self._queued = self._queued_rows = self._dead = 0
 
     # -- state changes (event loop) ------------------------------------------------------
 
@@ -300,7 +352,8 @@ class DynamicBatcher:
     def _finished(self, instance: ModelInstance, batch: list[InferRequest],
                   result, compute_s: float) -> None:
         self._running -= len(batch)
-        self._idle.append(instance)
+        if instance in self._instances:
+            self._idle.append(instance)
         now = time.monotonic()
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)

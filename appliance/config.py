@@ -78,6 +78,17 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class ResidencyConfig:
+    """How much memory loaded models may hold; past it, idle versions unload (LRU)."""
+
+    memory_budget_mb: int = 0  # 0: no budget
+
+    def check(self) -> None:
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be >= 0")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto: JSON lines unless stderr is a terminal
@@ -91,12 +102,14 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    data_dir: str = ""  # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
+    # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
+    data_dir: str = ""
     profile: str = "auto"  # a firmware profile name, or auto-detect
     engine: str = "auto"  # auto | onnxruntime | tensorrt
     server: ServerConfig = field(default_factory=ServerConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:

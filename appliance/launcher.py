@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.errors import OutpostError, Unavailable
+from appliance.errors import OutpostError, Unauthenticated, Unavailable
 
 
 def outpost_command() -> list[str]:
@@ -51,6 +51,8 @@ class ServerProcess:
             try:
                 with Client(self.socket_path, timeout_s=5) as c:
                     c.health()
+                return self
+            except Unauthenticated:  # it answers; it wants a token first
                 return self
             except OutpostError:
                 time.sleep(0.05)

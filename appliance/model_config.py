@@ -15,6 +15,7 @@ from pathlib import Path
 from appliance.config import BatchingConfig
 from appliance.errors import ConfigError
 from appliance.settings import from_mapping, read_toml, to_mapping
+from appliance.traffic import TrafficPolicy
 from engines.base import SUPPORTED_DTYPES, TensorSpec
 
 
@@ -59,20 +60,94 @@ class ValidationConfig:
     atol: float = 1e-4
 
 
+VERSION_POLICIES = ("active", "latest", "all", "specific")
+COMBINERS = ("mean", "weighted_mean", "majority_vote")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions stay resident and servable besides the active one (and those a
+    traffic policy names): ``active`` only, the ``latest`` N, ``all``, or ``specific``."""
+
+    kind: str = "active"
+    latest: int = 1
+    versions: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        if self.kind not in VERSION_POLICIES:
+            raise ValueError(f"kind {self.kind!r}: use one of {', '.join(VERSION_POLICIES)}")
+        if self.latest < 1:
+            raise ValueError("latest must be >= 1")
+        if self.kind == "specific" and not self.versions:
+            raise ValueError("kind = 'specific' needs versions = [...]")
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    version: int | None = None  # None: the member's active version
+    inputs: dict[str, str] = field(default_factory=dict)  # member input <- ensemble tensor
+    outputs: dict[str, str] = field(default_factory=dict)  # member output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    model: str
+    version: int | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """A pipeline (a DAG of steps, each model's outputs feeding later inputs) or a
+    combiner over several models' outputs. An ensemble has no ONNX file of its own."""
+
+    kind: str = "pipeline"  # pipeline | combine
+    steps: tuple[EnsembleStep, ...] = ()
+    members: tuple[EnsembleMember, ...] = ()
+    combiner: str = "mean"  # mean | weighted_mean | majority_vote
+    output: str = ""  # combine: the members' output to combine (default: their only one)
+
+    def check(self) -> None:
+        if self.kind == "pipeline":
+            if not self.steps:
+                raise ValueError("a pipeline ensemble needs [[ensemble.steps]]")
+        elif self.kind == "combine":
+            if len(self.members) < 2:
+                raise ValueError("a combine ensemble needs at least two [[ensemble.members]]")
+            if self.combiner not in COMBINERS:
+                raise ValueError(f"combiner {self.combiner!r}: use one of "
+                                 f"{', '.join(COMBINERS)}")
+            if any(m.weight <= 0 for m in self.members):
+                raise ValueError("member weights must be positive")
+        else:
+            raise ValueError(f"kind {self.kind!r}: use 'pipeline' or 'combine'")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     max_batch_size: int | None = None  # 0: no batching; None: from the graph and defaults
-    instances: int | None = None
+    instances: int | None = None  # instances at load (the minimum when scaling)
+    max_instances: int | None = None  # > instances: scale up with queue depth
+    scale_down_idle_s: float = 10.0  # an extra instance goes after this long without work
+    load: str = "eager"  # eager: at start; lazy: on the first request
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     input: tuple[TensorConfig, ...] = ()
     output: tuple[TensorConfig, ...] = ()
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    traffic: TrafficPolicy | None = None
+    ensemble: EnsembleConfig | None = None
 
     def check(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 0:
             raise ValueError("max_batch_size must be >= 0")
         if self.instances is not None and self.instances < 1:
             raise ValueError("instances must be >= 1")
+        if self.max_instances is not None and self.max_instances < (self.instances or 1):
+            raise ValueError("max_instances must be >= instances")
+        if self.load not in ("eager", "lazy"):
+            raise ValueError(f"load {self.load!r}: use 'eager' or 'lazy'")
 
     # Filled in by complete(); present in every stored config.
     def full_shape(self, t: TensorConfig) -> tuple[int, ...]:

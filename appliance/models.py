@@ -1,260 +1,433 @@
-"""Model lifecycle: load a version (prepare, one session per instance, warm up), check
-requests against its specs, unload it after its in-flight requests finish.
+"""The model manager: which versions should be loaded, which one is active, where each
+request goes, and the hot swap between versions.
 
-A ``LoadedVersion`` knows nothing of sockets; a ``ModelManager`` holds what is loaded and
-knows which version of each model is active.
+Decisions live here; the work of loading and running lives in ``lifecycle`` (one version)
+and ``ensemble``. Everything runs on the event loop; ``activate`` holds a per-model lock
+so swaps of one model happen one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
+import random
 import time
-from pathlib import Path
 
 import numpy as np
 
-from appliance.batcher import BatchPolicy, DynamicBatcher, InferRequest, ModelInstance
+from appliance.batcher import DONE, InferRequest
 from appliance.config import Config
 from appliance.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutpostError,
-    Unavailable,
+    ResourceExhausted,
+)
+from appliance.lifecycle import (  # noqa: F401 - re-exported for callers of this module
+    LoadedVersion,
+    ServedVersion,
+    VersionState,
+    build_options,
 )
 from appliance.model_config import ModelConfig
-from appliance.protocol import decode_tensor
 from appliance.repository import Repository, VersionRecord
-from appliance.stats import VersionStats
-from engines import BuildOptions, Engine, EngineError, RuntimeOptions, Session
+from appliance.traffic import ShadowStats, TrafficPolicy, pick
+from engines import Engine, RuntimeOptions
 
 log = logging.getLogger("outpost.models")
 
 
-class VersionState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    UNLOADED = "unloaded"
-    FAILED = "failed"
+def _valid_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("'model' must be a non-empty string naming a model")
+    return name
 
 
-def build_options(config: ModelConfig) -> BuildOptions:
-    mbs = config.max_batch_size or 0
-    preferred = config.dynamic_batching.preferred_batch_sizes
-    return BuildOptions(max_batch_size=mbs,
-                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2))
-
-
-def check_session(session: Session, config: ModelConfig, where: str) -> None:
-    """The engine's view of the tensors must agree with the stored config's."""
-    for kind, want, have in (("input", config.input_specs(), session.inputs),
-                             ("output", config.output_specs(), session.outputs)):
-        have_by_name = {s.name: s for s in have}
-        for spec in want:
-            got = have_by_name.get(spec.name)
-            if got is None or got.dtype != spec.dtype or len(got.shape) != len(spec.shape):
-                raise FailedPrecondition(
-                    f"{where}: {kind} '{spec.name}' is {got} in the engine but "
-                    f"{spec} in config.toml; re-add the model")
-
-
-class LoadedVersion:
-    def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
-        self.name = record.model
-        self.version = record.version
-        self.record = record
-        self.config = config
-        self.engine_kind = engine_kind
-        self.inputs = config.input_specs()
-        self.outputs = config.output_specs()
-        self.output_names = frozenset(s.name for s in self.outputs)
-        self.max_batch_size = config.max_batch_size or 0
-        self.stats = VersionStats()
-        self.state = VersionState.LOADING
-        self.error = ""
-        self.batcher: DynamicBatcher | None = None
-        self.last_used = time.monotonic()
-
-    def __repr__(self) -> str:
-        return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
-
-    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions) -> None:
-        where = f"model '{self.name}' version {self.version}"
-        try:
-            opts = build_options(self.config)
-            artifact = await asyncio.to_thread(
-                engine.prepare, self.record.model_file, opts, cache_dir)
-            instances = []
-            for i in range(self.config.instances or 1):
-                session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
-                check_session(session, self.config, where)
-                await asyncio.to_thread(session.warmup)
-                instances.append(ModelInstance(session, f"{self.name}:{self.version}#{i}"))
-        except (EngineError, OutpostError) as exc:
-            self.state = VersionState.FAILED
-            self.error = str(exc)
-            raise FailedPrecondition(f"{where} failed to load: {exc}") from exc
-        db = self.config.dynamic_batching
-        policy = BatchPolicy(
-            max_batch_size=self.max_batch_size,
-            max_queue_delay_us=db.max_queue_delay_us or 0,
-            preferred_batch_sizes=tuple(db.preferred_batch_sizes),
-            max_queue_size=db.max_queue_size or 1,
-            priority_levels=db.priority_levels,
-        )
-        self.batcher = DynamicBatcher(policy, instances, self.stats)
-        self.state = VersionState.READY
-
-    async def unload(self) -> None:
-        """Stop taking requests, let those in flight finish, free the sessions."""
-        if self.batcher is None:
-            self.state = VersionState.UNLOADED
-            return
-        self.state = VersionState.UNLOADING
-        await self.batcher.stop()
-        self.batcher = None
-        self.state = VersionState.UNLOADED
-
-    def request(self, inputs: object, priority: object, timeout_ms: object,
-                done, tag=None) -> InferRequest:
-        """Check a request's fields against this version and build the batcher's request."""
-        if not isinstance(inputs, dict):
-            raise InvalidArgument("'inputs' must be a map of input name to tensor")
-        names = {s.name for s in self.inputs}
-        missing = sorted(names - inputs.keys())
-        if missing:
-            raise InvalidArgument(
-                f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{self.name}' "
-                f"takes {', '.join(sorted(names))}")
-        extra = sorted(str(k) for k in inputs.keys() - names)
-        if extra:
-            raise InvalidArgument(
-                f"input '{extra[0]}' is not an input of model '{self.name}'; it takes "
-                f"{', '.join(sorted(names))}")
-        feeds: dict[str, np.ndarray] = {}
-        signature = []
-        rows = None
-        for spec in self.inputs:
-            where = f"inputs.{spec.name}"
-            arr = decode_tensor(inputs[spec.name], where)
-            if arr.dtype.name != spec.dtype:
-                raise InvalidArgument(
-                    f"{where} is {arr.dtype.name} but the model takes {spec.dtype}; "
-                    f"outpost does not cast: send {spec.dtype}")
-            if arr.ndim != len(spec.shape) or any(
-                    w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
-                raise InvalidArgument(
-                    f"{where} has shape {list(arr.shape)} but the model takes "
-                    f"{list(spec.shape)} (-1: any size)")
-            if self.max_batch_size:
-                n = arr.shape[0]
-                if rows is None:
-                    rows = n
-                elif n != rows:
-                    raise InvalidArgument(
-                        f"{where} has {n} rows in dim 0 but other inputs have {rows}; "
-                        f"every input of a request carries the same batch")
-                signature.append(arr.shape[1:])
-            feeds[spec.name] = arr
-        if self.max_batch_size:
-            if not 1 <= rows <= self.max_batch_size:
-                raise InvalidArgument(
-                    f"the request's batch (dim 0) is {rows}; model '{self.name}' takes 1 to "
-                    f"{self.max_batch_size} rows a request")
-        else:
-            rows = 1
-        db = self.config.dynamic_batching
-        if priority is None:
-            priority = db.default_priority_level
-        elif type(priority) is not int or not 0 <= priority < db.priority_levels:
-            raise InvalidArgument(
-                f"priority {priority!r} must be an integer in 0..{db.priority_levels - 1} "
-                f"for model '{self.name}' (lower runs first)")
-        if timeout_ms is None:
-            timeout_ms = db.default_timeout_ms or 0
-        elif type(timeout_ms) is not int or timeout_ms < 0:
-            raise InvalidArgument(f"timeout_ms {timeout_ms!r} must be a non-negative integer")
-        deadline = time.monotonic() + timeout_ms / 1e3 if timeout_ms else None
-        return InferRequest(feeds, rows, tuple(signature), priority, deadline, done, tag)
-
-    def submit(self, request: InferRequest) -> None:
-        if self.state is not VersionState.READY or self.batcher is None:
-            raise Unavailable(f"model '{self.name}' version {self.version} is "
-                              f"{self.state.value}; retry shortly")
-        self.last_used = time.monotonic()
-        try:
-            self.batcher.enqueue(request)
-        except OutpostError as exc:
-            self.stats.request_failed(exc.code)
-            raise
+def _valid_version(version: object) -> int | None:
+    if version is not None and (type(version) is not int or version < 1):
+        raise InvalidArgument(f"'version' {version!r} must be a positive integer")
+    return version
 
 
 class ModelManager:
-    """What is loaded, which version of each model is active, and loading at start."""
-
     def __init__(self, repo: Repository, engine: Engine, config: Config):
         self.repo = repo
         self.engine = engine
         self.config = config
         self.runtime = RuntimeOptions(intra_op_threads=config.threads.intra_op,
                                       inter_op_threads=config.threads.inter_op)
-        self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self.loaded: dict[tuple[str, int], ServedVersion] = {}
         self.active: dict[str, int] = {}
+        self.traffic: dict[str, TrafficPolicy] = {}
+        self.routed: dict[str, dict[int, int]] = {}
+        self.shadows: dict[str, ShadowStats] = {}
+        self.budget_bytes = config.residency.memory_budget_mb << 20
+        self.unload_timeout_s = config.server.drain_timeout_s
+        self._configs: dict[str, ModelConfig] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task] = {}
+        self._rng = random.Random()
 
-    async def load_version(self, record: VersionRecord) -> LoadedVersion:
-        lv = LoadedVersion(record, record.config(), self.engine.kind)
-        self.loaded[(lv.name, lv.version)] = lv
-        t0 = time.monotonic()
-        try:
-            await lv.load(self.engine, self.repo.engines_dir, self.runtime)
-        except OutpostError as exc:
-            log.error("load failed", extra={"model": lv.name, "version": lv.version,
-                                            "error": str(exc)})
-            raise
-        log.info("model loaded", extra={"model": lv.name, "version": lv.version,
-                                        "engine": self.engine.kind,
-                                        "instances": lv.config.instances,
-                                        "load_s": round(time.monotonic() - t0, 3)})
-        return lv
+    # -- what should be served -----------------------------------------------------------
+
+    def model_config(self, name: str) -> ModelConfig:
+        """The model-level settings: those of the active version's config."""
+        cfg = self._configs.get(name)
+        if cfg is None:
+            cfg = self.repo.version(name, self.active[name]).config()
+            self._configs[name] = cfg
+        return cfg
+
+    def resident_versions(self, name: str) -> set[int]:
+        """Versions servable now: the active one, the version policy's, the traffic's."""
+        if name not in self.active:
+            return set()
+        out = {self.active[name]}
+        policy = self.model_config(name).version_policy
+        ready = [v.version for v in self.repo.model(name).versions if v.state == "ready"]
+        if policy.kind == "all":
+            out.update(ready)
+        elif policy.kind == "latest":
+            out.update(sorted(ready)[-policy.latest:])
+        elif policy.kind == "specific":
+            out.update(v for v in policy.versions if v in ready)
+        if name in self.traffic:
+            out.update(self.traffic[name].versions())
+        return out
+
+    def _servable(self, name: str, version: int) -> VersionRecord:
+        if version not in self.resident_versions(name):
+            served = ", ".join(map(str, sorted(self.resident_versions(name))))
+            try:
+                self.repo.version(name, version)
+            except NotFound:
+                raise NotFound(f"model '{name}' has no version {version}; served: "
+                               f"{served}") from None
+            raise NotFound(f"version {version} of model '{name}' is not served (served: "
+                           f"{served}); activate it or widen the model's version_policy")
+        return self.repo.version(name, version)
+
+    # -- loading -------------------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load each model's active version; a model that fails is logged and not ready."""
-        for model in self.repo.models():
-            if model.active_version is None:
+        """Load every model's resident versions (ensembles after their members); a version
+        that fails is logged and leaves its model not ready."""
+        models = self.repo.models()
+        for m in models:
+            if m.active_version is not None:
+                self.active[m.name] = m.active_version
+                self._refresh_traffic(m.name)
+        plain, ensembles = [], []
+        for m in models:
+            if m.name not in self.active:
                 continue
-            self.active[model.name] = model.active_version
-            record = next(v for v in model.versions if v.version == model.active_version)
-            try:
-                await self.load_version(record)
-            except OutpostError:
+            cfg = self.model_config(m.name)
+            if cfg.load == "lazy":
                 continue
+            (ensembles if cfg.ensemble is not None else plain).append(m.name)
+        for name in plain + ensembles:
+            for version in sorted(self.resident_versions(name)):
+                try:
+                    await self.ensure_loaded(name, version)
+                except OutpostError:
+                    continue
 
-    def get(self, name: object, version: object = None) -> LoadedVersion:
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument("'model' must be a non-empty string naming a model")
-        if version is not None and (type(version) is not int or version < 1):
-            raise InvalidArgument(f"'version' {version!r} must be a positive integer")
-        if version is None:
-            version = self.active.get(name)
-            if version is None:
-                raise NotFound(f"model '{name}' is not served here; the 'models' op lists "
-                               f"what is")
+    def lookup(self, name: str, version: int) -> ServedVersion:
+        """The version's server-side object, starting its load if it is servable but not
+        loaded (lazy loading, or unloaded to stay within the memory budget)."""
         lv = self.loaded.get((name, version))
-        if lv is None:
-            if name not in self.active:
-                raise NotFound(f"model '{name}' is not served here; the 'models' op lists "
-                               f"what is")
-            raise NotFound(f"model '{name}' has no version {version} loaded; loaded: "
-                           f"{', '.join(str(v) for (n, v) in self.loaded if n == name)}")
+        if lv is not None and lv.state not in (VersionState.UNLOADING,
+                                               VersionState.UNLOADED):
+            return lv
+        record = self._servable(name, version)
+        return self._start_load(record)
+
+    def _start_load(self, record: VersionRecord) -> ServedVersion:
+        key = (record.model, record.version)
+        config = record.config()
+        if config.ensemble is not None:
+            from appliance.ensemble import EnsembleVersion
+
+            lv: ServedVersion = EnsembleVersion(record, config, self)
+        else:
+            lv = LoadedVersion(record, config, self.engine.kind)
+        self.loaded[key] = lv
+        task = asyncio.get_running_loop().create_task(self._load(lv))
+        self._loading[key] = task
+        task.add_done_callback(lambda t: self._loading.pop(key, None))
         return lv
 
-    def ready(self) -> bool:
-        return all(
-            (lv := self.loaded.get((n, v))) is not None and lv.state is VersionState.READY
-            for n, v in self.active.items())
+    async def _load(self, lv: ServedVersion) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._make_room(lv)
+            if isinstance(lv, LoadedVersion):
+                await lv.load(self.engine, self.repo.engines_dir, self.runtime)
+            else:
+                await lv.load()
+        except OutpostError as exc:
+            if lv.state is not VersionState.FAILED:
+                lv._fail(str(exc))
+            log.error("load failed", extra={"model": lv.name, "version": lv.version,
+                                            "error": lv.error})
+            return
+        log.info("model loaded", extra={
+            "model": lv.name, "version": lv.version, "engine": lv.engine_kind,
+            "load_s": round(time.monotonic() - t0, 3), "memory_mb": lv.memory_bytes >> 20})
+
+    async def ensure_loaded(self, name: str, version: int) -> ServedVersion:
+        """Load (or find loaded) a version and wait until it is READY."""
+        lv = self.loaded.get((name, version))
+        if lv is None or lv.state in (VersionState.FAILED, VersionState.UNLOADING,
+                                      VersionState.UNLOADED):
+            record = self.repo.version(name, version)
+            if record.state != "ready":
+                raise FailedPrecondition(f"model '{name}' version {version} is marked "
+                                         f"{record.state}; it can't be loaded")
+            lv = self._start_load(record)
+        task = self._loading.get((name, version))
+        if task is not None:
+            await asyncio.shield(task)
+        if lv.state is not VersionState.READY:
+            raise FailedPrecondition(lv.error or f"model '{name}' version {version} is "
+                                                 f"{lv.state.value}")
+        return lv
+
+    async def load_version(self, record: VersionRecord) -> ServedVersion:
+        """Load a version whatever the policies say (the caller decides it is wanted)."""
+        return await self.ensure_loaded(record.model, record.version)
+
+    async def _make_room(self, lv: ServedVersion) -> None:
+        """Unload least-recently-used idle versions until ``lv`` fits the memory budget."""
+        if not self.budget_bytes:
+            return
+        while True:
+            others = [v for v in self.loaded.values() if v is not lv and v.state in (
+                VersionState.READY, VersionState.LOADING)]
+            used = sum(v.memory_bytes for v in others)
+            if used + lv.memory_bytes <= self.budget_bytes:
+                return
+            idle = [v for v in others if v.state is VersionState.READY
+                    and not v.inflight_count() and not getattr(v, "pinned", False)]
+            if not idle:
+                raise ResourceExhausted(
+                    f"model '{lv.name}' version {lv.version} needs "
+                    f"{lv.memory_bytes >> 20} MiB but {used >> 20} of the "
+                    f"{self.budget_bytes >> 20} MiB memory budget are held by busy "
+                    f"versions; raise residency.memory_budget_mb or retry when idle")
+            victim = min(idle, key=lambda v: v.last_used)
+            log.info("unloading to stay within the memory budget", extra={
+                "model": victim.name, "version": victim.version,
+                "for": f"{lv.name}:{lv.version}"})
+            self.loaded.pop((victim.name, victim.version), None)
+            await victim.unload(self.unload_timeout_s)
+
+    async def unload(self, name: str, version: int | None = None) -> list[int]:
+        """Unload one version, or every loaded version of a model; returns those unloaded."""
+        keys = [k for k in self.loaded if k[0] == name and (version is None or k[1] == version)]
+        if not keys:
+            raise NotFound(f"model '{name}'{f' version {version}' if version else ''} is not "
+                           f"loaded")
+        for k in keys:
+            lv = self.loaded.pop(k)
+            await lv.unload(self.unload_timeout_s)
+        return sorted(k[1] for k in keys)
 
     async def unload_all(self) -> None:
-        await asyncio.gather(*(lv.unload() for lv in self.loaded.values()))
+        loaded, self.loaded = list(self.loaded.values()), {}
+        await asyncio.gather(*(lv.unload(self.unload_timeout_s) for lv in loaded))
+
+    # -- routing -------------------------------------------------------------------------
+
+    def get(self, name: object, version: object = None) -> ServedVersion:
+        """A version by name (the active one when ``version`` is None)."""
+        name = _valid_name(name)
+        version = _valid_version(version)
+        if name not in self.active:
+            raise NotFound(f"model '{name}' is not served here; the 'models' op lists what is")
+        return self.lookup(name, self.active[name] if version is None else version)
+
+    def member(self, name: str, version: int | None) -> ServedVersion:
+        """A version an ensemble runs: loaded on demand, whatever the version policy."""
+        if name not in self.active:
+            raise NotFound(f"model '{name}' is not served here")
+        v = version if version is not None else self.active[name]
+        lv = self.loaded.get((name, v))
+        if lv is not None and lv.state not in (VersionState.UNLOADING, VersionState.UNLOADED,
+                                               VersionState.FAILED):
+            return lv
+        return self._start_load(self.repo.version(name, v))
+
+    def route(self, name: object, version: object, routing_key: object
+              ) -> tuple[ServedVersion, ServedVersion | None]:
+        """The version that answers a request, and the version that shadows it (or None)."""
+        name = _valid_name(name)
+        version = _valid_version(version)
+        if routing_key is not None and not isinstance(routing_key, str):
+            raise InvalidArgument("'routing_key' must be a string")
+        if name not in self.active:
+            raise NotFound(f"model '{name}' is not served here; the 'models' op lists what is")
+        policy = self.traffic.get(name)
+        if version is None:
+            version = (pick(policy, routing_key, self._rng) if policy else None) \
+                or self.active[name]
+        lv = self.lookup(name, version)
+        counts = self.routed.setdefault(name, {})
+        counts[version] = counts.get(version, 0) + 1
+        shadow = None
+        if policy is not None and policy.shadow is not None and policy.shadow != version:
+            try:
+                shadow = self.lookup(name, policy.shadow)
+            except OutpostError:
+                self.shadows.setdefault(name, ShadowStats()).dropped += 1
+        return lv, shadow
+
+    def shadow_copy(self, name: str, shadow: ServedVersion, feeds: dict[str, np.ndarray]):
+        """Send a copy of a live request to ``shadow``; returns ``on_live(outputs)`` to call
+        with the live answer, or None when the copy could not be sent. Nothing the shadow
+        does reaches the live request."""
+        stats = self.shadows.setdefault(name, ShadowStats())
+        if shadow.state is not VersionState.READY:
+            stats.dropped += 1
+            return None
+        timeout_ms = self.traffic[name].shadow_timeout_ms if name in self.traffic else 1000
+        pair: dict = {}
+        t0 = time.monotonic()
+
+        def maybe_compare() -> None:
+            if "live" in pair and "shadow" in pair:
+                stats.compare(pair.pop("live"), pair.pop("shadow"), pair.pop("latency"))
+
+        def on_shadow(outputs, error) -> None:
+            if error is not None:
+                stats.error(error.code)
+                pair.clear()
+                pair["failed"] = True
+                return
+            pair["shadow"] = outputs
+            pair["latency"] = time.monotonic() - t0
+            maybe_compare()
+
+        def on_live(outputs) -> None:
+            if not pair.get("failed"):
+                pair["live"] = outputs
+                maybe_compare()
+
+        try:
+            request = shadow.request_from_arrays(feeds, None, timeout_ms, on_shadow)
+            shadow.submit(request)
+        except ResourceExhausted:
+            stats.dropped += 1
+            return None
+        except OutpostError as exc:
+            stats.error(exc.code)
+            return None
+        return on_live
+
+    # -- changing what is served ----------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def activate(self, name: str, version: int) -> dict:
+        """Hot swap: load and warm ``version``, switch to it between requests, let the old
+        version finish what was routed to it, then unload it. A version that fails to
+        load leaves the old one serving; the error says why."""
+        _valid_name(name)
+        if type(version) is not int or version < 1:
+            raise InvalidArgument(f"'version' {version!r} must be a positive integer")
+        async with self._lock(name):
+            record = self.repo.version(name, version)
+            if record.state != "ready":
+                raise FailedPrecondition(
+                    f"model '{name}' version {version} is marked {record.state}; it can't "
+                    f"be activated")
+            previous = self.active.get(name)
+            t0 = time.monotonic()
+            await self.ensure_loaded(name, version)
+            self.repo.set_active(name, version)
+            self.active[name] = version  # the switch: requests routed from now on get it
+            self._configs.pop(name, None)
+            self._refresh_traffic(name)
+            unloaded = None
+            if previous is not None and previous != version and \
+                    previous not in self.resident_versions(name):
+                old = self.loaded.pop((name, previous), None)
+                if old is not None:
+                    await old.unload(self.unload_timeout_s)
+                    unloaded = previous
+            log.info("activated", extra={"model": name, "version": version,
+                                         "previous": previous,
+                                         "swap_s": round(time.monotonic() - t0, 3)})
+            return {"model": name, "version": version, "previous": previous,
+                    "unloaded": unloaded}
+
+    def _refresh_traffic(self, name: str) -> None:
+        """The traffic policy in force: one set at run time wins over the config's."""
+        stored = self.repo.traffic(name)
+        if stored is not None:
+            policy = TrafficPolicy.from_dict(stored, name)
+        else:
+            policy = self.model_config(name).traffic
+        if policy is None or (not policy.split and policy.shadow is None):
+            self.traffic.pop(name, None)
+        else:
+            self.traffic[name] = policy
+
+    async def set_traffic(self, name: str, policy: TrafficPolicy | None) -> dict:
+        """Set (or with None, clear) the run-time traffic policy; its versions are loaded
+        and warm before it takes effect."""
+        _valid_name(name)
+        async with self._lock(name):
+            if name not in self.active:
+                raise NotFound(f"model '{name}' is not served here")
+            if policy is not None:
+                policy.check(name)
+                for v in sorted(policy.versions()):
+                    record = self.repo.version(name, v)
+                    if record.state != "ready":
+                        raise FailedPrecondition(f"model '{name}' version {v} is marked "
+                                                 f"{record.state}")
+                    await self.ensure_loaded(name, v)
+            before = self.resident_versions(name)
+            self.repo.set_traffic(name, policy.as_dict() if policy else None)
+            self._refresh_traffic(name)
+            self.routed.pop(name, None)
+            self.shadows.pop(name, None)
+            for v in before - self.resident_versions(name):
+                lv = self.loaded.pop((name, v), None)
+                if lv is not None:
+                    await lv.unload(self.unload_timeout_s)
+            current = self.traffic.get(name)
+            return {"model": name, "traffic": current.as_dict() if current else None}
+
+    # -- status --------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        for name, version in self.active.items():
+            lv = self.loaded.get((name, version))
+            if lv is None:
+                if self.model_config(name).load == "lazy":
+                    continue  # loads on its first request
+                return False
+            if lv.state is not VersionState.READY:
+                return False
+        return True
+
+    def traffic_snapshot(self, name: str) -> dict | None:
+        policy = self.traffic.get(name)
+        shadow = self.shadows.get(name)
+        if policy is None and not self.routed.get(name) and shadow is None:
+            return None
+        return {"policy": policy.as_dict() if policy else None,
+                "routed": {str(v): n for v, n in sorted(self.routed.get(name, {}).items())},
+                "shadow": shadow.snapshot() if shadow else None}
+
+
+def cancel_request(request: InferRequest) -> None:
+    """The caller went away: drop the request if it still waits; no reply."""
+    if request.owner is not None:
+        request.owner.cancel(request)
+    elif request.state != DONE:
+        request.state = DONE

@@ -25,6 +25,10 @@ DTYPES = {
     )
 }
 _NATIVE_LITTLE = np.little_endian
+# dtype -> wire name. ``dtype.name`` costs microseconds; a dict lookup costs nanoseconds.
+NAME_OF_DTYPE = {np.dtype(name): name for name in DTYPES}
+DTYPE_OF_NAME = {name: np.dtype(name) for name in DTYPES}
+_INLINE_BYTES = 1 << 16  # smaller tensors are copied out; larger ones go as a view
 
 
 class FrameError(Exception):
@@ -91,17 +95,22 @@ def decode_body(body: bytes) -> dict:
 
 def encode_tensor(array: np.ndarray) -> dict:
     array = np.asarray(array)
-    name = array.dtype.name
-    wire = DTYPES.get(name)
-    if wire is None:
-        raise InvalidArgument(
-            f"dtype {name} can't be sent; use one of {', '.join(DTYPES)}"
-        )
-    if not array.flags.c_contiguous or (array.dtype.byteorder == ">" or
-                                         (array.dtype.byteorder == "=" and not _NATIVE_LITTLE)):
-        array = np.ascontiguousarray(array, dtype=wire)
-    # A view of the array's own bytes: msgpack copies them into the frame once.
-    data = array.reshape(-1).view(np.uint8).data if array.size else b""
+    name = NAME_OF_DTYPE.get(array.dtype)
+    if name is None:
+        native = array.dtype.newbyteorder("=")
+        name = NAME_OF_DTYPE.get(native)
+        if name is None:
+            raise InvalidArgument(
+                f"dtype {array.dtype} can't be sent; use one of {', '.join(DTYPES)}")
+        array = array.astype(native)
+    if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts
+        array = array.astype(DTYPES[name])
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    if array.nbytes <= _INLINE_BYTES:
+        data = array.tobytes()
+    else:  # a view of the array's own bytes: msgpack copies them into the frame once
+        data = memoryview(array.reshape(-1)).cast("B")
     return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
@@ -119,7 +128,8 @@ def decode_tensor(obj: object, where: str) -> np.ndarray:
     if not isinstance(shape, list) or not all(
         type(d) is int and d >= 0 for d in shape
     ):
-        raise InvalidArgument(f"{where}.shape must be a list of non-negative integers, got {shape!r}")
+        raise InvalidArgument(
+            f"{where}.shape must be a list of non-negative integers, got {shape!r}")
     data = obj.get("data")
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidArgument(f"{where}.data must be msgpack bin, got {type(data).__name__}")

@@ -7,6 +7,7 @@ modified again; the active pointer changes in one SQLite transaction.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -89,6 +90,8 @@ class Repository:
                  "created_at": float},
                 pk=("model", "version"), if_not_exists=True,
             )
+            self.db["traffic"].create({"model": str, "policy": str}, pk="model",
+                                      if_not_exists=True)
             self.db["events"].create(
                 {"id": int, "ts": float, "model": str, "version": int, "kind": str,
                  "detail": str},
@@ -141,41 +144,47 @@ class Repository:
         version: int | None = None,
         config_path: Path | None = None,
         samples_path: Path | None = None,
-        defaults: BatchingConfig = BatchingConfig(),
+        defaults: BatchingConfig | None = None,
         activate: bool = True,
     ) -> VersionRecord:
-        """Check, complete and store a new immutable version; returns its record."""
+        """Check, complete and store a new immutable version; returns its record.
+
+        ``model_path`` is an ONNX model, or an ensemble's config.toml (no model file).
+        """
         check_model_name(name)
         model_path = Path(model_path)
         if not model_path.is_file():
             raise InvalidArgument(f"{model_path}: no such model file")
-        external = check_onnx(model_path)
-        config = complete(load_model_config(config_path), model_path, defaults,
-                          str(config_path or model_path))
-        if version is None:
-            row = list(self.db.query(
-                "select max(version) as v from versions where model = ?", [name]))
-            version = (row[0]["v"] or 0) + 1
-        if version < 1:
-            raise InvalidArgument(f"version {version} must be a positive integer")
+        files: dict[str, Path] = {}
+        if model_path.suffix == ".toml":
+            config = load_model_config(model_path)
+            if config.ensemble is None:
+                raise InvalidArgument(f"{model_path}: a .toml given as the model must declare "
+                                      f"an [ensemble]; for an ONNX model pass the .onnx file")
+            if config_path is not None:
+                raise InvalidArgument("an ensemble's config is its model file; drop --config")
+        else:
+            external = check_onnx(model_path)
+            config = complete(load_model_config(config_path), model_path,
+                              defaults or BatchingConfig(),
+                              str(config_path or model_path))
+            if config.ensemble is not None:
+                raise InvalidArgument(f"{config_path}: [ensemble] belongs in an ensemble's "
+                                      f"own config, not beside an ONNX model")
+            files[MODEL_FILE] = model_path
+            files.update({rel: model_path.parent / rel for rel in external})
+        if samples_path is not None:
+            files[SAMPLES_FILE] = Path(samples_path)
+        version = self._new_version_number(name, version)
         final = self.models_dir / name / str(version)
-        if final.exists() or list(self.db.query(
-                "select 1 from versions where model = ? and version = ?", [name, version])):
-            raise FailedPrecondition(
-                f"model '{name}' already has version {version}; versions are immutable: "
-                f"add it under a new version number"
-            )
         stage = self.staging_dir / "repo" / f"{name}-{version}-{uuid.uuid4().hex[:8]}"
         try:
             stage.mkdir(parents=True)
-            _copy_synced(model_path, stage / MODEL_FILE)
-            for rel in external:
+            for rel, src in files.items():
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _copy_synced(model_path.parent / rel, dst)
+                _copy_synced(src, dst)
             _write_synced(stage / CONFIG_FILE, model_config_to_toml(config).encode())
-            if samples_path is not None:
-                _copy_synced(Path(samples_path), stage / SAMPLES_FILE)
             fsync_dir(stage)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(stage, final)
@@ -183,7 +192,8 @@ class Repository:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        record = VersionRecord(name, version, "ready", final, file_sha256(final / MODEL_FILE),
+        digest_of = final / (MODEL_FILE if MODEL_FILE in files else CONFIG_FILE)
+        record = VersionRecord(name, version, "ready", final, file_sha256(digest_of),
                                time.time())
         with self.db.conn:
             self.db["models"].insert(
@@ -200,6 +210,21 @@ class Repository:
             self._event(name, version, "added", str(model_path))
         return record
 
+    def _new_version_number(self, name: str, version: int | None) -> int:
+        if version is None:
+            row = list(self.db.query(
+                "select max(version) as v from versions where model = ?", [name]))
+            version = (row[0]["v"] or 0) + 1
+        if version < 1:
+            raise InvalidArgument(f"version {version} must be a positive integer")
+        if (self.models_dir / name / str(version)).exists() or list(self.db.query(
+                "select 1 from versions where model = ? and version = ?", [name, version])):
+            raise FailedPrecondition(
+                f"model '{name}' already has version {version}; versions are immutable: "
+                f"add it under a new version number"
+            )
+        return version
+
     def set_active(self, name: str, version: int) -> None:
         record = self.version(name, version)
         if record.state != "ready":
@@ -209,6 +234,21 @@ class Repository:
         with self.db.conn:
             self.db["models"].update(name, {"active_version": version})
             self._event(name, version, "activated", "")
+
+    def traffic(self, name: str) -> dict | None:
+        """The traffic policy set at run time for ``name`` (None: the config's)."""
+        rows = list(self.db.query("select policy from traffic where model = ?", [name]))
+        return json.loads(rows[0]["policy"]) if rows else None
+
+    def set_traffic(self, name: str, policy: dict | None) -> None:
+        self.model(name)
+        with self.db.conn:
+            if policy is None:
+                self.db.execute("delete from traffic where model = ?", [name])
+            else:
+                self.db["traffic"].upsert({"model": name, "policy": json.dumps(policy)},
+                                          pk="model")
+            self._event(name, None, "traffic", json.dumps(policy))
 
     def mark(self, name: str, version: int, state: str, detail: str = "") -> None:
         self.version(name, version)
@@ -240,6 +280,7 @@ class Repository:
                 self._event(name, v, "removed", "")
             if version is None or len(model.versions) == 1:
                 self.db.execute("delete from models where name = ?", [name])
+                self.db.execute("delete from traffic where model = ?", [name])
         # The rows are gone first: a crash here leaves only unreferenced files in staging.
         for v in gone:
             src = self.models_dir / name / str(v)

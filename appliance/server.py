@@ -24,6 +24,7 @@ from appliance.errors import (
     InvalidArgument,
     OutpostError,
     ResourceExhausted,
+    Unavailable,
     error_from_wire,
 )
 from appliance.protocol import FrameError, FrameReader, decode_body, encode_frame, error_response
@@ -45,6 +46,9 @@ class Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
+        # Responses finished in one loop iteration leave in one write (one syscall).
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -119,6 +123,10 @@ class Connection(asyncio.Protocol):
             if op == "infer":
                 self.infer(rid, msg)
                 return
+            admin = self.server.async_ops.get(op)
+            if admin is not None:
+                self.run_async(rid, op, admin(msg))
+                return
             handler = self.server.simple_ops.get(op)
             if handler is None:
                 raise InvalidArgument(f"unknown op {op!r}; this server knows "
@@ -165,6 +173,30 @@ class Connection(asyncio.Protocol):
             self.pending.add(request)
         self._update_reading()
 
+    def run_async(self, rid: int, op: str, coro) -> None:
+        """An op that loads models: answered when done; the connection keeps serving."""
+        self.inflight += 1
+
+        def finished(task: asyncio.Task) -> None:
+            self.inflight -= 1
+            exc = task.exception() if not task.cancelled() else Unavailable("cancelled")
+            if exc is None:
+                fields = task.result()
+                fields["id"] = rid
+                fields["ok"] = True
+                self.send(fields)
+            elif isinstance(exc, OutpostError):
+                self.send(error_response(rid, exc))
+            else:
+                log.error("op failed", exc_info=exc, extra={"op": op})
+                self.send(error_response(rid, Internal(f"op {op!r} failed: {exc}")))
+            self._update_reading()
+
+        task = asyncio.get_running_loop().create_task(coro)
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+        task.add_done_callback(finished)
+
     # -- output ----------------------------------------------------------------------------
 
     def send(self, message: dict) -> None:
@@ -180,11 +212,20 @@ class Connection(asyncio.Protocol):
             frame = encode_frame(error_response(message.get("id"), ResourceExhausted(
                 f"the response would be {len(frame) - 4} bytes, over the frame limit of "
                 f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))
-        self.transport.write(frame)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not self.closed and self.transport is not None and not \
+                self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def fatal(self, rid, message: str, code: str = "INVALID_ARGUMENT") -> None:
         """Answer once, then close: the stream (or the peer) can't be trusted any more."""
         self.send(error_response(rid, error_from_wire({"code": code, "message": message})))
+        self._flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
@@ -201,6 +242,7 @@ class Connection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
         if not self.inflight and self.server.stopping:
+            self._flush()
             self.transport.close()
 
 
@@ -222,7 +264,13 @@ class SocketServer:
             "hello": service.hello, "models": service.models, "metadata": service.metadata,
             "health": service.health, "stats": service.stats,
         }
-        self.op_names = ("hello", "infer", "models", "metadata", "health", "stats")
+        self.async_ops = {
+            "activate": service.activate, "traffic": service.traffic, "load": service.load,
+            "unload": service.unload,
+        }
+        self.tasks: set[asyncio.Task] = set()
+        self.op_names = ("hello", "infer", "models", "metadata", "health", "stats",
+                         *self.async_ops)
         self.socket_path = Path(config.server.socket_path)
         self.tcp_address: tuple[str, int] | None = None
 

@@ -13,7 +13,7 @@ import types
 import typing
 from pathlib import Path
 
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, OutpostError
 
 
 def read_toml(path: Path) -> dict:
@@ -97,7 +97,7 @@ def from_mapping(cls, data: dict, where: str, prefix: str = ""):
     if check is not None:
         try:
             check()
-        except ValueError as exc:
+        except (ValueError, OutpostError) as exc:
             raise ConfigError(f"{where}: {prefix}{exc}") from exc
     return obj
 

@@ -34,24 +34,49 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def add_demo_models(data_dir: Path, demo_files: dict[str, Path], configs: dict | None = None):
+    """Add the demo models to the repository in ``data_dir``; ``configs``: name -> TOML."""
+    from appliance.repository import Repository
+
+    repo = Repository(data_dir)
+    for name, path in demo_files.items():
+        config_path = None
+        if configs and name in configs:
+            config_path = data_dir / f"{name}.config.toml"
+            config_path.write_text(configs[name])
+        repo.add(name, path, config_path=config_path)
+    repo.close()
+    return data_dir
+
+
 @pytest.fixture
 def repo_with_demo(short_tmp, demo_files):
     """A data dir whose repository holds the three demo models."""
-    from appliance.repository import Repository
+    return add_demo_models(short_tmp, demo_files)
 
-    repo = Repository(short_tmp)
-    for name, path in demo_files.items():
-        repo.add(name, path)
-    repo.close()
-    return short_tmp
+
+def _serve(data_dir: Path, extra_args=None):
+    from appliance.launcher import ServerProcess
+
+    proc = ServerProcess(data_dir, extra_args=extra_args).start()
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"
 
 
 @pytest.fixture
 def server(repo_with_demo):
     """A real `outpost serve` process over the demo models; yields the ServerProcess."""
-    from appliance.launcher import ServerProcess
+    yield from _serve(repo_with_demo)
 
-    proc = ServerProcess(repo_with_demo).start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"
+
+@pytest.fixture(scope="module")
+def module_server(demo_files):
+    """One real server shared by a test module (for tests that leave it as they found it)."""
+    import shutil
+    import tempfile
+
+    data_dir = Path(tempfile.mkdtemp(prefix="op-"))
+    add_demo_models(data_dir, demo_files)
+    yield from _serve(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)

@@ -36,6 +36,8 @@ def register(sub) -> None:
     rm.add_argument("--version", type=int, help="remove only this version")
     rm.set_defaults(func=remove_model)
 
+    register_admin(msub)
+
 
 def _repo(args):
     from appliance.repository import Repository  # noqa: PLC0415
@@ -81,4 +83,114 @@ def remove_model(args) -> int:
     gone = repo.remove(args.name, args.version)
     print(f"removed {args.name} version{'s' if len(gone) > 1 else ''} "
           f"{', '.join(map(str, gone))}")
+    return 0
+
+
+def register_admin(msub) -> None:
+    """Commands that change what a running server serves (or, with no server, the
+    pointers it will start with)."""
+    from appliance.cli.common import add_connect_options
+
+    act = msub.add_parser("activate", help="make VERSION the active version (hot swap)")
+    add_config_options(act)
+    add_connect_options(act)
+    act.add_argument("name")
+    act.add_argument("version", type=int)
+    act.set_defaults(func=activate_model)
+
+    tr = msub.add_parser("traffic", help="show or set a canary/A-B split and a shadow")
+    add_config_options(tr)
+    add_connect_options(tr)
+    tr.add_argument("name")
+    tr.add_argument("--split", action="append", metavar="VERSION=FRACTION",
+                    help="a variant of the split (repeat; fractions add up to 1)")
+    tr.add_argument("--sticky", action="store_true",
+                    help="route by the request's routing_key, not at random")
+    tr.add_argument("--shadow", type=int, metavar="VERSION",
+                    help="send a copy of live requests to VERSION and compare")
+    tr.add_argument("--clear", action="store_true", help="remove the run-time policy")
+    tr.set_defaults(func=traffic_model)
+
+    for verb, helptext in (("load", "load a model version into the running server"),
+                           ("unload", "unload a model version from the running server")):
+        p = msub.add_parser(verb, help=helptext)
+        add_config_options(p)
+        add_connect_options(p)
+        p.add_argument("name")
+        p.add_argument("--version", type=int)
+        p.set_defaults(func=load_unload, verb=verb)
+
+
+def _client(args, config):
+    import os
+
+    from appliance.client import Client
+
+    return Client(args.socket or config.server.socket_path, tcp=args.tcp,
+                  token=args.token or os.environ.get("OUTPOST_TOKEN") or config.token(),
+                  timeout_s=600)
+
+
+def activate_model(args) -> int:
+    from appliance.errors import Unavailable
+
+    repo, config = _repo(args)
+    repo.version(args.name, args.version)  # NOT_FOUND before anything else
+    try:
+        client = _client(args, config)
+    except Unavailable:
+        repo.set_active(args.name, args.version)
+        print(f"no server answers on {args.socket or config.server.socket_path}: "
+              f"{args.name} version {args.version} is active from its next start")
+        return 0
+    with client:
+        r = client.call("activate", model=args.name, version=args.version)
+    print(f"{r['model']} version {r['version']} is active (was {r['previous']})")
+    return 0
+
+
+def _parse_split(items: list[str]) -> list[dict]:
+    from appliance.errors import InvalidArgument
+
+    out = []
+    for item in items:
+        v, sep, f = item.partition("=")
+        try:
+            out.append({"version": int(v), "fraction": float(f)})
+        except ValueError:
+            raise InvalidArgument(f"--split {item!r} must look like VERSION=FRACTION, "
+                                  f"like 2=0.1") from None
+        if not sep:
+            raise InvalidArgument(f"--split {item!r} must look like VERSION=FRACTION")
+    return out
+
+
+def traffic_model(args) -> int:
+    _, config = _repo(args)
+    with _client(args, config) as client:
+        if args.clear:
+            r = client.call("traffic", model=args.name, clear=True)
+        elif args.split or args.shadow is not None:
+            policy = {"split": _parse_split(args.split or []), "sticky": args.sticky}
+            if args.shadow is not None:
+                policy["shadow"] = args.shadow
+            r = client.call("traffic", model=args.name, policy=policy)
+        else:
+            r = client.call("traffic", model=args.name)
+    print(json.dumps(r["traffic"], indent=2) if r["traffic"] else
+          f"{args.name}: no traffic policy; the active version answers everything")
+    return 0
+
+
+def load_unload(args) -> int:
+    _, config = _repo(args)
+    fields = {"model": args.name}
+    if args.version is not None:
+        fields["version"] = args.version
+    with _client(args, config) as client:
+        r = client.call(args.verb, **fields)
+    if args.verb == "load":
+        print(f"{r['model']} version {r['version']} is {r['state']}")
+    else:
+        print(f"{r['model']}: unloaded version(s) {', '.join(map(str, r['unloaded']))}")
     return 0

@@ -1,0 +1,392 @@
+"""One model version's lifecycle: load (prepare, one session per instance, warm up), check
+requests against its specs, queue them, scale instances with queue depth, unload after
+the requests in flight finish.
+
+A ``LoadedVersion`` knows nothing of sockets or of other versions; ``appliance.models``
+decides which versions should be loaded and which one is active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.batcher import (
+    DONE,
+    QUEUED,
+    BatchPolicy,
+    DynamicBatcher,
+    InferRequest,
+    ModelInstance,
+)
+from appliance.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    OutpostError,
+    ResourceExhausted,
+    Unavailable,
+)
+from appliance.model_config import ModelConfig
+from appliance.protocol import DTYPE_OF_NAME, decode_tensor
+from appliance.repository import VersionRecord
+from appliance.stats import VersionStats
+from engines import BuildOptions, Engine, EngineError, RuntimeOptions, Session, TensorSpec
+
+log = logging.getLogger("outpost.models")
+
+SCALE_CHECK_S = 1.0  # how often idle instances are looked for
+
+
+class VersionState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+def build_options(config: ModelConfig) -> BuildOptions:
+    mbs = config.max_batch_size or 0
+    preferred = config.dynamic_batching.preferred_batch_sizes
+    return BuildOptions(max_batch_size=mbs,
+                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2))
+
+
+def check_session(session: Session, config: ModelConfig, where: str) -> None:
+    """The engine's view of the tensors must agree with the stored config's."""
+    for kind, want, have in (("input", config.input_specs(), session.inputs),
+                             ("output", config.output_specs(), session.outputs)):
+        have_by_name = {s.name: s for s in have}
+        for spec in want:
+            got = have_by_name.get(spec.name)
+            if got is None or got.dtype != spec.dtype or len(got.shape) != len(spec.shape):
+                raise FailedPrecondition(
+                    f"{where}: {kind} '{spec.name}' is {got} in the engine but "
+                    f"{spec} in config.toml; re-add the model")
+
+
+def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
+                 feeds: dict[str, np.ndarray]) -> tuple[int, tuple]:
+    """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature)."""
+    if len(feeds) != len(specs) or any(s.name not in feeds for s in specs):
+        names = {s.name for s in specs}
+        missing = sorted(names - feeds.keys())
+        if missing:
+            raise InvalidArgument(
+                f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
+                f"takes {', '.join(sorted(names))}")
+        extra = sorted(str(k) for k in feeds.keys() - names)
+        raise InvalidArgument(
+            f"input '{extra[0]}' is not an input of model '{name}'; it takes "
+            f"{', '.join(sorted(names))}")
+    signature = []
+    rows = None
+    for spec in specs:
+        arr = feeds[spec.name]
+        if arr.dtype != DTYPE_OF_NAME[spec.dtype]:
+            raise InvalidArgument(
+                f"inputs.{spec.name} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
+                f"outpost does not cast: send {spec.dtype}")
+        if arr.ndim != len(spec.shape) or any(
+                w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
+            raise InvalidArgument(
+                f"inputs.{spec.name} has shape {list(arr.shape)} but model '{name}' takes "
+                f"{list(spec.shape)} (-1: any size)")
+        if max_batch_size:
+            n = arr.shape[0]
+            if rows is None:
+                rows = n
+            elif n != rows:
+                raise InvalidArgument(
+                    f"inputs.{spec.name} has {n} rows in dim 0 but other inputs have {rows}; "
+                    f"every input of a request carries the same batch")
+            signature.append(arr.shape[1:])
+    if max_batch_size:
+        if not 1 <= rows <= max_batch_size:
+            raise InvalidArgument(
+                f"the request's batch (dim 0) is {rows}; model '{name}' takes 1 to "
+                f"{max_batch_size} rows a request")
+    else:
+        rows = 1
+    return rows, tuple(signature)
+
+
+def decode_inputs(inputs: object) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, dict):
+        raise InvalidArgument("'inputs' must be a map of input name to tensor")
+    return {k: decode_tensor(v, f"inputs.{k}") for k, v in inputs.items()}
+
+
+class ServedVersion:
+    """What the router hands a request to: a model version, ONNX-backed or an ensemble."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    engine_kind: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_names: frozenset[str]
+    max_batch_size: int
+    stats: VersionStats
+    state: VersionState
+    error: str
+    last_used: float
+    memory_bytes: int
+
+    def request(self, inputs: object, priority: object, timeout_ms: object,
+                done, tag=None) -> InferRequest:
+        """Check a request's wire fields against this version and build its request."""
+        return self.request_from_arrays(decode_inputs(inputs), priority, timeout_ms, done, tag)
+
+    def request_from_arrays(self, feeds: dict[str, np.ndarray], priority: object,
+                            timeout_ms: object, done, tag=None,
+                            deadline: float | None = None) -> InferRequest:
+        rows, signature = check_arrays(self.name, self.inputs, self.max_batch_size, feeds)
+        db = self.config.dynamic_batching
+        if priority is None:
+            priority = db.default_priority_level
+        elif type(priority) is not int or not 0 <= priority < db.priority_levels:
+            raise InvalidArgument(
+                f"priority {priority!r} must be an integer in 0..{db.priority_levels - 1} "
+                f"for model '{self.name}' (lower runs first)")
+        if deadline is None:
+            if timeout_ms is None:
+                timeout_ms = db.default_timeout_ms or 0
+            elif type(timeout_ms) is not int or timeout_ms < 0:
+                raise InvalidArgument(
+                    f"timeout_ms {timeout_ms!r} must be a non-negative integer")
+            deadline = time.monotonic() + timeout_ms / 1e3 if timeout_ms else None
+        return InferRequest(feeds, rows, signature, priority, deadline, done, tag)
+
+    def submit(self, request: InferRequest) -> None:
+        raise NotImplementedError
+
+    def inflight_count(self) -> int:
+        raise NotImplementedError
+
+    async def unload(self, timeout_s: float | None = None) -> None:
+        raise NotImplementedError
+
+
+class LoadedVersion(ServedVersion):
+    """An ONNX model version served by an engine through a dynamic batcher."""
+
+    def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
+        self.name = record.model
+        self.version = record.version
+        self.record = record
+        self.config = config
+        self.engine_kind = engine_kind
+        self.inputs = config.input_specs()
+        self.outputs = config.output_specs()
+        self.output_names = frozenset(s.name for s in self.outputs)
+        self.max_batch_size = config.max_batch_size or 0
+        self.stats = VersionStats()
+        self.state = VersionState.LOADING
+        self.error = ""
+        self.batcher: DynamicBatcher | None = None
+        self.last_used = time.monotonic()
+        self.memory_bytes = estimate_memory(record, config)
+        self._parked: list[InferRequest] = []  # requests that came while loading
+        self._min_instances = config.instances or 1
+        self._max_instances = max(config.max_instances or 0, self._min_instances)
+        self._scaling = False
+        self._scale_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._make_instance = None
+
+    def __repr__(self) -> str:
+        return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
+
+    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions) -> None:
+        """Prepare, create and warm every instance; READY only when all are warm."""
+        where = f"model '{self.name}' version {self.version}"
+        opts = build_options(self.config)
+        try:
+            artifact = await asyncio.to_thread(
+                engine.prepare, self.record.model_file, opts, cache_dir)
+
+            async def make_instance(i: int) -> ModelInstance:
+                session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
+                try:
+                    check_session(session, self.config, where)
+                    await asyncio.to_thread(session.warmup)
+                except BaseException:
+                    session.close()
+                    raise
+                return ModelInstance(session, f"{self.name}:{self.version}#{i}")
+
+            instances = [await make_instance(i) for i in range(self._min_instances)]
+        except (EngineError, OutpostError) as exc:
+            self._fail(f"{where} failed to load: {exc}")
+            raise FailedPrecondition(self.error) from exc
+        except Exception as exc:  # an engine raising something untyped: still one line
+            self._fail(f"{where} failed to load: {exc.__class__.__name__}: {exc}")
+            raise FailedPrecondition(self.error) from exc
+        self._make_instance = make_instance
+        db = self.config.dynamic_batching
+        policy = BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=db.max_queue_delay_us or 0,
+            preferred_batch_sizes=tuple(db.preferred_batch_sizes),
+            max_queue_size=db.max_queue_size or 1,
+            priority_levels=db.priority_levels,
+        )
+        self.batcher = DynamicBatcher(policy, instances, self.stats)
+        self.state = VersionState.READY
+        parked, self._parked = self._parked, []
+        for r in parked:
+            if r.timer is not None:
+                r.timer.cancel()
+                r.timer = None
+            if r.state != QUEUED:  # expired or cancelled while waiting for the load
+                continue
+            try:
+                self._enqueue(r)
+            except OutpostError as exc:
+                r.state = DONE
+                r.done(None, exc)
+        if self._max_instances > self._min_instances:
+            self._arm_scale_check()
+
+    def _fail(self, message: str) -> None:
+        self.state = VersionState.FAILED
+        self.error = message
+        parked, self._parked = self._parked, []
+        for r in parked:
+            if r.timer is not None:
+                r.timer.cancel()
+            if r.state == QUEUED:
+                r.state = DONE
+                self.stats.request_failed("UNAVAILABLE")
+                r.done(None, Unavailable(f"{message}; the request could not run"))
+
+    async def unload(self, timeout_s: float | None = None) -> None:
+        """Stop taking requests, let those in flight finish, free the sessions."""
+        if self._scale_timer is not None:
+            self._scale_timer.cancel()
+        if self.batcher is None:
+            self.state = VersionState.UNLOADED
+            return
+        self.state = VersionState.UNLOADING
+        drained = await self.batcher.stop(timeout_s)
+        if not drained:
+            log.warning("unload timed out; a stuck instance was abandoned",
+                        extra={"model": self.name, "version": self.version})
+        self.batcher = None
+        self.state = VersionState.UNLOADED
+
+    def inflight_count(self) -> int:
+        queued = self.batcher.inflight_count() if self.batcher else 0
+        return queued + len(self._parked)
+
+    def submit(self, request: InferRequest) -> None:
+        self.last_used = time.monotonic()
+        if self.state is VersionState.LOADING:
+            self._park(request)
+            return
+        if self.state is not VersionState.READY or self.batcher is None:
+            err = Unavailable(f"model '{self.name}' version {self.version} is "
+                              f"{self.state.value}{': ' + self.error if self.error else ''}")
+            self.stats.request_failed(err.code)
+            raise err
+        self._enqueue(request)
+
+    def _enqueue(self, request: InferRequest) -> None:
+        try:
+            self.batcher.enqueue(request)
+        except OutpostError as exc:
+            self.stats.request_failed(exc.code)
+            raise
+        if (self._max_instances > self.batcher.instance_count and not self._scaling
+                and self.batcher.queued_rows > max(self.max_batch_size, 1)):
+            self._scaling = True
+            asyncio.get_running_loop().create_task(self._scale_up())
+
+    def _park(self, request: InferRequest) -> None:
+        limit = self.config.dynamic_batching.max_queue_size or 1
+        if len(self._parked) >= limit:
+            err = ResourceExhausted(
+                f"model '{self.name}' version {self.version} is loading and {limit} "
+                f"requests already wait for it; retry shortly")
+            self.stats.request_failed(err.code)
+            raise err
+        request.enqueued = time.monotonic()
+        self._parked.append(request)
+        if request.deadline is not None:
+            loop = asyncio.get_running_loop()
+            request.timer = loop.call_at(
+                loop.time() + max(0.0, request.deadline - request.enqueued),
+                self._expire_parked, request)
+
+    def _expire_parked(self, request: InferRequest) -> None:
+        if request.state != QUEUED:
+            return
+        request.state = DONE
+        self._parked.remove(request)
+        err = DeadlineExceeded(
+            f"the request's timeout passed while model '{self.name}' version "
+            f"{self.version} was loading; raise timeout_ms or load it ahead (load = 'eager')")
+        self.stats.request_failed(err.code)
+        request.done(None, err)
+
+    # -- instance scaling ---------------------------------------------------------------
+
+    async def _scale_up(self) -> None:
+        try:
+            n = self.batcher.instance_count
+            inst = await self._make_instance(n)
+            if self.batcher is None or self.state is not VersionState.READY:
+                await asyncio.to_thread(inst.stop)
+                return
+            self.batcher.add_instance(inst)
+            log.info("instance added", extra={"model": self.name, "version": self.version,
+                                              "instances": self.batcher.instance_count})
+        except Exception as exc:
+            log.warning("scale-up failed", extra={"model": self.name, "error": str(exc)})
+        finally:
+            self._scaling = False
+
+    def _arm_scale_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._scale_timer = loop.call_later(SCALE_CHECK_S, self._scale_check)
+
+    def _scale_check(self) -> None:
+        """Drop one instance when the queue has stayed empty for a while."""
+        b = self.batcher
+        if b is None or self.state is not VersionState.READY:
+            return
+        now = time.monotonic()
+        if b.inflight_count():
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif (now - self._idle_since >= self.config.scale_down_idle_s
+              and b.instance_count > self._min_instances):
+            inst = b.remove_idle_instance()
+            if inst is not None:
+                asyncio.get_running_loop().run_in_executor(None, inst.stop)
+                log.info("instance removed", extra={"model": self.name,
+                                                    "version": self.version,
+                                                    "instances": b.instance_count})
+            self._idle_since = now
+        self._arm_scale_check()
+
+    @property
+    def instance_count(self) -> int:
+        return self.batcher.instance_count if self.batcher else 0
+
+
+def estimate_memory(record: VersionRecord, config: ModelConfig) -> int:
+    """Bytes a loaded version is expected to hold: its weights once per instance, plus
+    one copy for the engine's optimised graph."""
+    weights = sum(p.stat().st_size for p in record.path.rglob("*")
+                  if p.is_file() and p.name not in ("config.toml", "samples.npz"))
+    return weights * ((config.max_instances or config.instances or 1) + 1)

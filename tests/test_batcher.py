@@ -1,0 +1,218 @@
+"""The batching decision (pure, with explicit ages) and the batcher on a real event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from appliance.batcher import BatchPolicy, DynamicBatcher, InferRequest, ModelInstance, decide
+from appliance.errors import DeadlineExceeded, ResourceExhausted
+from appliance.stats import VersionStats
+from engines.base import Session, TensorSpec
+
+
+def test_decide_full_batch_goes_at_once():
+    p = BatchPolicy(max_batch_size=8, max_queue_delay_us=1000)
+    assert decide(8, 0, p) == (8, 0.0)
+    assert decide(20, 0, p) == (8, 0.0)
+
+
+def test_decide_waits_for_the_delay_then_sends_what_is_there():
+    p = BatchPolicy(max_batch_size=8, max_queue_delay_us=1000)
+    assert decide(3, 200, p) == (0, 800)
+    assert decide(3, 1000, p) == (3, 0.0)
+    assert decide(3, 5000, p) == (3, 0.0)
+
+
+def test_decide_preferred_size_goes_before_the_delay():
+    p = BatchPolicy(max_batch_size=16, max_queue_delay_us=10_000,
+                    preferred_batch_sizes=(4, 8))
+    assert decide(3, 0, p) == (0, 10_000)
+    assert decide(5, 0, p) == (4, 0.0)
+    assert decide(9, 0, p) == (8, 0.0)
+
+
+def test_decide_zero_delay_sends_immediately_and_empty_queue_waits():
+    p = BatchPolicy(max_batch_size=8)
+    assert decide(1, 0, p) == (1, 0.0)
+    assert decide(0, 0, p)[0] == 0
+
+
+class GatedSession(Session):
+    """y = 2x, one call at a time, each call held until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.inputs = (TensorSpec("x", "float32", (-1, 4)),)
+        self.outputs = (TensorSpec("y", "float32", (-1, 4)),)
+        self.max_batch_size = 8
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[int] = []
+
+    def run(self, feeds):
+        self.gate.wait(10)
+        self.batches.append(len(feeds["x"]))
+        return {"y": feeds["x"] * 2}
+
+
+def _request(x, done, priority=0, deadline=None):
+    return InferRequest({"x": x}, len(x), (x.shape[1:],), priority, deadline, done)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_batch_and_split_back_exactly():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        inst = ModelInstance(session, "t")
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8), [inst], VersionStats())
+        results: dict[int, np.ndarray] = {}
+        futs = []
+        for i in range(7):
+            fut = asyncio.get_running_loop().create_future()
+            futs.append(fut)
+            x = np.full((1 + i % 2, 4), i, np.float32)
+
+            def done(out, err, i=i, fut=fut):
+                results[i] = out["y"] if out else err
+                fut.set_result(None)
+            b.enqueue(_request(x, done))
+        session.gate.set()
+        await asyncio.gather(*futs)
+        await b.stop()
+        return session.batches, results
+
+    batches, results = _run(go())
+    assert batches[0] == 1  # the first went alone: the instance was idle
+    assert sum(batches) == 1 + 2 + 1 + 2 + 1 + 2 + 1
+    assert max(batches) > 1
+    for i in range(7):
+        assert results[i].shape == (1 + i % 2, 4)
+        assert (results[i] == 2 * i).all()
+
+
+def test_queue_full_is_refused_at_once_and_deadline_hits_queued_requests():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        inst = ModelInstance(session, "t")
+        stats = VersionStats()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1, max_queue_size=2), [inst], stats)
+        loop = asyncio.get_running_loop()
+        outcomes = []
+        done_all = asyncio.Event()
+
+        def done(out, err):
+            outcomes.append(err)
+            if len(outcomes) == 3:
+                done_all.set()
+        x = np.ones((1, 4), np.float32)
+        b.enqueue(_request(x, done))  # runs (held by the gate)
+        await asyncio.sleep(0.05)
+        b.enqueue(_request(x, done, deadline=loop.time() + 0.05))  # waits, then expires
+        b.enqueue(_request(x, done))
+        with pytest.raises(ResourceExhausted):
+            b.enqueue(_request(x, done))
+        await asyncio.sleep(0.2)
+        assert isinstance(outcomes[0], DeadlineExceeded)
+        assert "in the queue" in str(outcomes[0])
+        session.gate.set()
+        await asyncio.wait_for(done_all.wait(), 5)
+        await b.stop()
+        return outcomes, stats
+
+    outcomes, stats = _run(go())
+    assert outcomes[1:] == [None, None]
+    assert stats.request_success == 2 and stats.failures_by_code == {"DEADLINE_EXCEEDED": 1}
+
+
+def test_priority_levels_run_lower_first():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        inst = ModelInstance(session, "t")
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1, priority_levels=3), [inst],
+                           VersionStats())
+        order = []
+        finished = asyncio.Event()
+
+        def make_done(tag):
+            def done(out, err):
+                order.append(tag)
+                if len(order) == 5:
+                    finished.set()
+            return done
+        x = np.ones((1, 4), np.float32)
+        b.enqueue(_request(x, make_done("first"), priority=2))  # starts at once
+        await asyncio.sleep(0.05)
+        b.enqueue(_request(x, make_done("low-a"), priority=2))
+        b.enqueue(_request(x, make_done("mid"), priority=1))
+        b.enqueue(_request(x, make_done("low-b"), priority=2))
+        b.enqueue(_request(x, make_done("high"), priority=0))
+        session.gate.set()
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return order
+
+    assert _run(go()) == ["first", "high", "mid", "low-a", "low-b"]
+
+
+def test_shapes_that_disagree_are_not_batched_together():
+    async def go():
+        session = GatedSession()
+        session.inputs = (TensorSpec("x", "float32", (-1, -1)),)
+        session.gate.clear()
+        inst = ModelInstance(session, "t")
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8), [inst], VersionStats())
+        shapes = []
+        finished = asyncio.Event()
+
+        def done(out, err):
+            shapes.append(out["y"].shape)
+            if len(shapes) == 5:
+                finished.set()
+        for width in (4, 4, 3, 4, 3):
+            x = np.ones((1, width), np.float32)
+            b.enqueue(_request(x, done))
+        session.gate.set()
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return session.batches, shapes
+
+    batches, shapes = _run(go())
+    assert sorted(shapes) == [(1, 3)] * 2 + [(1, 4)] * 3
+    assert sum(batches) == 5
+
+
+def test_engine_failure_fails_the_batch_not_the_batcher():
+    class Failing(GatedSession):
+        def run(self, feeds):
+            if feeds["x"][0, 0] < 0:
+                raise RuntimeError("boom")
+            return super().run(feeds)
+
+    async def go():
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1), [ModelInstance(Failing(), "t")],
+                           VersionStats())
+        out = []
+        finished = asyncio.Event()
+
+        def done(o, e):
+            out.append(e)
+            if len(out) == 2:
+                finished.set()
+        b.enqueue(_request(-np.ones((1, 4), np.float32), done))
+        b.enqueue(_request(np.ones((1, 4), np.float32), done))
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return out
+
+    out = _run(go())
+    assert out[0].code == "INTERNAL" and "boom" in str(out[0])
+    assert out[1] is None

@@ -1,0 +1,104 @@
+"""Memory budget with LRU unloading, lazy loading, and instance scaling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from appliance import errors
+from appliance.client import AsyncClient, Client
+from appliance.launcher import ServerProcess
+from appliance.repository import Repository
+
+WIDE = 100_000  # 400 KB of weights: a loaded version is estimated at 800 KB
+
+
+def wide_add(path, c: float):
+    k = numpy_helper.from_array(np.full((WIDE,), c, np.float32), "k")
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", WIDE]) for n in "xy"]
+    g = helper.make_graph([helper.make_node("Add", ["x", "k"], ["y"])], "wide", [io[0]],
+                          [io[1]], initializer=[k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def _states(c: Client) -> dict[str, str]:
+    return {m["name"]: m["versions"][0]["state"] for m in c.models()}
+
+
+def test_budget_unloads_the_least_recently_used_idle_version(short_tmp):
+    lazy = short_tmp / "lazy.toml"
+    lazy.write_text("load = 'lazy'\n")
+    repo = Repository(short_tmp)
+    repo.add("a", wide_add(short_tmp / "a.onnx", 1))
+    repo.add("b", wide_add(short_tmp / "b.onnx", 2))
+    repo.add("c", wide_add(short_tmp / "c.onnx", 3), config_path=lazy)
+    repo.close()
+    cfg = short_tmp / "outpost.toml"
+    cfg.write_text("[residency]\nmemory_budget_mb = 2\n")
+    x = np.zeros((1, WIDE), np.float32)
+    with ServerProcess(short_tmp, extra_args=["--config", str(cfg)]) as server, \
+            Client(server.socket_path) as c:
+        assert _states(c) == {"a": "ready", "b": "ready", "c": "unloaded"}
+        assert c.health()["ready"]  # a lazy model not loaded yet is not "not ready"
+        c.infer("a", {"x": x})
+        c.infer("b", {"x": x})  # a is now the least recently used
+        r = c.infer("c", {"x": x})  # waits for c's load, which unloads a
+        assert r["y"][0, 0] == 3.0
+        assert _states(c) == {"a": "unloaded", "b": "ready", "c": "ready"}
+        r = c.infer("a", {"x": x})  # a comes back; b is now the oldest
+        assert r["y"][0, 0] == 1.0
+        assert _states(c) == {"a": "ready", "b": "unloaded", "c": "ready"}
+
+
+def test_lazy_load_bounded_by_the_request_timeout(short_tmp):
+    from tests.slow_model import slow_model
+
+    lazy = short_tmp / "lazy.toml"
+    lazy.write_text("load = 'lazy'\n")
+    Repository(short_tmp).add("slow", slow_model(short_tmp / "s.onnx", layers=6),
+                              config_path=lazy)
+    x = np.ones((1, 3, 64, 64), np.float32)
+    with ServerProcess(short_tmp) as server, Client(server.socket_path) as c:
+        assert _states(c) == {"slow": "unloaded"}
+        with pytest.raises(errors.DeadlineExceeded, match="loading"):
+            c.infer("slow", {"x": x}, timeout_ms=1)
+        r = c.infer("slow", {"x": x}, timeout_ms=60_000)
+        assert r["y"].shape == (1, 64)
+
+
+def test_instances_scale_up_with_queue_depth_and_back_down(short_tmp):
+    from tests.slow_model import slow_model
+
+    cfg = short_tmp / "c.toml"
+    cfg.write_text("max_batch_size = 2\ninstances = 1\nmax_instances = 3\n"
+                   "scale_down_idle_s = 0.5\n")
+    Repository(short_tmp).add("slow", slow_model(short_tmp / "s.onnx"), config_path=cfg)
+    x = np.ones((1, 3, 64, 64), np.float32)
+    with ServerProcess(short_tmp) as server:
+        async def load():
+            async with await AsyncClient.connect(server.socket_path) as c:
+                peak = 1
+                t_end = time.monotonic() + 3
+                while time.monotonic() < t_end:
+                    await asyncio.gather(*(c.infer("slow", {"x": x}) for _ in range(16)))
+                    st = await c.stats("slow")
+                    peak = max(peak, st["models"][0]["instances"])
+                return peak
+        peak = asyncio.run(load())
+        assert peak > 1
+        deadline = time.monotonic() + 10
+        with Client(server.socket_path) as c:
+            while time.monotonic() < deadline:
+                if c.stats("slow")["models"][0]["instances"] == 1:
+                    break
+                time.sleep(0.2)
+            assert c.stats("slow")["models"][0]["instances"] == 1
+            assert c.infer("slow", {"x": x})["y"].shape == (1, 64)

@@ -1,0 +1,221 @@
+"""The ops, pipelining, auth, draining and connection churn, against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from appliance import errors
+from appliance.client import AsyncClient, Client
+from appliance.demo import sample_inputs
+from appliance.launcher import ServerProcess
+from tests.wire import call, connect, frame, is_closed, recv, tensor
+
+
+def test_all_six_ops(module_server):
+    with Client(module_server.socket_path) as c:
+        hello = c.hello()
+        assert hello["v"] == 1 and hello["server"]["name"] == "outpost"
+        assert hello["max_frame_bytes"] == 64 << 20
+        assert set(hello["ops"]) >= {"hello", "infer", "models", "metadata", "health", "stats"}
+        models = {m["name"]: m for m in c.models()}
+        assert set(models) == {"identity", "cnn", "mlp"}
+        assert models["cnn"]["active_version"] == 1
+        assert models["cnn"]["versions"] == [
+            {"version": 1, "state": "ready", "engine": "onnxruntime"}]
+        meta = c.metadata("cnn")
+        assert meta["inputs"] == [{"name": "image", "dtype": "float32",
+                                   "shape": [-1, 3, 224, 224]}]
+        assert meta["outputs"] == [{"name": "probs", "dtype": "float32", "shape": [-1, 10]}]
+        assert meta["max_batch_size"] == 32 and meta["version"] == 1
+        health = c.health()
+        assert health["live"] is True and health["ready"] is True
+        r = c.infer("mlp", sample_inputs("mlp", batch=4))
+        probs = r["probs"]
+        assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+        st = c.stats("mlp")["models"][0]
+        assert st["model"] == "mlp" and st["request_success"] >= 1
+        assert st["inference_count"] >= 4 and st["execution_count"] >= 1
+
+
+def test_outputs_match_raw_onnxruntime(module_server, demo_files):
+    import onnxruntime as ort
+
+    for name in ("identity", "cnn", "mlp"):
+        inputs = sample_inputs(name, batch=2, seed=3)
+        raw = ort.InferenceSession(str(demo_files[name]), providers=["CPUExecutionProvider"])
+        expected = raw.run(None, inputs)[0]
+        with Client(module_server.socket_path) as c:
+            got = next(iter(c.infer(name, inputs).outputs.values()))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pipelined_responses_come_back_out_of_order(module_server):
+    """A slow CNN batch sent first is answered after fast identity requests sent later."""
+    img = tensor(np.zeros((32, 3, 224, 224), np.float32))
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    with connect(module_server.socket_path) as s:
+        s.sendall(frame({"op": "infer", "id": 1, "model": "cnn", "inputs": {"image": img}}))
+        for i in range(2, 12):
+            s.sendall(frame({"op": "infer", "id": i, "model": "identity",
+                             "inputs": {"x": tensor(x + i)}}))
+        responses = [recv(s) for _ in range(11)]
+    ids = [r["id"] for r in responses]
+    assert sorted(ids) == list(range(1, 12))
+    assert ids[-1] == 1, ids  # the CNN batch answered last
+    for r in responses:
+        assert r["ok"], r
+        if r["id"] != 1:
+            y = np.frombuffer(r["outputs"]["y"]["data"], np.float32)
+            assert y.tolist() == (x[0] + r["id"]).tolist()  # each answer is its own
+
+
+def test_async_client_pipelines_many_requests(module_server):
+    async def go():
+        async with await AsyncClient.connect(module_server.socket_path) as c:
+            xs = [np.full((1, 16), i, np.float32) for i in range(300)]
+            results = await asyncio.gather(*(c.infer("identity", {"x": x}) for x in xs))
+            for x, r in zip(xs, results):
+                np.testing.assert_array_equal(r["y"], x)
+            with pytest.raises(errors.NotFound):
+                await c.infer("nope", {"x": xs[0]})
+    asyncio.run(go())
+
+
+def test_typed_client_errors(module_server):
+    with Client(module_server.socket_path) as c:
+        with pytest.raises(errors.NotFound) as e:
+            c.infer("nope", {"x": np.zeros((1, 16), np.float32)})
+        assert e.value.code == "NOT_FOUND"
+        with pytest.raises(errors.InvalidArgument):
+            c.infer("identity", {"x": np.zeros((1, 16), np.float64)})
+    with pytest.raises(errors.Unavailable):
+        Client(module_server.socket_path.parent / "no-such.sock")
+
+
+def test_batching_forms_batches_under_concurrency(module_server):
+    from appliance.workload import closed_loop
+
+    with Client(module_server.socket_path) as c:
+        before = c.stats("cnn")["models"][0]
+    r = asyncio.run(closed_loop("cnn", sample_inputs("cnn"), 16, 1.0,
+                                path=module_server.socket_path, warmup_s=0))
+    assert r.requests > 0 and not r.errors
+    with Client(module_server.socket_path) as c:
+        after = c.stats("cnn")["models"][0]
+    rows = after["inference_count"] - before["inference_count"]
+    runs = after["execution_count"] - before["execution_count"]
+    assert rows >= r.requests
+    assert rows / runs > 2, (rows, runs)  # 16 in flight on one instance: real batches
+
+
+def test_socket_file_mode(module_server):
+    assert oct(os.stat(module_server.socket_path).st_mode & 0o777) == "0o660"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_thousand_connections_opened_and_dropped(module_server):
+    path = str(module_server.socket_path)
+
+    def churn(n: int) -> None:
+        for i in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            if i % 3 == 0:
+                s.sendall(frame({"op": "health", "id": 1}))
+            elif i % 3 == 1:
+                s.sendall(b"\x00\x00")  # half a header
+            s.close()
+
+    churn(300)  # reach a steady state first
+    before = _rss_kib(module_server.pid)
+    churn(1000)
+    time.sleep(0.3)
+    after = _rss_kib(module_server.pid)
+    assert after - before < 8 * 1024, f"RSS grew {after - before} KiB over 1000 connections"
+    with Client(module_server.socket_path) as c:
+        assert c.health()["ready"]
+        st = c.stats()
+    assert st["pid"] == module_server.pid
+
+
+def test_sigterm_finishes_in_flight_requests(short_tmp):
+    from appliance.repository import Repository
+    from tests.slow_model import slow_model
+
+    Repository(short_tmp).add("slow", slow_model(short_tmp / "slow.onnx"))
+    proc = ServerProcess(short_tmp).start()
+    img = tensor(np.ones((4, 3, 64, 64), np.float32))
+    s = connect(proc.socket_path)
+    for i in range(6):
+        s.sendall(frame({"op": "infer", "id": i, "model": "slow", "inputs": {"x": img}}))
+    time.sleep(0.1)
+    with Client(proc.socket_path) as c:
+        assert c.stats("slow")["models"][0]["inflight"] > 0  # really in flight
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        with pytest.raises(errors.Unavailable):  # idle connections are closed at once
+            c.infer("slow", {"x": np.ones((1, 3, 64, 64), np.float32)})
+    got = [recv(s) for _ in range(6)]
+    assert sorted(r["id"] for r in got) == list(range(6))
+    assert all(r["ok"] for r in got), [r.get("error") for r in got]
+    assert is_closed(s)
+    assert proc.proc.wait(30) == 0
+    assert not proc.socket_path.exists()
+    # New connections are refused once it is gone.
+    with pytest.raises(OSError):
+        connect(proc.socket_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_and_token(repo_with_demo):
+    token_file = repo_with_demo / "token"
+    token_file.write_text("s3cret-token\n")
+    port = _free_port()
+    proc = ServerProcess(repo_with_demo, extra_args=[
+        "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file)]).start(timeout_s=60)
+    # With a token configured the Unix socket wants hello first too.
+    try:
+        tcp = f"127.0.0.1:{port}"
+        with Client(tcp=tcp, token="s3cret-token") as c:
+            r = c.infer("identity", {"x": np.ones((1, 16), np.float32)})
+            assert r["y"].sum() == 16
+        with pytest.raises(errors.Unauthenticated):
+            Client(tcp=tcp, token="wrong")
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        r = call(s, op="health", id=1)  # not hello first
+        assert r["error"]["code"] == "UNAUTHENTICATED" and is_closed(s)
+        s = connect(proc.socket_path)
+        r = call(s, op="infer", id=3, model="identity", inputs={})
+        assert r["error"]["code"] == "UNAUTHENTICATED" and is_closed(s)
+        with Client(proc.socket_path, token="s3cret-token") as c:
+            assert c.health()["ready"]
+    finally:
+        assert proc.stop() == 0
+
+
+def test_tcp_without_token_is_refused_at_start(repo_with_demo):
+    proc = ServerProcess(repo_with_demo, extra_args=["--tcp", f"127.0.0.1:{_free_port()}"])
+    with pytest.raises(errors.Unavailable):
+        proc.start(timeout_s=30)
+    assert proc.proc.returncode == 2
+    assert "token" in proc.log_tail()
+    assert "Traceback" not in proc.log_tail()
