@@ -105,6 +105,15 @@ begin "models list (the server's repository, while it serves)"
 out=$(outpost models list) || fail "exit $?"
 for m in cnn identity mlp; do expect "$m" "$out"; done
 
+begin "hot swap: add identity version 2, activate it through the socket, infer"
+out=$(outpost models add identity "$data/models/identity/1/model.onnx" --stage) \
+    || fail "exit $?: $out"
+expect "added identity version 2" "$out"
+out=$(outpost models activate identity 2 2>&1) || fail "exit $?: $out"
+out=$(outpost infer identity -i x=x.npy --json) || fail "exit $?: $out"
+expect '"model": "identity", "version": 2' "$out"
+expect '"y": [[0.0, 1.0, 2.0, 3.0' "$out"
+
 # --- HOOK: HTTP health (issue 3). Runs once `serve --http` exists. -----------------------
 begin "HTTP health"
 if outpost serve --help | grep -q -- '--http'; then
