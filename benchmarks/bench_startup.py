@@ -7,6 +7,7 @@ same run for comparison, for the same code run from source (`python -m appliance
 and, when it exists, the one-file build.
 
     python benchmarks/bench_startup.py [--exe dist/outpost/outpost] [--runs 7]
+        [--also LABEL=OTHER_EXE]   # time another build alongside, run for run
 
 Each start is split into "to serve()" (exec, imports, config: everything before the server
 begins loading models) and "in serve()" (the server's own start_s log field: repository,
@@ -79,21 +80,34 @@ def start_once(command: list[str], data_dir: Path, sock: Path, extra: list[str],
     return ready, start_s
 
 
-def measure(label: str, command: list[str], data_dir: Path, runs: int, env: dict) -> dict:
-    sock = data_dir / "bench.sock"
-    start_once(command, data_dir, sock, ["--demo"], env)  # add models, warm the caches
-    times, inner = [], []
-    for _ in range(runs):
-        t, s = start_once(command, data_dir, sock, [], env)
-        times.append(t)
-        if s is not None:
-            inner.append(s)
+def report(label: str, times: list[float], inner: list[float]) -> dict:
     med = statistics.median(times)
     med_inner = statistics.median(inner) if inner else float("nan")
     print(f"{label:28} median {med:6.3f} s  min {min(times):6.3f}  max {max(times):6.3f}  "
           f"(to serve() {med - med_inner:5.3f} s, in serve() {med_inner:5.3f} s; "
-          f"{runs} runs)")
+          f"{len(times)} runs)")
     return {"label": label, "median_s": med, "runs": times, "serve_s": med_inner}
+
+
+def measure_all(candidates: list[tuple[str, list[str], dict]], tmp: Path,
+                runs: int) -> list[dict]:
+    """Warm each candidate's caches, then time the candidates in turn, run after run, so
+    a change in the machine's load falls on all of them alike."""
+    dirs = []
+    for i, (_, command, env) in enumerate(candidates):
+        data_dir = tmp / str(i)
+        data_dir.mkdir()
+        start_once(command, data_dir, data_dir / "bench.sock", ["--demo"], env)
+        dirs.append(data_dir)
+    times: list[list[float]] = [[] for _ in candidates]
+    inner: list[list[float]] = [[] for _ in candidates]
+    for _ in range(runs):
+        for i, (_, command, env) in enumerate(candidates):
+            t, s = start_once(command, dirs[i], dirs[i] / "bench.sock", [], env)
+            times[i].append(t)
+            if s is not None:
+                inner[i].append(s)
+    return [report(label, times[i], inner[i]) for i, (label, _, _) in enumerate(candidates)]
 
 
 def main() -> int:
@@ -104,6 +118,8 @@ def main() -> int:
                     help="the one-file executable (measured when it exists)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--no-source", action="store_true", help="skip the from-source figure")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=EXE",
+                    help="another build to time alongside, e.g. 'archived=/tmp/d/outpost/outpost'")
     args = ap.parse_args()
     if not args.exe.exists():
         print(f"{args.exe} does not exist: build it with build/freeze.sh", file=sys.stderr)
@@ -112,21 +128,19 @@ def main() -> int:
     # The frozen builds run with a scrubbed environment, as a service would.
     frozen_env = {"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()}
     source_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    results = []
     print(f"start-up, exec to ready, 3 models, warm caches (target <= {TARGET_S} s for the "
           "one-folder build)")
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
-        tmp_path = Path(tmp)
         candidates = [("frozen one-folder", [str(args.exe.resolve())], frozen_env)]
+        for spec in args.also:
+            label, _, path = spec.partition("=")
+            candidates.append((label, [str(Path(path).resolve())], frozen_env))
         if args.onefile.exists():
             candidates.append(("frozen one-file", [str(args.onefile.resolve())], frozen_env))
         if not args.no_source:
             candidates.append(("source (python -m appliance)",
                                [sys.executable, "-m", "appliance"], source_env))
-        for i, (label, command, env) in enumerate(candidates):
-            data_dir = tmp_path / str(i)
-            data_dir.mkdir()
-            results.append(measure(label, command, data_dir, args.runs, env))
+        results = measure_all(candidates, Path(tmp), args.runs)
     frozen = results[0]["median_s"]
     for r in results[1:]:
         print(f"one-folder / {r['label']}: {frozen / r['median_s']:.2f}x")
