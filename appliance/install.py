@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +129,13 @@ class Step:
     """One thing the install does. ``apply`` is idempotent."""
 
     what: str
-    action: object = None  # callable() -> None; None: describe only (already so)
+    action: Callable[[], None] | None = None  # None: nothing to do, only to say
 
     def describe(self) -> str:
         return self.what
 
     def apply(self) -> None:
-        if callable(self.action):
+        if self.action is not None:
             self.action()
 
 
@@ -313,13 +314,13 @@ def plan(options: Options) -> list[Step]:
     if live:
         steps.append(Step(f"create the system user '{options.user}' if it does not exist",
                           lambda: _create_user(options.user, sysusers)))
-    elif shutil.which("systemd-sysusers"):
+    elif shutil.which("systemd-sysusers") and os.geteuid() == 0:
         # An image: add the user to the image's own passwd and group files.
         steps.append(Step(f"create the system user '{options.user}' in {root}/etc/passwd",
                           lambda: _run(["systemd-sysusers", f"--root={root}", str(sysusers)])))
     else:
         steps.append(Step(f"the user '{options.user}' is created at first boot by "
-                          "systemd-sysusers (not on this build host)"))
+                          "systemd-sysusers (it needs root and systemd-sysusers here)"))
 
     config = under(root, CONFIG_PATH)
     if config.exists() and not options.force_config:

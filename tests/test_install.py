@@ -174,3 +174,14 @@ def test_systemd_accepts_the_unit(tmp_path):
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 0 and r.stderr == "", r.stderr  # unknown keys only warn
+
+
+def test_a_step_that_fails_stops_the_install_with_one_line(tmp_path):
+    root = tmp_path / "root"
+    root.write_text("a file where the root folder should be")
+    r = outpost("install", "--root", str(root), "--from",
+                str(fake_build(tmp_path / "d", "1.0.0")))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("outpost: FAILED_PRECONDITION: install stopped at 'copy the build")
+    assert root.read_text() == "a file where the root folder should be"

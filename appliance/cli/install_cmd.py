@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance.errors import FailedPrecondition
+
 
 def register(sub) -> None:
     p = sub.add_parser("install", help="install outpost as a systemd service on this device")
@@ -54,7 +56,11 @@ def install(args) -> int:
     check_can_apply(options)
     for step in steps:
         print(f"  {step.describe()}")
-        step.apply()
+        try:
+            step.apply()
+        except OSError as exc:
+            raise FailedPrecondition(f"install stopped at '{step.describe()}': {exc}; the "
+                                     "steps before it are done, and rerunning is safe") from exc
     for line in next_steps(options):
         print(f"outpost install: {line}")
     return 0
