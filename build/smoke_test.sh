@@ -114,39 +114,87 @@ out=$(outpost infer identity -i x=x.npy --json) || fail "exit $?: $out"
 expect '"model": "identity", "version": 2' "$out"
 expect '"y": [[0.0, 1.0, 2.0, 3.0' "$out"
 
-# --- HOOK: HTTP health (issue 3). Runs once `serve --http` exists. -----------------------
-begin "HTTP health"
-if outpost serve --help | grep -q -- '--http'; then
-    port=$(( 20000 + RANDOM % 20000 ))
-    "${ENV[@]}" "$EXE" serve --data-dir "$tmp/http" --socket "$tmp/http.sock" --demo \
-        --http "127.0.0.1:$port" --log-format json > "$tmp/http.log" 2>&1 &
-    http_pid=$!
-    status=""
+# HTTP/1.0 over bash's /dev/tcp (no curl needed): prints the whole response, or fails
+# (quietly) when nothing listens on the port.
+http() {  # http METHOD PORT PATH [BODY]
+    local body="${4:-}"
+    { exec 3<>"/dev/tcp/127.0.0.1/$2"; } 2>/dev/null || return 1
+    printf '%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n' "$1" "$3" >&3
+    printf 'Content-Length: %d\r\n\r\n%s' "${#body}" "$body" >&3
+    cat <&3
+    exec 3<&-
+}
+wait_http() {  # wait_http PORT PATH PID: until PATH answers 200 (60 s)
     for _ in $(seq 600); do
-        if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
-            printf 'GET /v2/health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
-            status=$(head -n1 <&3 || true); exec 3<&-
-            [[ "$status" == *" 200"* ]] && break
-        fi
+        kill -0 "$3" 2>/dev/null || return 1
+        [[ "$(http GET "$1" "$2" | head -n1)" == *" 200"* ]] && return 0
         sleep 0.1
     done
-    kill -TERM "$http_pid"; wait "$http_pid" || true
-    [[ "$status" == *" 200"* ]] || { log="$tmp/http.log"; fail "GET /v2/health/ready: '$status'"; }
-    # LEAD: extend here (an HTTP infer, /metrics) as issue 3 lands.
+    return 1
+}
+# start_http LOG PATH ARGS...: start `outpost ARGS` (where "{port}" in ARGS becomes a
+# port below the ephemeral range), wait until PATH answers 200; a port found taken is
+# retried with another. Sets $pid and $port.
+start_http() {
+    local log="$1" path="$2" try
+    shift 2
+    for try in 1 2 3 4 5; do
+        port=$(( 20000 + RANDOM % 12000 ))
+        "${ENV[@]}" "$EXE" "${@//\{port\}/$port}" > "$log" 2>&1 &
+        pid=$!
+        wait_http "$port" "$path" "$pid" && return 0
+        kill -0 "$pid" 2>/dev/null && { kill -TERM "$pid"; wait "$pid" || true; }
+        grep -q -i "address already in use" "$log" || return 1
+    done
+    return 1
+}
+
+# --- HTTP side (issue 3): runs where `serve --http` exists. Written against the http
+# branch before its merge; LEAD: keep it in step with docs/http.md. ---------------------
+begin "HTTP: health and an inference over the Open Inference Protocol"
+if outpost serve --help | grep -q -- '--http'; then
+    start_http "$tmp/http.log" /v2/health/ready serve --data-dir "$tmp/http" \
+        --socket "$tmp/http.sock" --demo --http "127.0.0.1:{port}" --log-format json \
+        || { log="$tmp/http.log"; fail "GET /v2/health/ready never answered 200"; }
+    http_pid=$pid
+    out=$(http POST "$port" /v2/models/identity/infer '{"inputs": [{"name": "x",
+        "shape": [1, 16], "datatype": "FP32", "data": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+        12, 13, 14, 15]}]}') || fail "no answer to the HTTP infer"
+    expect " 200" "$(head -n1 <<<"$out")"
+    expect '"name":"y"' "${out// /}"; expect '[0.0,1.0,2.0,3.0,4.0' "${out// /}"
+    out=$(http GET "$port" /v2/models/no-such-model/ready) || true
+    expect " 404" "$(head -n1 <<<"$out")"
+    kill -TERM "$http_pid"; wait "$http_pid" || fail "the HTTP server exited with $?"
 else
-    echo "smoke:   skipped: this build has no 'serve --http' yet (issue 3)"
+    echo "smoke:   skipped: this build has no 'serve --http' (issue 3)"
 fi
 
-# --- HOOK: fleet publish + device update (issue 6). ---------------------------------------
-begin "fleet publish and device update"
+# --- OTA (issue 6): runs where `outpost fleet` exists. Written against the ota branch
+# before its merge; LEAD: keep it in step with docs/ota.md. -----------------------------
+begin "OTA: fleet init, publish, roll out, serve; the device updates its running server"
 if outpost --help | grep -q -E '^ +fleet '; then
-    # LEAD: write this when issue 6 lands: `outpost fleet init/publish` a release of the
-    # demo identity model as version 2 into $tmp/fleet, `outpost fleet serve` it on
-    # 127.0.0.1, point a device config's [updater] at it, run `outpost update check`,
-    # then `outpost models list` must show identity version 2 active.
-    echo "smoke:   PENDING: 'outpost fleet' exists but this check is not written yet" >&2
+    fleet="$tmp/fleet"
+    outpost fleet init "$fleet" > /dev/null || fail "fleet init: exit $?"
+    out=$(outpost fleet publish "$fleet" "$data/models/identity/1/model.onnx" \
+        --name identity --version 3) || fail "fleet publish: exit $?: $out"
+    out=$(outpost fleet rollout "$fleet" identity 3 --fraction 1) \
+        || fail "fleet rollout: exit $?: $out"
+    start_http "$tmp/fleet.log" /v1/status fleet serve "$fleet" --host 127.0.0.1 \
+        --port "{port}" || { log="$tmp/fleet.log"; fail "the fleet server never answered"; }
+    fleet_pid=$pid fport=$port
+    printf '%s\n' "data_dir = \"$data\"" "[server]" "socket_path = \"$sock\"" "[updater]" \
+        "fleet_url = \"http://127.0.0.1:$fport\"" \
+        "trusted_root = \"$fleet/metadata/1.root.json\"" \
+        'device_id = "smoke-device"' 'health_window_s = 0.0' > device.toml
+    out=$(outpost update check --config device.toml 2>&1) || fail "update check: $out"
+    expect "identity 2 -> 3: committed" "$out"
+    out=$(outpost infer identity -i x=x.npy --json) || fail "exit $?: $out"
+    expect '"model": "identity", "version": 3' "$out"   # the running server swapped
+    out=$(outpost update check --config device.toml 2>&1) || fail "second check: $out"
+    expect "up to date" "$out"
+    kill -TERM "$fleet_pid"; wait "$fleet_pid" || true
 else
-    echo "smoke:   skipped: this build has no 'outpost fleet' yet (issue 6)"
+    echo "smoke:   skipped: this build has no 'outpost fleet' (issue 6)"
 fi
 
 begin "SIGTERM: drain and exit 0"
