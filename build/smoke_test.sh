@@ -63,6 +63,14 @@ begin "version"
 out=$(outpost --version) || fail "exit $?"
 expect "outpost " "$out"
 
+begin "firmware profiles are bundled (where the build has them)"
+if outpost --help | grep -q -E '^ +profiles '; then
+    out=$(outpost profiles list) || fail "exit $?: $out"
+    expect "x86-cpu" "$out"; expect "jetson-orin-nano-8gb" "$out"
+else
+    echo "smoke:   skipped: this build has no 'outpost profiles' (issue 5)"
+fi
+
 begin "serve --demo (config from the environment: OUTPOST_DATA_DIR)"
 "${ENV[@]}" "$EXE" serve --demo --log-format json > "$log" 2>&1 &
 server_pid=$!
