@@ -8,10 +8,10 @@ import time
 
 from appliance.config import Config
 from appliance.models import ModelManager
+from appliance.profiles import choose_engine, resolve
 from appliance.repository import Repository
-from appliance.server import SocketServer, run_until_signalled
+from appliance.server import SocketServer, install_stop_signals
 from appliance.service import Service
-from engines import select_engine
 
 log = logging.getLogger("outpost.app")
 
@@ -19,13 +19,23 @@ log = logging.getLogger("outpost.app")
 async def serve(config: Config, ready_hook=None) -> int:
     """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0."""
     t0 = time.monotonic()
+    stop = install_stop_signals()  # before anything listens: no window where TERM kills
     repo = Repository(config.data_path)
     repo.clean_staging()
-    engine, reason = select_engine(config.engine)
+    detection = resolve(config.profile)
+    log.info("profile", extra={"profile": detection.profile.name, "source": detection.source,
+                               "reason": detection.reason})
+    engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
     await manager.load_all()
     service = Service(manager, config.server.max_frame_bytes)
+    http = None
+    if config.http.address:  # before the socket, so a socket that answers means both do
+        from appliance.http import HttpServer  # noqa: PLC0415  (off by default)
+
+        http = HttpServer(service, config)
+        await http.start()
     server = SocketServer(service, config)
     await server.start()
     if ready_hook is not None:
@@ -34,12 +44,13 @@ async def serve(config: Config, ready_hook=None) -> int:
         "socket": str(server.socket_path),
         "tcp": f"{server.tcp_address[0]}:{server.tcp_address[1]}" if server.tcp_address
         else None,
+        "http": http.url if http else None,
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
-    await run_until_signalled(server)
+    await stop.wait()
     log.info("stopping: draining in-flight requests")
     service.draining = True
-    await server.stop()
+    await asyncio.gather(server.stop(), *([http.stop()] if http else []))
     await manager.unload_all()
     repo.close()
     log.info("stopped")

@@ -30,6 +30,8 @@ from engines.base import Session
 from engines.errors import EngineError
 
 QUEUED, RUNNING, DONE = 0, 1, 2
+INLINE_MAX_S = 100e-6  # a batch this quick runs on the event loop, not a worker thread
+INLINE_MIN_SAMPLES = 16
 
 # done(outputs, error): exactly one of them is None. Called on the event loop thread.
 DoneCallback = Callable[[dict | None, OutpostError | None], None]
@@ -157,6 +159,8 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._drained: asyncio.Event | None = None
+        self._timed = 0  # batches timed so far
+        self._compute_ewma_s = 1.0  # moving average of a batch's engine time
 
     # -- the scheduler's contract -----------------------------------------------------
 
@@ -337,6 +341,15 @@ class DynamicBatcher:
 
     def _dispatch(self, instance: ModelInstance, batch: list[InferRequest]) -> None:
         loop = self._loop
+        if self._inline_ok(instance):
+            # Tiny models: two thread hand-offs would cost more than the run itself.
+            t0 = time.perf_counter()
+            try:
+                result: list | BaseException = run_batch(instance.session, batch)
+            except BaseException as exc:
+                result = exc
+            self._complete(instance, batch, result, time.perf_counter() - t0)
+            return
 
         def job() -> None:
             t0 = time.monotonic()
@@ -349,8 +362,22 @@ class DynamicBatcher:
 
         instance.submit(job)
 
+    def _inline_ok(self, instance: ModelInstance) -> bool:
+        """Run on the loop itself: only sessions that allow it, only once enough batches
+        have shown the model to be far cheaper than a thread hand-off."""
+        return (instance.session.inline_ok and self._timed >= INLINE_MIN_SAMPLES
+                and self._compute_ewma_s < INLINE_MAX_S)
+
     def _finished(self, instance: ModelInstance, batch: list[InferRequest],
                   result, compute_s: float) -> None:
+        self._complete(instance, batch, result, compute_s)
+        if self._queued:
+            self._schedule()
+
+    def _complete(self, instance: ModelInstance, batch: list[InferRequest],
+                  result, compute_s: float) -> None:
+        self._timed += 1
+        self._compute_ewma_s += (compute_s - self._compute_ewma_s) * 0.1
         self._running -= len(batch)
         if instance in self._instances:
             self._idle.append(instance)
@@ -376,8 +403,6 @@ class DynamicBatcher:
                                             compute_s)
                     r.done(outputs, None)
         self._check_drained()
-        if self._queued:
-            self._schedule()
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self.inflight_count():

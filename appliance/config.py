@@ -7,6 +7,7 @@ result. Sizes and times carry their unit in the key name.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,45 @@ class ServerConfig:
             raise ValueError("max_connections and max_inflight_per_connection must be >= 1")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The Open Inference Protocol v2 endpoint (docs/http.md); off unless address is set."""
+
+    address: str = ""  # "HOST:PORT"; "" keeps HTTP off
+    public: bool = False  # false: address must be loopback (127.0.0.0/8, ::1, localhost)
+    admin_token: str = ""  # when set, model control needs "Authorization: Bearer <token>"
+    admin_token_file: str = ""  # read the admin token from this file instead (first line)
+    max_body_bytes: int = DEFAULT_MAX_FRAME_BYTES  # larger requests get 413, unread
+    request_timeout_s: float = 60.0  # body read + queue + run; past it: 504
+    max_inflight: int = 1024  # concurrent HTTP requests; past it: 503
+
+    def check(self) -> None:
+        if self.address:
+            host, _ = parse_host_port(self.address, "address")
+            if not self.public and not is_loopback(host):
+                raise ValueError(
+                    f"address {self.address!r} is not a loopback address; set http.public = "
+                    f"true to serve beyond this machine (and set http.admin_token)")
+        if self.admin_token and self.admin_token_file:
+            raise ValueError("set admin_token or admin_token_file, not both")
+        if not 1024 <= self.max_body_bytes <= 1 << 31:
+            raise ValueError("max_body_bytes must lie in 1024..2147483648")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+
+    def token(self) -> str:
+        """The admin token ('' for none), read from admin_token_file where that is set."""
+        if self.admin_token_file:
+            try:
+                return Path(self.admin_token_file).read_text().strip().splitlines()[0]
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"http.admin_token_file {self.admin_token_file}: can't read "
+                                  f"a token from it") from exc
+        return self.admin_token
 
 
 @dataclass(frozen=True)
@@ -107,6 +147,7 @@ class Config:
     profile: str = "auto"  # a firmware profile name, or auto-detect
     engine: str = "auto"  # auto | onnxruntime | tensorrt
     server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)
@@ -146,6 +187,15 @@ def parse_host_port(text: str, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def default_data_dir() -> Path:
     if os.environ.get("OUTPOST_DATA_DIR"):
         return Path(os.environ["OUTPOST_DATA_DIR"])
@@ -173,6 +223,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
             node = node.setdefault(p, {})
         node[leaf] = value
     config = from_mapping(Config, data, where)
+    config = _with_profile_defaults(config, data, where)
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
     socket_path = (
         Path(config.server.socket_path).expanduser()
@@ -184,3 +235,23 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         data_dir=str(data_dir.absolute()),
         server=dataclasses.replace(config.server, socket_path=str(socket_path.absolute())),
     )
+
+
+def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
+    """Batching and thread defaults from the firmware profile, where the config is silent."""
+    from appliance.profiles import resolve  # noqa: PLC0415
+
+    try:
+        profile = resolve(config.profile).profile
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    given_b, given_t = data.get("batching", {}), data.get("threads", {})
+    batching = dataclasses.replace(config.batching, **{
+        k: v for k, v in dataclasses.asdict(profile.batching).items() if k not in given_b})
+    threads = dataclasses.replace(config.threads, **{
+        k: v for k, v in dataclasses.asdict(profile.threads).items() if k not in given_t})
+    residency = config.residency
+    if "memory_budget_mb" not in data.get("residency", {}):
+        residency = dataclasses.replace(residency,
+                                        memory_budget_mb=profile.memory.model_budget_mb)
+    return dataclasses.replace(config, batching=batching, threads=threads, residency=residency)

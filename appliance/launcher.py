@@ -60,6 +60,22 @@ class ServerProcess:
         raise Unavailable(f"the server was not ready within {timeout_s} s; its log: "
                           f"{self.log_path}\n{self.log_tail()}")
 
+    def ready_record(self, timeout_s: float = 10.0) -> dict:
+        """The server's "ready" log line (JSON): where it listens, what it loaded."""
+        import json
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("msg") == "ready":
+                    return record
+            time.sleep(0.05)
+        raise Unavailable(f"no ready line in {self.log_path}:\n{self.log_tail()}")
+
     def log_tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

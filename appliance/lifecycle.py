@@ -33,10 +33,19 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.model_config import ModelConfig
+from appliance.profiles import Profile
 from appliance.protocol import DTYPE_OF_NAME, decode_tensor
 from appliance.repository import VersionRecord
 from appliance.stats import VersionStats
-from engines import BuildOptions, Engine, EngineError, RuntimeOptions, Session, TensorSpec
+from engines import (
+    BuildOptions,
+    Engine,
+    EngineError,
+    RuntimeOptions,
+    Session,
+    ShapeRange,
+    TensorSpec,
+)
 
 log = logging.getLogger("outpost.models")
 
@@ -51,11 +60,22 @@ class VersionState(enum.Enum):
     FAILED = "failed"
 
 
-def build_options(config: ModelConfig) -> BuildOptions:
+def build_options(config: ModelConfig, profile: Profile | None = None) -> BuildOptions:
+    """The model's batch range and input shapes, and the device's build fields from its
+    firmware profile. An input whose dims config.toml fixes gets that shape for every batch
+    size (TensorRT needs a range for each dynamic dim the graph leaves open)."""
     mbs = config.max_batch_size or 0
     preferred = config.dynamic_batching.preferred_batch_sizes
-    return BuildOptions(max_batch_size=mbs,
-                        opt_batch_size=max(preferred) if preferred else max(1, mbs // 2))
+    opt = max(preferred) if preferred else max(1, mbs // 2)
+    ranges = {}
+    for t in config.input:
+        dims = tuple(t.dims or ())
+        if -1 in dims:
+            continue  # left open: the builder says which dim needs fixing
+        ranges[t.name] = (ShapeRange((1, *dims), (opt, *dims), (mbs, *dims)) if mbs
+                          else ShapeRange(dims, dims, dims))
+    device = profile.build_fields() if profile is not None else {}
+    return BuildOptions(max_batch_size=mbs, opt_batch_size=opt, shape_ranges=ranges, **device)
 
 
 def check_session(session: Session, config: ModelConfig, where: str) -> None:
@@ -205,10 +225,11 @@ class LoadedVersion(ServedVersion):
     def __repr__(self) -> str:
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
 
-    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions) -> None:
+    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
+                   profile: Profile | None = None) -> None:
         """Prepare, create and warm every instance; READY only when all are warm."""
         where = f"model '{self.name}' version {self.version}"
-        opts = build_options(self.config)
+        opts = build_options(self.config, profile)
         try:
             artifact = await asyncio.to_thread(
                 engine.prepare, self.record.model_file, opts, cache_dir)

@@ -31,6 +31,7 @@ from appliance.lifecycle import (  # noqa: F401 - re-exported for callers of thi
     build_options,
 )
 from appliance.model_config import ModelConfig
+from appliance.profiles import resolve
 from appliance.repository import Repository, VersionRecord
 from appliance.traffic import ShadowStats, TrafficPolicy, pick
 from engines import Engine, RuntimeOptions
@@ -63,6 +64,7 @@ class ModelManager:
         self.routed: dict[str, dict[int, int]] = {}
         self.shadows: dict[str, ShadowStats] = {}
         self.budget_bytes = config.residency.memory_budget_mb << 20
+        self.profile = resolve(config.profile).profile  # its build fields, for every model
         self.unload_timeout_s = config.server.drain_timeout_s
         self._configs: dict[str, ModelConfig] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -163,7 +165,7 @@ class ModelManager:
         try:
             await self._make_room(lv)
             if isinstance(lv, LoadedVersion):
-                await lv.load(self.engine, self.repo.engines_dir, self.runtime)
+                await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile)
             else:
                 await lv.load()
         except OutpostError as exc:

@@ -107,22 +107,17 @@ class Repository:
         return VersionRecord(row["model"], row["version"], row["state"], Path(row["path"]),
                              row["sha256"], row["created_at"])
 
+    def _record(self, row: dict) -> ModelRecord:
+        versions = tuple(self._version(r) for r in self.db.query(
+            "select * from versions where model = ? order by version", [row["name"]]))
+        return ModelRecord(row["name"], row["active_version"], versions)
+
     def models(self) -> list[ModelRecord]:
-        out = []
-        for m in self.db.query("select * from models order by name"):
-            versions = tuple(
-                self._version(r)
-                for r in self.db.query(
-                    "select * from versions where model = ? order by version", [m["name"]]
-                )
-            )
-            out.append(ModelRecord(m["name"], m["active_version"], versions))
-        return out
+        return [self._record(m) for m in self.db.query("select * from models order by name")]
 
     def model(self, name: str) -> ModelRecord:
-        for m in self.models():
-            if m.name == name:
-                return m
+        for row in self.db.query("select * from models where name = ?", [name]):
+            return self._record(row)
         raise NotFound(f"model '{name}' is not in the repository at {self.data_dir}; "
                        f"'outpost models list' shows what is")
 

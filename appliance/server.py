@@ -281,6 +281,10 @@ class SocketServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.server.tcp and not self.token:  # refuse before listening at all
+            raise ConfigError(
+                "server.tcp is set but no token is configured: TCP connections must "
+                "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(path)
@@ -289,10 +293,6 @@ class SocketServer:
         os.chmod(path, int(self.config.server.socket_mode, 8))
         self.listeners.append(unix)
         if self.config.server.tcp:
-            if not self.token:
-                raise ConfigError(
-                    "server.tcp is set but no token is configured: TCP connections must "
-                    "authenticate; set server.token, server.token_file or OUTPOST_TOKEN")
             host, port = parse_host_port(self.config.server.tcp, "server.tcp")
             tcp = await loop.create_server(lambda: Connection(self, needs_hello=True),
                                            host, port, backlog=1024)
@@ -352,11 +352,10 @@ def _clear_stale_socket(path: Path) -> None:
                       f"server.socket_path")
 
 
-async def run_until_signalled(server: SocketServer, on_ready=None) -> None:
+def install_stop_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a graceful stop), from now on."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready()
-    await stop.wait()
+    return stop

@@ -133,9 +133,13 @@ class Service:
             reply({"model": name, "version": version,
                    "outputs": {n: encode_tensor(outputs[n]) for n in names}}, None)
 
-        feeds = decode_inputs(msg.get("inputs"))
-        request = lv.request_from_arrays(feeds, msg.get("priority"), msg.get("timeout_ms"),
-                                         done, tag)
+        try:
+            feeds = decode_inputs(msg.get("inputs"))
+            request = lv.request_from_arrays(feeds, msg.get("priority"),
+                                             msg.get("timeout_ms"), done, tag)
+        except OutpostError as exc:  # counted like any failure, on every transport
+            lv.stats.request_failed(exc.code)
+            raise
         lv.submit(request)
         if shadow is not None:
             on_live = self.manager.shadow_copy(name, shadow, feeds)

@@ -105,6 +105,9 @@ class Session(abc.ABC):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int  # 0: no batch dimension
+    # True when run() may be called from any thread (the serving loop runs very quick
+    # models inline). GPU sessions bound to a thread's CUDA context leave it False.
+    inline_ok: bool = False
 
     @abc.abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,14 +2,25 @@
 
 The key hashes everything that makes a prepared artifact valid on a device
 (DESIGN section 3), and nothing else, so a restart finds what it built before.
+``get_or_build`` builds a key once however many threads or processes ask for it, and never
+serves a file its sidecar or the engine disowns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from engines.base import file_sha256
+
+log = logging.getLogger("outpost.engines")
 
 
 def cache_key(
@@ -33,7 +44,8 @@ def cache_key(
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # pid and thread: two builds in one process may write the same timing cache at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -48,3 +60,74 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- building an artifact once ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def key_lock(cache_dir: Path, key: str) -> Iterator[None]:
+    """Hold the build lock of ``key``: across threads and processes (flock on a lock file;
+    every ``open`` is its own lock holder, so threads of one process exclude each other)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads(meta_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def get_or_build(
+    cache_dir: Path,
+    key: str,
+    suffix: str,
+    build: Callable[[], bytes],
+    *,
+    meta: dict,
+    usable: Callable[[Path], str | None] = lambda _path: None,
+) -> tuple[Path, bool]:
+    """The cached artifact of ``key``, built by ``build()`` once if it is missing or bad.
+
+    Returns ``(path, built)``. Under the key's lock: a cached file is served only when its
+    sidecar (``<file>.json``) holds this ``meta`` and the file's sha256, and ``usable(path)``
+    returns no complaint (TensorRT: the plan deserializes); otherwise it is removed and
+    rebuilt. Concurrent callers of one key wait for the first, then find its result.
+    """
+    path = cache_dir / f"{key}{suffix}"
+    with key_lock(cache_dir, key):
+        if path.exists():
+            complaint = _stale(path, meta) or usable(path)
+            if complaint is None:
+                return path, False
+            log.warning("cached artifact rebuilt", extra={"path": str(path),
+                                                          "reason": complaint})
+            path.unlink(missing_ok=True)
+            meta_path(path).unlink(missing_ok=True)
+        data = build()
+        atomic_write_bytes(path, data)
+        sidecar = {**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        atomic_write_bytes(meta_path(path), json.dumps(sidecar, indent=1).encode())
+        return path, True
+
+
+def _stale(path: Path, meta: dict) -> str | None:
+    recorded = read_meta(path)
+    if recorded is None:
+        return "its sidecar is missing or unreadable"
+    if {k: recorded.get(k) for k in meta} != meta:
+        return "it was built for another device, engine version or build settings"
+    if recorded.get("sha256") != file_sha256(path):
+        return "its contents do not match the sha256 recorded when it was built"
+    return None

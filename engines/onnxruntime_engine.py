@@ -59,6 +59,8 @@ def _spec(arg, where: str) -> TensorSpec:
 
 
 class OnnxRuntimeSession(Session):
+    inline_ok = True  # an InferenceSession may be run from any thread
+
     def __init__(self, sess, max_batch_size: int):
         self._sess = sess
         self.inputs = tuple(_spec(a, "input") for a in sess.get_inputs())

@@ -189,9 +189,9 @@ def _free_port() -> int:
 def test_tcp_and_token(repo_with_demo):
     token_file = repo_with_demo / "token"
     token_file.write_text("s3cret-token\n")
-    port = _free_port()
     proc = ServerProcess(repo_with_demo, extra_args=[
-        "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file)]).start(timeout_s=60)
+        "--tcp", "127.0.0.1:0", "--token-file", str(token_file)]).start(timeout_s=60)
+    port = int(proc.ready_record()["tcp"].rsplit(":", 1)[1])
     # With a token configured the Unix socket wants hello first too.
     try:
         tcp = f"127.0.0.1:{port}"

@@ -168,3 +168,41 @@ def test_a_hanging_shadow_does_not_hold_live_latency(short_tmp):
     assert sh["dropped"] + sum(sh["errors"].values()) + sh["compared"] == 120
     # The live path shares the CPU with the shadow's work but never waits on it.
     assert shadowed < base + 2.0, (base, shadowed)
+
+
+def test_http_admin_and_metrics_for_traffic(versions):
+    import json
+    import urllib.error
+    import urllib.request
+
+    cfg = versions / "outpost.toml"
+    cfg.write_text('[http]\naddress = "127.0.0.1:0"\nadmin_token = "adm"\n')
+    with ServerProcess(versions, extra_args=["--config", str(cfg)]) as server:
+        base = server.ready_record()["http"]
+
+        def post(path, body, token="adm"):
+            req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         method="POST",
+                                         headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+
+        assert post("/v2/repository/models/m/activate", {"version": 2})["previous"] == 1
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post("/v2/repository/models/m/activate", {"version": 1}, token="nope")
+        assert e.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post("/v2/repository/models/m/traffic",
+                 {"policy": {"split": [{"version": 2, "fraction": 0.5}]}})
+        assert e.value.code == 400 and b"adds up" in e.value.read()
+        r = post("/v2/repository/models/m/traffic", {"policy": {"shadow": 5}})
+        assert r["traffic"]["shadow"] == 5
+        with Client(server.socket_path) as c:
+            for _ in range(6):
+                assert c.infer("m", {"x": X}).version == 2
+        time.sleep(0.3)
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        assert 'outpost_routed_requests_total{model="m",version="2"} 6.0' in text
+        assert 'outpost_shadow_compared_total{model="m"} 6.0' in text
+        assert 'outpost_shadow_max_abs_diff{model="m"} 3.0' in text

@@ -19,6 +19,9 @@ COMMANDS = (
     "appliance.cli.infer_cmd",
     "appliance.cli.config_cmd",
     "appliance.cli.demo_cmd",
+    "appliance.cli.compile_cmd",
+    "appliance.cli.profiles_cmd",
+    "appliance.cli.info_cmd",
     "appliance.cli.install_cmd",
 )
 

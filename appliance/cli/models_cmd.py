@@ -50,12 +50,47 @@ def add_model(args) -> int:
     repo, config = _repo(args)
     record = repo.add(args.name, args.model, version=args.version,
                       config_path=args.model_config, samples_path=args.samples,
-                      defaults=config.batching, activate=not args.stage)
+                      defaults=config.batching, activate=False)
+    engine_note = _prepare_engine(repo, config, record)
+    if not args.stage:
+        repo.set_active(record.model, record.version)
     cfg = record.config()
     print(f"added {record.model} version {record.version} "
           f"(max_batch_size {cfg.max_batch_size}, inputs "
-          f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())})")
+          f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())}; "
+          f"{engine_note})")
     return 0
+
+
+def _prepare_engine(repo, config, record) -> str:
+    """Build (or find) the engine for this device's profile now, not at the first load.
+
+    A model that will not build is removed again, with one error saying why and what to try.
+    """
+    from appliance.cli.progress import BuildProgressBar  # noqa: PLC0415
+    from appliance.errors import FailedPrecondition  # noqa: PLC0415
+    from appliance.models import build_options  # noqa: PLC0415
+    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
+    from engines import EngineError  # noqa: PLC0415
+
+    detection = resolve(config.profile)
+    engine, _reason = choose_engine(config.engine, detection)
+    bar = BuildProgressBar() if engine.kind == "tensorrt" else None
+    if bar is not None:
+        engine.progress = bar
+    try:
+        artifact = engine.prepare(record.model_file,
+                                  build_options(record.config(), detection.profile),
+                                  repo.engines_dir)
+    except EngineError as exc:
+        repo.remove(record.model, record.version)
+        raise FailedPrecondition(
+            f"model '{record.model}' was not added: its {engine.kind} engine for profile "
+            f"{detection.profile.name} could not be prepared: {exc}") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    return f"{engine.kind} engine for profile {detection.profile.name}: {artifact.path.name}"
 
 
 def list_models(args) -> int:

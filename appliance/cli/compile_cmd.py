@@ -1,0 +1,116 @@
+"""`outpost compile model.onnx --profile NAME [-o out.plan]`: build a TensorRT plan.
+
+The plan is built on this host's GPU with the profile's build fields (precision,
+workspace, optimisation level, DLA core) and the model's batch range; it runs on GPUs of
+the same model and TensorRT version (or later ones, with version_compatible).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from appliance.cli.common import add_config_options, config_from_args
+from appliance.cli.progress import BuildProgressBar
+from appliance.errors import FailedPrecondition, InvalidArgument
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile", help="build a TensorRT engine (plan) for a firmware profile")
+    add_config_options(p, flag="--appliance-config")
+    p.add_argument("model", type=Path, help="path to model.onnx")
+    p.add_argument("--profile", required=True,
+                   help="firmware profile whose build settings to use ('outpost profiles "
+                        "list' shows them)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="where to write the plan (default: MODEL.PROFILE.plan beside it)")
+    p.add_argument("--config", dest="model_config", type=Path,
+                   help="the model's config.toml (max_batch_size, tensor dims)")
+    p.add_argument("--no-progress", action="store_true", help="print no progress bar")
+    p.set_defaults(func=compile_model)
+
+
+def compile_model(args, engine=None) -> int:
+    from appliance.model_config import complete, load_model_config  # noqa: PLC0415
+    from appliance.models import build_options  # noqa: PLC0415
+    from appliance.profiles import load_profile  # noqa: PLC0415
+    from engines.cache import atomic_write_bytes  # noqa: PLC0415
+
+    profile = load_profile(args.profile)
+    if profile.engine.kind != "tensorrt":
+        raise FailedPrecondition(
+            f"profile {profile.name} serves with {profile.engine.kind}; there is no TensorRT "
+            f"plan to compile for it: pick a TensorRT profile ('outpost profiles list')")
+    model = Path(args.model)
+    if not model.is_file():
+        raise InvalidArgument(f"{model}: no such model file")
+    config = config_from_args(args, profile=profile.name)
+    model_config = complete(load_model_config(args.model_config), model, config.batching,
+                            str(args.model_config or model))
+    options = build_options(model_config, profile)
+    if engine is None:
+        engine = _tensorrt_here()
+    _warn_other_gpu(engine.gpu, profile)
+    out = args.output or model.with_name(f"{model.stem}.{profile.name}.plan")
+    timing = Path(config.data_dir) / "engines"
+    timing.mkdir(parents=True, exist_ok=True)
+    bar = None if args.no_progress else BuildProgressBar()
+    t0 = time.monotonic()
+    plan = _build_interruptibly(engine, model, options, engine.timing_cache_path(timing), bar)
+    atomic_write_bytes(out, plan)
+    print(f"wrote {out} ({len(plan) / (1 << 20):.1f} MiB): {model.name} for {engine.gpu.name} "
+          f"({engine.gpu.sm}) with TensorRT {engine.version()}, profile {profile.name} "
+          f"(precision {options.precision}, batch 1..{options.max_batch_size or 1}), "
+          f"built in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def _tensorrt_here():
+    from engines import EngineUnavailable  # noqa: PLC0415
+    from engines.tensorrt import TensorRTEngine, probe  # noqa: PLC0415
+
+    ok, reason = probe()
+    if not ok:
+        raise EngineUnavailable(f"TensorRT can't build on this host: {reason}; run "
+                                f"'outpost compile' on the target device (or one with the "
+                                f"same GPU and TensorRT version)")
+    return TensorRTEngine()
+
+
+def _warn_other_gpu(gpu, profile) -> None:
+    want = profile.device.compute_capability
+    have = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+    if want and want != have:
+        print(f"outpost: warning: profile {profile.name} is for compute capability {want} but "
+              f"this GPU ({gpu.name}) is {have}; the plan will only run on GPUs like this one",
+              file=sys.stderr)
+
+
+def _build_interruptibly(engine, model, options, timing, bar) -> bytes:
+    """Build in a worker thread, so Ctrl-C asks TensorRT to cancel instead of killing it."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["plan"] = engine.build(model, options, timing_cache=timing, progress=bar)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name="trt-build", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.cancelled = True
+        worker.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if "error" in result:
+        raise result["error"]
+    return result["plan"]

@@ -1,0 +1,188 @@
+"""The TensorRT engine: build and cache a plan per device, load it as sessions.
+
+A GPU is confirmed through the CUDA module before any TensorRT object exists: without a
+usable GPU, ``trt.Runtime`` can hand back an object that crashes the process on first use.
+Plans are cached under ``<data_dir>/engines/<key>.plan`` (key: DESIGN section 3) beside a
+sidecar naming what they were built for; a plan that does not deserialize here is rebuilt,
+never served. The timing cache is kept per device in the same folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import threading
+from pathlib import Path
+
+from engines.base import Artifact, BuildOptions, Engine, RuntimeOptions, Session, file_sha256
+from engines.cache import cache_key, get_or_build
+from engines.errors import EngineUnavailable, LoadError
+from engines.tensorrt.builder import BuildProgress, build_plan, make_logger
+from engines.tensorrt.cuda import CudaApi, GpuInfo, load_cuda, usable_gpus
+from engines.tensorrt.runtime import TensorRTSession
+
+INSTALL_HINT = "JetPack's python3-libnvinfer or pip's tensorrt provides it"
+
+
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def load_tensorrt():
+    try:
+        return importlib.import_module("tensorrt")
+    except Exception as exc:  # ImportError, or its native libraries failing to load
+        raise EngineUnavailable(f"the tensorrt Python package is not usable ({exc}); "
+                                f"{INSTALL_HINT}") from exc
+
+
+def probe(*, trt=None, cuda: CudaApi | None = None) -> tuple[bool, str]:
+    """Whether TensorRT can serve here, and a sentence saying why or why not."""
+    if trt is None and not tensorrt_installed():
+        return False, f"the tensorrt Python package is not installed ({INSTALL_HINT})"
+    try:
+        api = cuda or load_cuda()
+        gpu = usable_gpus(api)[0]
+    except EngineUnavailable as exc:
+        return False, f"no usable NVIDIA GPU ({exc})"
+    try:
+        trt = trt or load_tensorrt()
+    except EngineUnavailable as exc:
+        return False, str(exc)
+    return True, (f"TensorRT {trt.__version__} is installed and GPU 0 is {gpu.name} "
+                  f"({gpu.sm}, {gpu.total_memory_bytes >> 20} MiB, via {api.name})")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+class TensorRTEngine(Engine):
+    kind = "tensorrt"
+
+    def __init__(self, *, trt=None, cuda: CudaApi | None = None, device_index: int = 0,
+                 progress: BuildProgress | None = None):
+        self._trt = trt
+        self._cuda = cuda
+        self._gpu: GpuInfo | None = None
+        self.device_index = device_index
+        self.progress = progress
+        self._runtime = None
+        self._logger = None
+        # Deserialized engines, shared by a version's instances; dropped (freeing the
+        # weights on the device) when the last session made from one is closed.
+        self._engines: dict[tuple[Path, str], object] = {}
+        self._users: dict[tuple[Path, str], int] = {}
+        self._lock = threading.Lock()
+
+    # -- the device, checked before TensorRT -------------------------------------------
+
+    def _ready(self):
+        """(trt, cuda, gpu), having confirmed the GPU first."""
+        with self._lock:
+            if self._gpu is None:
+                cuda = self._cuda or load_cuda()
+                gpus = usable_gpus(cuda)
+                if self.device_index >= len(gpus):
+                    raise EngineUnavailable(f"GPU {self.device_index} asked for but the driver "
+                                            f"reports {len(gpus)}")
+                self._cuda, self._gpu = cuda, gpus[self.device_index]
+            if self._trt is None:
+                self._trt = load_tensorrt()
+            return self._trt, self._cuda, self._gpu
+
+    @property
+    def gpu(self) -> GpuInfo:
+        return self._ready()[2]
+
+    def version(self) -> str:
+        return str(self._ready()[0].__version__)
+
+    def device_fields(self) -> dict:
+        gpu = self.gpu
+        return {"gpu": gpu.name, "compute_capability": list(gpu.compute_capability)}
+
+    def key_for(self, source_sha256: str, options: BuildOptions) -> str:
+        return cache_key(source_sha256=source_sha256, kind=self.kind,
+                         engine_version=self.version(), device=self.device_fields(),
+                         build_fields=options.cache_fields())
+
+    def timing_cache_path(self, cache_dir: Path) -> Path:
+        gpu = self.gpu
+        return cache_dir / f"timing-{_slug(gpu.name)}-{gpu.sm}-trt{self.version()}.cache"
+
+    # -- build ---------------------------------------------------------------------------
+
+    def build(self, model_path: Path, options: BuildOptions, *,
+              timing_cache: Path | None = None,
+              progress: BuildProgress | None = None) -> bytes:
+        """A plan for this GPU, not cached (``outpost compile``)."""
+        trt, cuda, gpu = self._ready()
+        with cuda.activate(gpu.index):
+            return build_plan(trt, Path(model_path), options, timing_cache=timing_cache,
+                              progress=progress or self.progress)
+
+    def prepare(self, model_path: Path, options: BuildOptions, cache_dir: Path) -> Artifact:
+        model_path, cache_dir = Path(model_path), Path(cache_dir)
+        source_sha = file_sha256(model_path)
+        key = self.key_for(source_sha, options)
+        meta = {"kind": self.kind, "engine_version": self.version(),
+                "device": self.device_fields(), "source_sha256": source_sha,
+                "build": options.cache_fields()}
+        timing = self.timing_cache_path(cache_dir)
+        path, _built = get_or_build(
+            cache_dir, key, ".plan",
+            lambda: self.build(model_path, options, timing_cache=timing),
+            meta=meta, usable=lambda p: self._deserialize_complaint(p, options))
+        return Artifact(self.kind, path, key, source_sha)
+
+    # -- load ----------------------------------------------------------------------------
+
+    def _deserialize(self, path: Path, options: BuildOptions):
+        """(key, the ICudaEngine of ``path``) deserialized once; None when TensorRT refuses."""
+        trt, cuda, gpu = self._ready()
+        key = (path, file_sha256(path))
+        with self._lock:
+            cached = self._engines.get(key)
+            if cached is not None:
+                return key, cached
+            with cuda.activate(gpu.index):
+                if self._runtime is None:
+                    self._logger = make_logger(trt)
+                    self._runtime = trt.Runtime(self._logger)
+                if options.version_compatible:
+                    # Version-compatible plans embed a lean runtime; ours are built here.
+                    self._runtime.engine_host_code_allowed = True
+                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is not None:
+                self._engines[key] = engine
+            return key, engine
+
+    def _deserialize_complaint(self, path: Path, options: BuildOptions) -> str | None:
+        if self._deserialize(path, options)[1] is not None:
+            return None
+        said = " | ".join(self._logger.errors()[-2:]) if self._logger else ""
+        return f"TensorRT {self.version()} could not deserialize it here" + (
+            f": {said}" if said else "")
+
+    def load(self, artifact: Artifact, options: BuildOptions, runtime: RuntimeOptions) -> Session:
+        key, engine = self._deserialize(Path(artifact.path), options)
+        if engine is None:
+            raise LoadError(f"{artifact.path} is not a TensorRT {self.version()} plan for "
+                            f"{self.gpu.name}; remove it and load again to rebuild it")
+        with self._lock:
+            self._users[key] = self._users.get(key, 0) + 1
+        try:
+            return TensorRTSession(self._trt, self._cuda, engine, self.gpu.index,
+                                   options.max_batch_size, on_close=lambda: self._release(key))
+        except BaseException:
+            self._release(key)
+            raise
+
+    def _release(self, key: tuple[Path, str]) -> None:
+        with self._lock:
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                self._engines.pop(key, None)
