@@ -15,11 +15,15 @@ EXE="$(realpath "${1:-$ROOT/dist/outpost/outpost}")"
 
 tmp="$(mktemp -d /tmp/outpost-smoke.XXXXXX)"
 server_pid=""
+started=()   # every process this script starts, stopped on exit whatever happened
 cleanup() {
-    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
+    local p
+    for p in "${started[@]}"; do
+        if kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -73,7 +77,7 @@ fi
 
 begin "serve --demo (config from the environment: OUTPOST_DATA_DIR)"
 "${ENV[@]}" "$EXE" serve --demo --log-format json > "$log" 2>&1 &
-server_pid=$!
+server_pid=$!; started+=("$server_pid")
 for _ in $(seq 600); do  # up to 60 s: the first start builds the demo models
     grep -q '"msg": "ready"' "$log" 2>/dev/null && break
     kill -0 "$server_pid" 2>/dev/null || fail "the server exited early"
@@ -149,7 +153,7 @@ start_http() {
     for try in 1 2 3 4 5; do
         port=$(( 20000 + RANDOM % 12000 ))
         "${ENV[@]}" "$EXE" "${@//\{port\}/$port}" > "$log" 2>&1 &
-        pid=$!
+        pid=$!; started+=("$pid")
         wait_http "$port" "$path" "$pid" && return 0
         kill -0 "$pid" 2>/dev/null && { kill -TERM "$pid"; wait "$pid" || true; }
         grep -q -i "address already in use" "$log" || return 1
