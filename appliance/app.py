@@ -28,6 +28,11 @@ async def serve(config: Config, ready_hook=None) -> int:
     engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
+    agent = None
+    if config.updater:  # the OTA agent (updater package), wired here at the composition root
+        from updater.cli import make_agent  # noqa: PLC0415
+
+        agent = make_agent(config, manager=manager, repo=repo, engine=engine)
     await manager.load_all()
     service = Service(manager, config.server.max_frame_bytes)
     http = None
@@ -47,7 +52,12 @@ async def serve(config: Config, ready_hook=None) -> int:
         "http": http.url if http else None,
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
+    agent_task = asyncio.create_task(agent.run_forever()) if agent is not None else None
     await stop.wait()
+    if agent_task is not None:
+        agent_task.cancel()
+        await asyncio.gather(agent_task, return_exceptions=True)
+        agent.close()
     log.info("stopping: draining in-flight requests")
     service.draining = True
     await asyncio.gather(server.stop(), *([http.stop()] if http else []))

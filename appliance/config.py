@@ -152,6 +152,8 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # [updater]: the OTA agent's table, checked key by key by updater.config.from_table
+    updater: dict[str, str | int | float | bool | dict[str, str]] = field(default_factory=dict)
 
     def check(self) -> None:
         from engines import ENGINE_KINDS  # noqa: PLC0415

@@ -22,6 +22,8 @@ COMMANDS = (
     "appliance.cli.compile_cmd",
     "appliance.cli.profiles_cmd",
     "appliance.cli.info_cmd",
+    "appliance.cli.fleet_cmd",
+    "appliance.cli.update_cmd",
     "appliance.cli.install_cmd",
 )
 

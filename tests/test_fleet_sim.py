@@ -1,0 +1,27 @@
+"""The fleet simulation, small: real fleet server, real agents over HTTP, one process.
+
+The full run (500 devices, 5% canary) is `python -m benchmarks.fleet_sim`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from updater.sim import Simulation
+
+
+def test_good_release_reaches_everyone_and_bad_canary_is_halted():
+    # Half the devices see the inputs that break v3: a 30% canary of 100 devices holds
+    # ~15 of them, so the failure share passes 10% with near certainty.
+    sim = Simulation(100, thermal_share=0.5, canary=0.3, concurrency=16)  # on /dev/shm
+    try:
+        summary = asyncio.run(sim.run())
+    finally:
+        shutil.rmtree(sim.work, ignore_errors=True)
+    assert summary["v3_state"] == "halted"
+    assert summary["final_counts"] == {"v2": 100}  # who took v3 went back to v2
+    assert summary["v3_marked_bad"] >= 1
+    assert summary["fleet_status"][next(k for k in summary["fleet_status"]
+                                        if k.startswith("identity-2-"))] == {"committed": 100}
+    assert any("fleet: halted identity v3" in line for line in sim.timeline)

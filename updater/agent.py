@@ -1,0 +1,378 @@
+"""The device agent: poll the fleet, take the version DESIGN section 5 says, safely.
+
+One pass (``check_once``): TUF refresh; the desired version of each model; for each
+change an update driven step by step through the journal (download with HTTP Range to
+staging, TUF length+hash check, unpack, stage in the repository, engine prepare,
+validation on the release's samples, activation, health watch, commit or roll back).
+Each step is journaled before it has effects, so a killed process resumes or rolls
+back on restart (``recover``). Reports queue in SQLite until the fleet takes them.
+
+Fault injection for the crash tests: OUTPOST_UPDATER_FAULT=<point> makes the process
+SIGKILL itself at that point (download-mid, download-done, stage-mid, prepare-mid,
+activate-done, watch-mid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from appliance.errors import OutpostError
+from updater.cohort import Release, desired_version
+from updater.config import UpdaterConfig, trusted_root_bytes
+from updater.errors import FetchError, HealthError, ReleaseError, TrustError, UpdaterError
+from updater.fetcher import Fetcher
+from updater.fleet_repo import releases_from_targets, target_url_path
+from updater.health import Health, verdict, window
+from updater.journal import Journal, Step, Update
+from updater.release import extract_release
+
+log = logging.getLogger("outpost.updater")
+FAULT_ENV = "OUTPOST_UPDATER_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when OUTPOST_UPDATER_FAULT names this point."""
+    if os.environ.get(FAULT_ENV) == name:
+        log.warning("fault injection: killing the process", extra={"point": name})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Agent:
+    def __init__(self, config: UpdaterConfig, data_dir: Path, host, *,
+                 fetcher: Fetcher | None = None, fault=fault_point):
+        self.config = config
+        self.host = host
+        self.data_dir = Path(data_dir)
+        self.tuf_dir = self.data_dir / "tuf"
+        self.downloads = self.data_dir / "staging" / "downloads"
+        self.unpack_root = self.data_dir / "staging" / "updates"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.data_dir / "state.db")
+        self.fetcher = fetcher or Fetcher(config.http_timeout_s, config.download_chunk_bytes)
+        self.fault = fault
+        self.device_id = config.device
+        self.base_url = config.fleet_url.rstrip("/")
+        self._tuf = None
+
+    def close(self) -> None:
+        self.journal.close()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """Recover, then poll every poll_interval_s + jitter; errors are logged, not fatal."""
+        recovered = False
+        while True:
+            try:
+                if not recovered:
+                    recovered = True
+                    for line in await self.recover():
+                        log.info("update recovered", extra={"result": line})
+                for line in await self.check_once():
+                    log.info("update", extra={"result": line})
+            except UpdaterError as exc:
+                log.error("update check failed", extra={"error": str(exc)})
+            except Exception:  # a bug here must not take the serving process down
+                log.exception("update check crashed")
+            await asyncio.sleep(self.config.poll_interval_s
+                                + random.uniform(0, self.config.poll_jitter_s))
+
+    async def recover(self) -> list[str]:
+        """Finish what a killed process left between activation and commit."""
+        out = []
+        for found in self.journal.open_updates():
+            u = found
+            if u.step is Step.WATCH:
+                u = self.journal.advance(u, Step.WATCH, "restarted during the health watch",
+                                         watch_restarts=u.watch_restarts + 1)
+                if u.watch_restarts > self.config.max_watch_restarts:
+                    u = self.journal.advance(
+                        u, Step.ROLLBACK, f"the device restarted {u.watch_restarts} times "
+                        f"during the health watch")
+            if u.step in (Step.ACTIVATE, Step.WATCH, Step.ROLLBACK):
+                out.append(await self._drive(u))
+        return out
+
+    async def check_once(self) -> list[str]:
+        """One pass: refresh, resume open updates, start the ones the metadata asks for."""
+        await self.flush_reports()
+        releases = await asyncio.to_thread(self._refresh)
+        out = []
+        for u in self.journal.open_updates():
+            want = self._desired(releases, u.model)
+            if u.step in (Step.DOWNLOAD, Step.STAGE, Step.PREPARE) and (
+                    want is None or want.version != u.version):
+                self.journal.advance(u, Step.DONE, "the fleet no longer offers it",
+                                     outcome="abandoned")
+                self._cleanup(u)
+                out.append(f"{u.model} {u.version}: abandoned (no longer offered)")
+                continue
+            out.append(await self._drive(u))
+        for model in sorted({r.model for r in releases}):
+            if any(u.model == model for u in self.journal.open_updates()):
+                continue
+            want = self._desired(releases, model)
+            current = self.host.active(model)
+            if want is None or want.version == current:
+                continue
+            out.append(await self.start_update(want, current))
+        await self.flush_reports()
+        return out
+
+    def _desired(self, releases: list[Release], model: str) -> Release | None:
+        return desired_version(releases, model, self.device_id, self.config.labels,
+                               bad=self.journal.bad(model), current=self.host.active(model))
+
+    # -- TUF -----------------------------------------------------------------------------
+
+    def _refresh(self) -> list[Release]:
+        from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+        from tuf.ngclient import Updater  # noqa: PLC0415
+
+        self.tuf_dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = None if (self.tuf_dir / "root.json").exists() \
+            else trusted_root_bytes(self.config)
+        try:
+            updater = Updater(metadata_dir=str(self.tuf_dir),
+                              metadata_base_url=f"{self.base_url}/metadata/",
+                              target_dir=str(self.downloads),
+                              target_base_url=f"{self.base_url}/targets/",
+                              fetcher=self.fetcher, bootstrap=bootstrap)
+            updater.refresh()
+            # The verified top-level targets; ngclient has no public listing of them.
+            targets = updater._trusted_set.targets  # noqa: SLF001
+        except tuf_exc.DownloadError as exc:
+            raise FetchError(f"fleet {self.base_url} unreachable: {exc}") from exc
+        except tuf_exc.RepositoryError as exc:
+            raise TrustError(f"fleet metadata from {self.base_url} rejected "
+                             f"({type(exc).__name__}): {exc}; keeping the current versions"
+                             ) from exc
+        except (OSError, ValueError) as exc:
+            raise TrustError(f"local TUF metadata in {self.tuf_dir} unusable: {exc}") from exc
+        self._tuf = updater
+        return releases_from_targets(targets)
+
+    # -- one update ----------------------------------------------------------------------
+
+    async def start_update(self, release: Release, current: int | None) -> str:
+        info = await asyncio.to_thread(self._tuf.get_targetinfo, release.target_path)
+        if info is None or "sha256" not in info.hashes:
+            raise TrustError(f"release {release.target_path} has no signed sha256 in the "
+                             f"fleet metadata")
+        if info.length > self.config.max_release_bytes:
+            raise TrustError(f"release {release.target_path} is {info.length} bytes, over "
+                             f"updater.max_release_bytes {self.config.max_release_bytes}")
+        u = self.journal.begin(release.model, release.version, release.target_path,
+                               rollout_id=release.rollout.id, length=info.length,
+                               sha256=info.hashes["sha256"], previous=current)
+        self._report(u, "downloading")
+        return await self._drive(u)
+
+    async def _drive(self, u: Update) -> str:
+        """Run ``u`` from its journaled step to the end (or until the fleet is unreachable)."""
+        where = f"{u.model} {u.previous} -> {u.version}"
+        while u.step is not Step.DONE:
+            try:
+                u = await self._step(u)
+            except FetchError as exc:  # the download resumes on the next pass
+                self.journal.note(u, str(exc))
+                return f"{where}: paused at {u.step.value} ({exc})"
+            except TrustError as exc:  # never mark bad: an attacker could block a release
+                self._discard_download(u)
+                u = self.journal.advance(u, Step.DONE, str(exc), outcome="failed")
+                self._report(u, "failed", str(exc))
+            except (ReleaseError, OutpostError) as exc:
+                if u.step in (Step.ACTIVATE, Step.WATCH):
+                    u = self.journal.advance(u, Step.ROLLBACK, str(exc))
+                    continue
+                self._mark_bad(u, str(exc))
+                u = self.journal.advance(u, Step.DONE, str(exc), outcome="failed")
+                self._report(u, "failed", str(exc))
+            except HealthError as exc:
+                u = self.journal.advance(u, Step.ROLLBACK, str(exc))
+            except Exception as exc:  # a bug of ours: leave no update half done
+                if u.step is Step.ROLLBACK:
+                    raise  # the journal keeps it; recover() retries at the next start
+                log.exception("update step crashed", extra={"step": u.step.value})
+                why = f"internal error at step {u.step.value}: {exc!r}"
+                if u.step in (Step.ACTIVATE, Step.WATCH):
+                    u = self.journal.advance(u, Step.ROLLBACK, why)
+                    continue
+                self._discard_download(u)
+                u = self.journal.advance(u, Step.DONE, why, outcome="failed")
+                self._report(u, "failed", why)
+        self._cleanup(u)
+        await self.flush_reports()
+        return f"{where}: {u.outcome}" + (f" ({u.detail})" if u.detail else "")
+
+    async def _step(self, u: Update) -> Update:
+        if u.step is Step.DOWNLOAD:
+            await asyncio.to_thread(self._download, u)
+            self._report(u, "downloaded")
+            return self.journal.advance(u, Step.STAGE)
+        if u.step is Step.STAGE:
+            await asyncio.to_thread(self._stage, u, self.host.has_version(u.model, u.version))
+            self._report(u, "staged")
+            return self.journal.advance(u, Step.PREPARE)
+        if u.step is Step.PREPARE:
+            await asyncio.to_thread(self.host.prepare_and_validate, u.model, u.version,
+                                    self._unpacked(u) / "samples.npz", self.fault)
+            self._report(u, "validated")
+            current = self.host.active(u.model)
+            base = self.host.health(u.model, current)
+            return self.journal.advance(
+                u, Step.ACTIVATE, previous=current if current != u.version else u.previous,
+                baseline=json.dumps(dataclasses.asdict(base)) if base else "")
+        if u.step is Step.ACTIVATE:
+            await self.host.activate(u.model, u.version)
+            self.fault("activate-done")
+            self._report(u, "activated")
+            return self.journal.advance(u, Step.WATCH)
+        if u.step is Step.WATCH:
+            await self._watch(u)
+            self._report(u, "committed")
+            return self.journal.advance(u, Step.DONE, outcome="committed")
+        if u.step is Step.ROLLBACK:
+            return await self._rollback(u)
+        raise AssertionError(u.step)
+
+    def _part(self, u: Update) -> tuple[Path, Path]:
+        return self.downloads / f"{u.sha256}.part", self.downloads / f"{u.sha256}.tar"
+
+    def _download(self, u: Update) -> None:
+        """Fetch the target into staging, resuming a partial file with HTTP Range."""
+        from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+        from tuf.api.metadata import TargetFile  # noqa: PLC0415
+
+        part, done = self._part(u)
+        info = TargetFile(u.length, {"sha256": u.sha256}, u.target_path)
+        if not done.exists():
+            have = part.stat().st_size if part.exists() else 0
+            if have > u.length:
+                part.unlink()
+                have = 0
+            if have < u.length:
+                if have:
+                    self.journal.note(u, f"resuming the download at byte {have}")
+                url = f"{self.base_url}/targets/{target_url_path(u.target_path, u.sha256)}"
+                start, chunks = self.fetcher.fetch_from(url, have)
+                with open(part, "r+b" if part.exists() else "wb") as f:
+                    f.seek(start)
+                    f.truncate()
+                    written = start
+                    try:
+                        for chunk in chunks:
+                            written += len(chunk)
+                            if written > u.length:
+                                raise TrustError(
+                                    f"release {u.target_path}: the fleet sent more than the "
+                                    f"{u.length} bytes its signed metadata allows")
+                            f.write(chunk)
+                            f.flush()
+                            os.fsync(f.fileno())
+                            self.fault("download-mid")
+                    except tuf_exc.DownloadError as exc:
+                        raise FetchError(f"download of {url} broke off at byte {written}: "
+                                         f"{exc}") from exc
+            with open(part, "rb") as f:
+                try:
+                    info.verify_length_and_hashes(f)
+                except tuf_exc.LengthOrHashMismatchError as exc:
+                    raise TrustError(f"release {u.target_path} failed TUF verification "
+                                     f"({exc}); it was tampered with or corrupted") from exc
+            os.replace(part, done)
+        else:  # downloaded and verified before a restart; check again, it's cheap
+            with open(done, "rb") as f:
+                try:
+                    info.verify_length_and_hashes(f)
+                except tuf_exc.LengthOrHashMismatchError as exc:
+                    raise TrustError(f"staged release {done} no longer matches its signed "
+                                     f"hash ({exc})") from exc
+        self.fault("download-done")
+
+    def _stage(self, u: Update, staged_before: bool) -> None:
+        _, done = self._part(u)
+        folder = extract_release(done, self._unpacked(u), self.config.max_release_bytes)
+        self.fault("stage-mid")
+        if staged_before:
+            return  # in the repository already (before a restart, or a fallback): immutable
+        try:
+            self.host.stage(u.model, u.version, folder)
+        except OutpostError as exc:
+            raise ReleaseError(f"release {u.model} {u.version} can't be stored: {exc}") from exc
+
+    async def _watch(self, u: Update) -> None:
+        """Compare the new version's errors and latency with the previous one's."""
+        start = self.host.health(u.model, u.version)
+        watch_s = self.config.health_window_s
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < watch_s:
+            await asyncio.sleep(min(0.5, watch_s))
+            self.fault("watch-mid")
+        end = self.host.health(u.model, u.version)
+        if start is None or end is None:
+            if getattr(self.host, "manager", None) is not None:
+                raise HealthError(f"{u.model} {u.version} is not loaded after activation")
+            return  # no server in this process: nothing served, nothing to watch
+        base = Health(**json.loads(u.baseline)) if u.baseline else None
+        why = verdict(window(start, end), base,
+                      max_error_rate_increase=self.config.health_max_error_rate_increase,
+                      max_latency_ratio=self.config.health_max_latency_ratio,
+                      min_requests=self.config.health_min_requests)
+        if why:
+            raise HealthError(why)
+
+    async def _rollback(self, u: Update) -> Update:
+        why = u.detail or "the update failed"
+        self._mark_bad(u, why)
+        if u.previous is not None and u.previous != u.version and \
+                self.host.active(u.model) != u.previous:
+            await self.host.activate(u.model, u.previous)
+        self._report(u, "rolled_back", why)
+        return self.journal.advance(u, Step.DONE, why, outcome="rolled_back")
+
+    def _mark_bad(self, u: Update, why: str) -> None:
+        self.journal.mark_bad(u.model, u.version, why)
+        self.host.mark_bad(u.model, u.version, why)
+
+    def _discard_download(self, u: Update) -> None:
+        for p in self._part(u):
+            p.unlink(missing_ok=True)
+
+    def _unpacked(self, u: Update) -> Path:
+        return self.unpack_root / f"{u.model}-{u.version}"
+
+    def _cleanup(self, u: Update) -> None:
+        self._discard_download(u)
+        shutil.rmtree(self._unpacked(u), ignore_errors=True)
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _report(self, u: Update, state: str, detail: str = "") -> None:
+        self.journal.queue_report({
+            "device_id": self.device_id, "model": u.model, "version": u.version,
+            "rollout_id": u.rollout_id, "state": state, "detail": detail[:2000],
+            "ts": time.time(), "labels": dict(self.config.labels)})
+
+    async def flush_reports(self) -> int:
+        """Send the queued reports; they stay queued while the fleet is unreachable."""
+        sent = 0
+        while queued := self.journal.queued_reports():
+            try:
+                await asyncio.to_thread(self.fetcher.post_json, self.config.reports_endpoint,
+                                        {"reports": [r for _, r in queued]})
+            except FetchError as exc:
+                log.info("reports queued", extra={"queued": len(queued), "error": str(exc)})
+                return sent
+            self.journal.drop_reports([i for i, _ in queued])
+            sent += len(queued)
+        return sent

@@ -1,0 +1,274 @@
+"""`outpost fleet ...` (the fleet manager's commands) and `outpost update check`.
+
+Registered by appliance/cli/fleet_cmd.py and update_cmd.py; heavy imports happen inside
+the command functions. Updater errors become one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from updater.errors import UpdaterError
+
+
+def _clean(func):
+    @functools.wraps(func)
+    def run(args) -> int:
+        try:
+            return func(args) or 0
+        except UpdaterError as exc:
+            print(f"outpost: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _fraction(text: str) -> float:
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in 0..1") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..1 (0.05 means 5%)")
+    return value
+
+
+def _selector(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UpdaterError(f"--selector {item!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+def register_fleet(sub) -> None:
+    p = sub.add_parser("fleet", help="publish model releases and roll them out (TUF)")
+    fs = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fs.required = True
+
+    init = fs.add_parser("init", help="make a fleet repository: keys and signed metadata")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--root-key", type=Path,
+                      help="write the root key here (default DIR/keys/root.pem); keep it "
+                           "offline")
+    for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
+        init.add_argument(f"--{role}-expiry-days", type=float, default=float(days))
+    init.set_defaults(func=_clean(fleet_init))
+
+    pub = fs.add_parser("publish", help="publish a release (not yet rolled out)")
+    pub.add_argument("dir", type=Path)
+    pub.add_argument("model", type=Path)
+    pub.add_argument("--name", required=True)
+    pub.add_argument("--version", type=int, required=True)
+    pub.add_argument("--config", type=Path, help="the model's config.toml")
+    pub.add_argument("--samples", type=Path,
+                     help="validation samples .npz (inputs/<name>, outputs/<name>); expected "
+                          "outputs are computed from the model when missing")
+    pub.set_defaults(func=_clean(fleet_publish))
+
+    ro = fs.add_parser("rollout", help="start a rollout to a fraction of the fleet")
+    ro.add_argument("dir", type=Path)
+    ro.add_argument("name")
+    ro.add_argument("version", type=int)
+    ro.add_argument("--fraction", type=_fraction, required=True)
+    ro.add_argument("--selector", action="append", metavar="KEY=VALUE",
+                    help="device labels that must match (repeat)")
+    ro.add_argument("--failure-threshold", type=_fraction, default=0.1)
+    ro.add_argument("--min-reports", type=int, default=5)
+    ro.set_defaults(func=_clean(fleet_rollout))
+
+    pr = fs.add_parser("promote", help="raise a rollout's fraction (keeps its cohort)")
+    pr.add_argument("dir", type=Path)
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--fraction", type=_fraction, required=True)
+    pr.set_defaults(func=_clean(fleet_promote))
+
+    for action, state in (("pause", "paused"), ("resume", "active"), ("halt", "halted")):
+        a = fs.add_parser(action, help=f"set a rollout {state}")
+        a.add_argument("dir", type=Path)
+        a.add_argument("name")
+        a.add_argument("version", type=int)
+        a.set_defaults(func=_clean(functools.partial(fleet_state, state=state)))
+
+    st = fs.add_parser("status", help="per rollout, how many devices report each state")
+    st.add_argument("dir", type=Path)
+    st.add_argument("name", nargs="?")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_clean(fleet_status))
+
+    sv = fs.add_parser("serve", help="serve the repository and take device reports")
+    sv.add_argument("dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8470)
+    sv.add_argument("--timestamp-check-s", type=float, default=60.0,
+                    help="how often to renew the timestamp when half its life is gone "
+                         "(0: never; devices then stop updating when it expires)")
+    sv.set_defaults(func=_clean(fleet_serve))
+
+
+def register_update(sub) -> None:
+    from appliance.cli.common import add_config_options  # noqa: PLC0415
+
+    p = sub.add_parser("update", help="the device's OTA updater")
+    us = p.add_subparsers(dest="update_command", metavar="ACTION")
+    us.required = True
+    chk = us.add_parser("check", help="one update pass against the configured fleet")
+    add_config_options(chk)
+    chk.set_defaults(func=_clean(update_check))
+
+
+def fleet_init(args) -> int:
+    from updater.fleet_repo import Expiry, init_repo  # noqa: PLC0415
+
+    expiry = Expiry(args.root_expiry_days, args.targets_expiry_days,
+                    args.snapshot_expiry_days, args.timestamp_expiry_days)
+    root_key = init_repo(args.dir, expiry=expiry, root_key_path=args.root_key)
+    print(f"fleet repository in {args.dir}\n"
+          f"  devices trust {args.dir / 'metadata' / '1.root.json'} (updater.trusted_root)\n"
+          f"  root key {root_key}: move it offline; it is needed only to rotate keys\n"
+          f"  online keys in {args.dir / 'keys'} sign targets, snapshot and timestamp")
+    return 0
+
+
+def fleet_publish(args) -> int:
+    from appliance.repository import check_model_name  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.validation import make_release_samples  # noqa: PLC0415
+
+    check_model_name(args.name)
+    if args.version < 1:
+        raise UpdaterError(f"--version {args.version} must be a positive integer")
+    repo = FleetRepo(args.dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        config, samples = make_release_samples(args.model, args.config, args.samples,
+                                               Path(tmp))
+        rel = repo.publish(args.name, args.version, args.model, config, samples)
+    print(f"published {rel.model} {rel.version} as {rel.target_path}; no device takes it "
+          f"until 'outpost fleet rollout'")
+    return 0
+
+
+def fleet_rollout(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    if args.min_reports < 1:
+        raise UpdaterError("--min-reports must be >= 1")
+    r = FleetRepo(args.dir).set_rollout(
+        args.name, args.version, new=True, fraction=args.fraction,
+        selector=_selector(args.selector), failure_threshold=args.failure_threshold,
+        min_reports=args.min_reports, state="active")
+    print(f"rollout {r.id}: {args.name} {args.version} to {r.fraction:.1%} of devices"
+          + (f" matching {r.selector}" if r.selector else ""))
+    return 0
+
+
+def fleet_promote(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    if repo.release(args.name, args.version).rollout is None:
+        raise UpdaterError(f"{args.name} {args.version} has no rollout; start one with "
+                           f"'outpost fleet rollout'")
+    r = repo.set_rollout(args.name, args.version, fraction=args.fraction)
+    print(f"rollout {r.id}: {args.name} {args.version} now {r.fraction:.1%} ({r.state})")
+    return 0
+
+
+def fleet_state(args, state: str) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    if repo.release(args.name, args.version).rollout is None:
+        raise UpdaterError(f"{args.name} {args.version} has no rollout to change")
+    r = repo.set_rollout(args.name, args.version, state=state)
+    print(f"rollout {r.id}: {args.name} {args.version} is {r.state}")
+    return 0
+
+
+def fleet_status(args) -> int:
+    from updater.fleet_db import FleetDB  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.fleet_server import status_report  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    db = FleetDB(repo.dir / "fleet.db")
+    rows = [r for r in status_report(repo, db) if args.name in (None, r["model"])]
+    db.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no releases" + (f" of {args.name}" if args.name else ""))
+    for r in rows:
+        ro = r["rollout"]
+        head = f"{r['model']} {r['version']}: " + (
+            f"{ro['state']} at {ro['fraction']:.1%} (rollout {ro['id']})" if ro
+            else "published, not rolled out")
+        devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
+        print(head + (f"; devices: {devices}" if devices else ""))
+    return 0
+
+
+def fleet_serve(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.fleet_server import run_fleet_server  # noqa: PLC0415
+
+    FleetRepo(args.dir)  # a wrong directory fails here, in one line
+    return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s)
+
+
+def update_check(args) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from appliance.cli.common import config_from_args  # noqa: PLC0415
+    from appliance.logs import setup_logging  # noqa: PLC0415
+
+    config = config_from_args(args)
+    setup_logging(config.logging.level, config.logging.format)
+    agent = make_agent(config, manager=None)
+    if agent is None:
+        raise UpdaterError("no [updater] section in the appliance config; add one with "
+                           "fleet_url and trusted_root (docs/ota.md)")
+
+    async def one_pass() -> list[str]:
+        return [*await agent.recover(), *await agent.check_once()]
+
+    try:
+        lines = asyncio.run(one_pass())
+    finally:
+        agent.close()
+        agent.host.repo.close()
+    for line in lines:
+        print(line)
+    if not lines:
+        print("up to date")
+    return 1 if any(": failed" in line or ": rolled_back" in line for line in lines) else 0
+
+
+def make_agent(config, manager=None, repo=None, engine=None):
+    """The agent for an appliance config, or None when it has no [updater] section."""
+    if not config.updater:
+        return None
+    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
+    from appliance.repository import Repository  # noqa: PLC0415
+    from updater.agent import Agent  # noqa: PLC0415
+    from updater.config import from_table  # noqa: PLC0415
+    from updater.host import ApplianceHost  # noqa: PLC0415
+
+    ucfg = from_table(config.updater, "the appliance config's [updater] table")
+    if repo is None:
+        repo = Repository(config.data_path)
+    detection = resolve(config.profile)
+    if engine is None:
+        engine, _ = choose_engine(config.engine, detection)
+    socket = None if manager is not None else config.socket
+    host = ApplianceHost(repo, engine, detection.profile, manager, socket)
+    return Agent(ucfg, config.data_path, host)

@@ -1,0 +1,67 @@
+"""The device's ``[updater]`` config section: one frozen dataclass, units in the names.
+
+``appliance.config`` keeps the section as a plain table; ``from_table`` turns it into
+this dataclass with the same clear errors (unknown key, wrong type) as the rest.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    fleet_url: str = ""  # http(s)://host:port/ of the fleet server (or any static mirror)
+    report_url: str = ""  # "": fleet_url; where POST /v1/reports goes
+    trusted_root: str = ""  # the fleet's root.json, copied in on first start
+    device_id: str = ""  # "": this host's name
+    labels: dict[str, str] = field(default_factory=dict)
+    poll_interval_s: float = 300.0
+    poll_jitter_s: float = 30.0  # each wait is poll_interval_s + uniform(0, jitter)
+    health_window_s: float = 60.0  # watch the new version this long before commit
+    health_max_error_rate_increase: float = 0.05  # vs the previous version's error rate
+    health_max_latency_ratio: float = 2.0  # p50 latency vs the previous version's
+    health_min_requests: int = 20  # fewer requests in the window: judged on errors only
+    max_watch_restarts: int = 1  # a crash during the watch more often than this: roll back
+    download_chunk_bytes: int = 65536
+    http_timeout_s: float = 30.0
+    max_release_bytes: int = 2 << 30
+
+    def check(self) -> None:
+        if not self.fleet_url.startswith(("http://", "https://")):
+            raise ValueError(f"fleet_url {self.fleet_url!r} must be an http:// or https:// URL")
+        if not self.trusted_root:
+            raise ValueError("trusted_root must name the fleet's root.json (from "
+                             "'outpost fleet init')")
+        for k in ("poll_interval_s", "poll_jitter_s", "health_window_s", "http_timeout_s"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0")
+        if self.download_chunk_bytes < 1024 or self.max_release_bytes < 1:
+            raise ValueError("download_chunk_bytes must be >= 1024 and max_release_bytes >= 1")
+
+    @property
+    def device(self) -> str:
+        return self.device_id or socket.gethostname()
+
+    @property
+    def reports_endpoint(self) -> str:
+        return (self.report_url or self.fleet_url).rstrip("/") + "/v1/reports"
+
+
+def from_table(table: dict, where: str = "config") -> UpdaterConfig:
+    from appliance.settings import from_mapping  # noqa: PLC0415
+
+    return from_mapping(UpdaterConfig, table, where, prefix="updater.")
+
+
+def trusted_root_bytes(config: UpdaterConfig) -> bytes:
+    from updater.errors import TrustError  # noqa: PLC0415
+
+    try:
+        return Path(config.trusted_root).expanduser().read_bytes()
+    except OSError as exc:
+        raise TrustError(f"updater.trusted_root {config.trusted_root}: can't be read "
+                         f"({exc.strerror}); copy the fleet's metadata/1.root.json here"
+                         ) from exc

@@ -1,0 +1,27 @@
+"""Updater errors, by cause. Each message says what, where, and what to do."""
+
+from __future__ import annotations
+
+
+class UpdaterError(Exception):
+    """Base of every updater error; ``str()`` is one line a user can act on."""
+
+
+class FleetRepoError(UpdaterError):
+    """The fleet's TUF repository on disk is missing, malformed, or the request is wrong."""
+
+
+class TrustError(UpdaterError):
+    """Metadata or an artifact failed TUF verification (signature, expiry, version, hash)."""
+
+
+class FetchError(UpdaterError):
+    """The fleet could not be reached, or answered with an HTTP error."""
+
+
+class ReleaseError(UpdaterError):
+    """A verified release is unusable here: bad archive, failed prepare or validation."""
+
+
+class HealthError(UpdaterError):
+    """The new version served worse than the previous one during the health watch."""

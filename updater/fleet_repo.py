@@ -1,0 +1,338 @@
+"""The fleet's TUF repository on disk, made and signed with python-tuf's Metadata API.
+
+Layout of a fleet directory (only ``metadata/`` and ``targets/`` are ever served)::
+
+    DIR/metadata/1.root.json, N.targets.json, N.snapshot.json, timestamp.json
+                (and unversioned copies of root, targets and snapshot for people)
+    DIR/targets/releases/<name>/<sha256>.<version>.tar   one release: model, config,
+                samples
+
+Consistent snapshots: metadata and targets are never overwritten but added under new
+names, so a device refreshing while the fleet re-signs still reads one consistent set.
+    DIR/keys/targets.pem, snapshot.pem, timestamp.pem    online keys
+    DIR/keys/root.pem      the root key: move it offline after `fleet init`
+    DIR/fleet.db           device reports (the fleet server writes it)
+
+A release is one TUF target whose ``custom`` holds ``model``, ``version`` and ``rollout``
+(DESIGN section 5). Every change of a rollout re-signs targets, snapshot and timestamp
+with the online keys under an exclusive file lock, writing each file atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from updater.cohort import Release, Rollout
+from updater.errors import FleetRepoError
+
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+SPEC_VERSION = "1.0.31"
+RELEASE_FILES = ("model.onnx", "config.toml", "samples.npz")
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long each role's metadata stays valid after it is signed, in days."""
+
+    root_days: float = 365.0
+    targets_days: float = 90.0
+    snapshot_days: float = 7.0
+    timestamp_days: float = 1.0
+
+    def of(self, role: str) -> timedelta:
+        return timedelta(days=getattr(self, f"{role}_days"))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _generate_signer():
+    from securesystemslib.signer import CryptoSigner  # noqa: PLC0415
+
+    return CryptoSigner.generate_ed25519()
+
+
+def load_signer(path: Path):
+    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+        load_pem_private_key,
+    )
+    from securesystemslib.signer import CryptoSigner  # noqa: PLC0415
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), None)
+    except FileNotFoundError as exc:
+        raise FleetRepoError(f"{path}: no such key file; the fleet's keys are made by "
+                             f"'outpost fleet init'") from exc
+    except (ValueError, TypeError) as exc:
+        raise FleetRepoError(f"{path}: not an unencrypted PEM private key: {exc}") from exc
+    return CryptoSigner(key)
+
+
+def init_repo(directory: Path, *, expiry: Expiry = Expiry(),
+              root_key_path: Path | None = None) -> Path:
+    """Make a new fleet repository: keys, root (v1) and empty targets/snapshot/timestamp."""
+    from tuf.api.metadata import Metadata, Root  # noqa: PLC0415
+
+    directory = Path(directory)
+    if (directory / "metadata" / "root.json").exists():
+        raise FleetRepoError(f"{directory} already holds a fleet repository; use another "
+                             f"directory or publish into this one")
+    keys_dir = directory / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    root_signer = _generate_signer()
+    signers = {role: _generate_signer() for role in ONLINE_ROLES}
+    root = Root(expires=_now() + expiry.of("root"), consistent_snapshot=True)
+    root.add_key(root_signer.public_key, "root")
+    for role, signer in signers.items():
+        root.add_key(signer.public_key, role)
+    md = Metadata(root)
+    md.sign(root_signer)
+    root_key_path = Path(root_key_path or keys_dir / "root.pem")
+    for path, signer in [(root_key_path, root_signer),
+                         *((keys_dir / f"{r}.pem", s) for r, s in signers.items())]:
+        _atomic_write(path, signer.private_bytes)
+        os.chmod(path, 0o600)
+    raw = md.to_bytes(_serializer())
+    _atomic_write(directory / "metadata" / "1.root.json", raw)
+    _atomic_write(directory / "metadata" / "root.json", raw)
+    (directory / "targets").mkdir(exist_ok=True)
+    _atomic_write(directory / "expiry.json", json.dumps(expiry.__dict__).encode())
+    repo = FleetRepo(directory)
+    with repo.locked():
+        repo._write_targets({}, bump=False)
+    return root_key_path
+
+
+def _serializer():
+    from tuf.api.serialization.json import JSONSerializer  # noqa: PLC0415
+
+    return JSONSerializer(compact=False)
+
+
+def target_url_path(path: str, sha256: str) -> str:
+    """``releases/m/2.tar`` -> ``releases/m/<sha256>.2.tar`` (TUF consistent snapshots)."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/{sha256}.{name}" if head else f"{sha256}.{name}"
+
+
+def release_path(name: str, version: int) -> str:
+    return f"releases/{name}/{version}.tar"
+
+
+def build_release_archive(model: Path, config: Path, samples: Path) -> bytes:
+    """The release as an uncompressed tar of exactly RELEASE_FILES, fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, src in zip(RELEASE_FILES, (model, config, samples), strict=True):
+            data = Path(src).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class FleetRepo:
+    """One fleet directory: read releases, change rollouts, re-sign."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.metadata_dir = self.dir / "metadata"
+        self.targets_dir = self.dir / "targets"
+        self.keys_dir = self.dir / "keys"
+        if not (self.metadata_dir / "root.json").is_file():
+            raise FleetRepoError(f"{self.dir}: not a fleet repository (no metadata/root.json); "
+                                 f"make one with 'outpost fleet init {self.dir}'")
+        try:
+            self.expiry = Expiry(**json.loads((self.dir / "expiry.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            self.expiry = Expiry()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise every writer (CLI commands, the fleet server's auto-halt)."""
+        with open(self.dir / ".lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _load(self, role: str):
+        from tuf.api.metadata import Metadata  # noqa: PLC0415
+
+        path = self.metadata_dir / f"{role}.json"
+        try:
+            return Metadata.from_file(str(path))
+        except Exception as exc:
+            raise FleetRepoError(f"{path}: can't be read as TUF metadata: {exc}") from exc
+
+    def releases(self) -> list[Release]:
+        return [_release(path, tf.custom) for path, tf in
+                sorted(self._load("targets").signed.targets.items())
+                if path.startswith("releases/")]
+
+    def target_file(self, path: str, sha256: str | None = None) -> Path:
+        """Where a target lives: hash-prefixed, as consistent snapshots name it."""
+        if sha256 is None:
+            sha256 = self._load("targets").signed.targets[path].hashes["sha256"]
+        return self.targets_dir / target_url_path(path, sha256)
+
+    def release(self, name: str, version: int) -> Release:
+        for rel in self.releases():
+            if rel.model == name and rel.version == version:
+                return rel
+        raise FleetRepoError(f"the fleet has no release {name} {version}; 'outpost fleet "
+                             f"status' lists the releases")
+
+    # -- writes --------------------------------------------------------------------------
+
+    def publish(self, name: str, version: int, model: Path, config: Path,
+                samples: Path) -> Release:
+        """Add the release archive as a target (no rollout yet: no device takes it)."""
+        return self.publish_archive(name, version, build_release_archive(model, config,
+                                                                         samples))
+
+    def publish_archive(self, name: str, version: int, data: bytes) -> Release:
+        """Sign ``data`` as release name/version (publish() builds it; tests craft it)."""
+        from tuf.api.metadata import TargetFile  # noqa: PLC0415
+
+        path = release_path(name, version)
+        with self.locked():
+            targets = dict(self._load("targets").signed.targets)
+            if path in targets:
+                raise FleetRepoError(f"release {name} {version} is already published; "
+                                     f"releases are immutable: publish a new version")
+            tf = TargetFile.from_data(path, data, ["sha256"])
+            _atomic_write(self.target_file(path, tf.hashes["sha256"]), data)
+            tf.unrecognized_fields["custom"] = {"model": name, "version": version,
+                                                "rollout": None}
+            targets[path] = tf
+            self._write_targets(targets)
+        return _release(path, tf.custom)
+
+    def set_rollout(self, name: str, version: int, **changes) -> Rollout:
+        """Start (fresh id), promote, pause, resume or halt a release's rollout; re-sign."""
+        path = release_path(name, version)
+        with self.locked():
+            targets = dict(self._load("targets").signed.targets)
+            tf = targets.get(path)
+            if tf is None:
+                raise FleetRepoError(f"the fleet has no release {name} {version}; publish it "
+                                     f"first with 'outpost fleet publish'")
+            current = tf.custom.get("rollout")
+            rollout = changes.pop("new", False) or current is None
+            if rollout:
+                base = Rollout(id=f"{name}-{version}-{uuid.uuid4().hex[:8]}", fraction=0.0)
+            else:
+                base = Rollout.from_custom(current)
+            fraction = changes.get("fraction", base.fraction)
+            if not 0.0 <= fraction <= 1.0:
+                raise FleetRepoError(f"fraction {fraction} must lie in 0..1")
+            if not rollout and fraction < base.fraction:
+                raise FleetRepoError(
+                    f"fraction {fraction} is below the rollout's {base.fraction}; a promote "
+                    f"only grows a cohort (halt it, or start a new rollout)")
+            if changes.get("state", "active") not in ("active", "paused", "halted"):
+                raise FleetRepoError(f"state {changes['state']!r}: active, paused or halted")
+            new = Rollout(**{**base.__dict__, **changes})
+            tf.unrecognized_fields["custom"] = {**tf.custom, "rollout": new.as_custom()}
+            self._write_targets(targets)
+        return new
+
+    def refresh_timestamp(self, min_left: timedelta) -> bool:
+        """Re-sign snapshot and timestamp if the timestamp expires within ``min_left``."""
+        with self.locked():
+            ts = self._load("timestamp")
+            if ts.signed.expires - _now() > min_left:
+                return False
+            self._write_snapshot_and_timestamp(self._load("targets").signed.version)
+            return True
+
+    def _write_targets(self, targets: dict, bump: bool = True) -> None:
+        from tuf.api.metadata import Metadata, Targets  # noqa: PLC0415
+
+        try:
+            old_version = self._load("targets").signed.version if bump else 0
+        except FleetRepoError:
+            old_version = 0
+        md = Metadata(Targets(version=old_version + 1, expires=_now() + self.expiry.of(
+            "targets"), targets=targets))
+        md.sign(load_signer(self.keys_dir / "targets.pem"))
+        raw = md.to_bytes(_serializer())
+        _atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", raw)
+        _atomic_write(self.metadata_dir / "targets.json", raw)
+        self._write_snapshot_and_timestamp(md.signed.version)
+
+    def _write_snapshot_and_timestamp(self, targets_version: int) -> None:
+        from tuf.api.metadata import Metadata, MetaFile, Snapshot, Timestamp  # noqa: PLC0415
+
+        def next_version(role: str) -> int:
+            try:
+                return self._load(role).signed.version + 1
+            except FleetRepoError:
+                return 1
+
+        snap = Metadata(Snapshot(version=next_version("snapshot"),
+                                 expires=_now() + self.expiry.of("snapshot"),
+                                 meta={"targets.json": MetaFile(targets_version)}))
+        snap.sign(load_signer(self.keys_dir / "snapshot.pem"))
+        snap_bytes = snap.to_bytes(_serializer())
+        _atomic_write(self.metadata_dir / f"{snap.signed.version}.snapshot.json", snap_bytes)
+        _atomic_write(self.metadata_dir / "snapshot.json", snap_bytes)
+        ts = Metadata(Timestamp(
+            version=next_version("timestamp"), expires=_now() + self.expiry.of("timestamp"),
+            snapshot_meta=MetaFile.from_data(snap.signed.version, snap_bytes, ["sha256"])))
+        ts.sign(load_signer(self.keys_dir / "timestamp.pem"))
+        _atomic_write(self.metadata_dir / "timestamp.json", ts.to_bytes(_serializer()))
+
+
+def _release(path: str, custom: dict) -> Release:
+    rollout = custom.get("rollout")
+    return Release(model=str(custom["model"]), version=int(custom["version"]),
+                   target_path=path,
+                   rollout=Rollout.from_custom(rollout) if rollout else None)
+
+
+def releases_from_targets(targets) -> list[Release]:
+    """The releases in a verified ``Targets`` object (the device side)."""
+    out = []
+    for path, tf in sorted(targets.targets.items()):
+        custom = tf.custom
+        if not path.startswith("releases/") or not isinstance(custom, dict):
+            continue
+        try:
+            out.append(_release(path, custom))
+        except (KeyError, TypeError, ValueError):
+            continue  # a target this agent can't read is one it doesn't take
+    return out

@@ -1,0 +1,132 @@
+"""What the agent needs of the device it updates: the appliance's repository and models.
+
+``ApplianceHost`` stages versions with ``Repository.add``, prepares and validates them
+with the device's engine, activates through the ``ModelManager`` hot swap (or the
+repository pointer when no server runs), reads health from the version's stats, and
+marks bad versions. The fleet simulation supplies its own host with the same methods.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from appliance.errors import NotFound
+from appliance.repository import Repository
+from updater.errors import ReleaseError
+from updater.health import Health
+from updater.validation import compare, read_samples, run_session
+
+
+class ApplianceHost:
+    def __init__(self, repo: Repository, engine, profile=None, manager=None,
+                 socket_path: Path | None = None):
+        self.repo = repo
+        self.engine = engine
+        self.profile = profile  # the firmware profile whose build fields engines use
+        self.manager = manager  # None: no server in this process (`outpost update check`)
+        self.socket_path = socket_path  # a server that may be running, for `update check`
+
+    def active(self, model: str) -> int | None:
+        try:
+            return self.repo.model(model).active_version
+        except NotFound:
+            return None
+
+    def has_version(self, model: str, version: int) -> bool:
+        try:
+            self.repo.version(model, version)
+            return True
+        except NotFound:
+            return False
+
+    @contextmanager
+    def _thread_repo(self):
+        """A Repository of this thread's own: SQLite connections stay in their thread."""
+        repo = Repository(self.repo.data_dir)
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+    def stage(self, model: str, version: int, folder: Path) -> None:
+        """Blocking (runs in a worker thread): copy the release into the repository."""
+        with self._thread_repo() as repo:
+            repo.add(model, folder / "model.onnx", version=version,
+                     config_path=folder / "config.toml",
+                     samples_path=folder / "samples.npz", activate=False)
+
+    def prepare_and_validate(self, model: str, version: int, release_samples: Path,
+                             fault=None) -> None:
+        """Prepare the engine for this device (cached) and check it on the samples.
+
+        The stored version's own samples.npz when it has one (a version added locally
+        may not), else the release's.
+        """
+        from appliance.lifecycle import build_options  # noqa: PLC0415
+        from engines import EngineError, RuntimeOptions  # noqa: PLC0415
+
+        where = f"release {model} {version}"
+        with self._thread_repo() as repo:
+            record = repo.version(model, version)
+        config = record.config()
+        opts = build_options(config, self.profile)
+        try:
+            artifact = self.engine.prepare(record.model_file, opts, self.repo.engines_dir)
+            if fault is not None:
+                fault("prepare-mid")
+            session = self.engine.load(artifact, opts, RuntimeOptions())
+        except EngineError as exc:
+            raise ReleaseError(f"{where}: the engine could not prepare it: {exc}") from exc
+        try:
+            samples = record.path / "samples.npz"
+            inputs, expected = read_samples(samples if samples.exists() else release_samples)
+            if not expected:
+                raise ReleaseError(f"{where}: its samples hold no expected outputs")
+            got = run_session(session, inputs)
+        except EngineError as exc:
+            raise ReleaseError(f"{where}: running the samples failed: {exc}") from exc
+        finally:
+            session.close()
+        compare(got, expected, config.validation.rtol, config.validation.atol, where)
+
+    async def activate(self, model: str, version: int) -> None:
+        if self.manager is None:
+            self._activate_offline(model, version)
+            return
+        await activate_in_manager(self.manager, model, version)
+
+    def _activate_offline(self, model: str, version: int) -> None:
+        """No server here: tell a running one over its socket, else move the pointer."""
+        if self.socket_path is not None and Path(self.socket_path).exists():
+            from appliance.client import Client  # noqa: PLC0415
+            from appliance.errors import InvalidArgument, Unavailable  # noqa: PLC0415
+
+            try:
+                with Client(self.socket_path, timeout_s=120) as client:
+                    client.call("activate", model=model, version=version)
+                return
+            except (Unavailable, InvalidArgument):
+                pass  # no server listening, or one without the activate op: the pointer
+        self.repo.set_active(model, version)
+
+    def health(self, model: str, version: int | None) -> Health | None:
+        if self.manager is None or version is None:
+            return None
+        lv = self.manager.loaded.get((model, version))
+        if lv is None or getattr(lv, "stats", None) is None:
+            return None
+        snap = lv.stats.snapshot()
+        return Health(snap["request_success"], snap["request_failure"],
+                      snap["latency_ms"]["p50"])
+
+    def mark_bad(self, model: str, version: int, why: str) -> None:
+        if self.has_version(model, version):
+            self.repo.mark(model, version, "bad", why)
+
+
+async def activate_in_manager(manager, model: str, version: int) -> None:
+    """Hot-swap ``model`` to ``version`` in a running server (``ModelManager.activate``:
+    load and warm, switch between requests, drain and unload the old one). A version
+    that fails to load raises FailedPrecondition and leaves the old one serving."""
+    await manager.activate(model, version)

@@ -1,0 +1,155 @@
+"""The update journal: every step is written to SQLite before it has effects.
+
+One row per update (model, version) with the step it is in; a process killed at any
+point finds the open row on restart and resumes or rolls back from that step. Reports
+for the fleet queue here too, until the fleet takes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+
+class Step(enum.StrEnum):
+    DOWNLOAD = "download"  # fetching into staging/downloads/<sha256>.part
+    STAGE = "stage"  # verified; unpacking and adding it to the repository
+    PREPARE = "prepare"  # in the repository; engine prepare and validation
+    ACTIVATE = "activate"  # validated; switching the active version
+    WATCH = "watch"  # active; health watch before commit
+    ROLLBACK = "rollback"  # returning to the previous version
+    DONE = "done"  # outcome says how it ended
+
+
+OUTCOMES = ("committed", "rolled_back", "failed", "abandoned")
+
+
+@dataclass(frozen=True)
+class Update:
+    id: int
+    model: str
+    version: int
+    target_path: str
+    rollout_id: str
+    length: int
+    sha256: str
+    previous: int | None
+    step: Step
+    outcome: str
+    watch_restarts: int
+    detail: str
+    baseline: str  # JSON of the previous version's health when the new one went active
+
+
+class Journal:
+    def __init__(self, path: Path):
+        # One agent uses it from the loop and, one step at a time, from worker threads.
+        self.db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False))
+        self.db.conn.execute("PRAGMA busy_timeout = 10000")
+        self.db.enable_wal()
+        with self.db.conn:
+            self.db["update_journal"].create(
+                {"id": int, "model": str, "version": int, "target_path": str,
+                 "rollout_id": str, "length": int, "sha256": str, "previous": int,
+                 "step": str, "outcome": str, "watch_restarts": int, "detail": str,
+                 "baseline": str, "started_at": float, "updated_at": float},
+                pk="id", if_not_exists=True)
+            self.db["update_steps"].create(
+                {"id": int, "update_id": int, "ts": float, "step": str, "detail": str},
+                pk="id", if_not_exists=True)
+            self.db["update_reports"].create(
+                {"id": int, "body": str}, pk="id", if_not_exists=True)
+            self.db["update_bad"].create(
+                {"model": str, "version": int, "why": str, "ts": float},
+                pk=("model", "version"), if_not_exists=True)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _row(self, row: dict) -> Update:
+        return Update(row["id"], row["model"], row["version"], row["target_path"],
+                      row["rollout_id"], row["length"], row["sha256"], row["previous"],
+                      Step(row["step"]), row["outcome"] or "", row["watch_restarts"] or 0,
+                      row["detail"] or "", row["baseline"] or "")
+
+    def open_updates(self) -> list[Update]:
+        return [self._row(r) for r in self.db.query(
+            "select * from update_journal where step != 'done' order by id")]
+
+    def get(self, update_id: int) -> Update:
+        return self._row(self.db["update_journal"].get(update_id))
+
+    def history(self, model: str | None = None) -> list[Update]:
+        rows = self.db.query("select * from update_journal order by id") if model is None \
+            else self.db.query("select * from update_journal where model = ? order by id",
+                               [model])
+        return [self._row(r) for r in rows]
+
+    def steps(self, update_id: int) -> list[tuple[str, str]]:
+        return [(r["step"], r["detail"]) for r in self.db.query(
+            "select step, detail from update_steps where update_id = ? order by id",
+            [update_id])]
+
+    def begin(self, model: str, version: int, target_path: str, *, rollout_id: str,
+              length: int, sha256: str, previous: int | None) -> Update:
+        now = time.time()
+        with self.db.conn:
+            uid = self.db["update_journal"].insert({
+                "model": model, "version": version, "target_path": target_path,
+                "rollout_id": rollout_id, "length": length, "sha256": sha256,
+                "previous": previous, "step": Step.DOWNLOAD.value, "outcome": "",
+                "watch_restarts": 0, "detail": "", "baseline": "", "started_at": now,
+                "updated_at": now,
+            }).last_pk
+            self._log(uid, Step.DOWNLOAD, "")
+        return self.get(uid)
+
+    def advance(self, update: Update, step: Step, detail: str = "", outcome: str = "",
+                **fields) -> Update:
+        """Record the step about to be taken (one transaction, before its effects)."""
+        with self.db.conn:
+            self.db["update_journal"].update(update.id, {
+                "step": step.value, "detail": detail, "outcome": outcome,
+                "updated_at": time.time(), **fields})
+            self._log(update.id, step, outcome or detail)
+        return self.get(update.id)
+
+    def note(self, update: Update, detail: str) -> None:
+        with self.db.conn:
+            self._log(update.id, update.step, detail)
+
+    def _log(self, uid: int, step: Step, detail: str) -> None:
+        self.db["update_steps"].insert({"update_id": uid, "ts": time.time(),
+                                        "step": step.value, "detail": detail})
+
+    # -- locally bad versions ------------------------------------------------------------
+
+    def mark_bad(self, model: str, version: int, why: str) -> None:
+        with self.db.conn:
+            self.db["update_bad"].upsert({"model": model, "version": version, "why": why,
+                                          "ts": time.time()}, pk=("model", "version"))
+
+    def bad(self, model: str) -> set[int]:
+        return {r["version"] for r in self.db.query(
+            "select version from update_bad where model = ?", [model])}
+
+    # -- the report queue ----------------------------------------------------------------
+
+    def queue_report(self, report: dict) -> None:
+        with self.db.conn:
+            self.db["update_reports"].insert({"body": json.dumps(report)})
+
+    def queued_reports(self, limit: int = 500) -> list[tuple[int, dict]]:
+        return [(r["id"], json.loads(r["body"])) for r in self.db.query(
+            "select * from update_reports order by id limit ?", [limit])]
+
+    def drop_reports(self, ids: list[int]) -> None:
+        with self.db.conn:
+            self.db.execute(f"delete from update_reports where id in "
+                            f"({','.join('?' * len(ids))})", ids)

@@ -1,0 +1,59 @@
+"""A verified release archive, unpacked into its own staging folder and nowhere else.
+
+The archive must hold exactly the release's regular files at its top level: a member
+with a path, a link, a device node or a name it should not have is refused before a
+byte is written, so an archive can't write outside its staging directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from updater.errors import ReleaseError
+from updater.fleet_repo import RELEASE_FILES
+
+REQUIRED = ("model.onnx", "config.toml", "samples.npz")
+
+
+def extract_release(archive: Path, dest: Path, max_bytes: int = 2 << 30) -> Path:
+    """Unpack ``archive`` into the new folder ``dest``; returns it. Raises ReleaseError."""
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            total = 0
+            for m in members:
+                if m.name not in RELEASE_FILES or not m.isreg():
+                    raise ReleaseError(
+                        f"{archive}: member {m.name!r} is not allowed in a release (only "
+                        f"the regular files {', '.join(RELEASE_FILES)} at the top level)")
+                total += m.size
+            if total > max_bytes:
+                raise ReleaseError(f"{archive}: unpacks to {total} bytes, over {max_bytes}")
+            names = [m.name for m in members]
+            missing = [n for n in REQUIRED if n not in names]
+            if missing or len(set(names)) != len(names):
+                raise ReleaseError(f"{archive}: needs each of {', '.join(REQUIRED)} once; "
+                                   f"has {', '.join(names) or 'nothing'}")
+            for m in members:
+                src = tar.extractfile(m)
+                # O_EXCL|O_NOFOLLOW: never through a link, never over an existing file.
+                fd = os.open(dest / m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ReleaseError(f"{archive}: not a readable release archive: {exc}") from exc
+    except ReleaseError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,260 @@
+"""The fleet simulation: one real fleet server and N device agents in one process.
+
+Each simulated device is a real ``Agent`` (TUF ngclient refresh, HTTP downloads with
+Range, TUF length/hash checks, its own SQLite journal and report queue) talking to the
+real fleet server over HTTP on 127.0.0.1; only the appliance under it is simulated
+(``SimHost``: versions in memory, validation with real ONNX Runtime sessions shared by
+model hash the way a content-addressed engine cache is, and synthetic traffic for the
+health watch). Scenario: a good release goes 5% -> 50% -> 100%; then a bad release
+that yields NaN on the inputs seen by devices labelled ``sensor=thermal`` is halted by
+the fleet at the canary stage, and the devices that took it roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from updater.agent import Agent
+from updater.config import UpdaterConfig
+from updater.errors import ReleaseError, UpdaterError
+from updater.fleet_repo import FleetRepo, init_repo
+from updater.fleet_server import start_fleet_server
+from updater.health import Health
+from updater.validation import compare, make_release_samples, read_samples, run_session
+
+TRAFFIC_ROWS = 8  # requests a device serves between two health readings
+
+
+def log_guard_model(path: Path, width: int = 16) -> Path:
+    """y = x + 0 * log(x + 10): equals x for x > -10, NaN below (the bad release)."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    from appliance.demo import _save  # noqa: PLC0415
+
+    ten = numpy_helper.from_array(np.full((width,), 10.0, np.float32), "ten")
+    zero = numpy_helper.from_array(np.zeros((width,), np.float32), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "ten"], ["s"]), helper.make_node("Log", ["s"], ["l"]),
+         helper.make_node("Mul", ["l", "zero"], ["z"]), helper.make_node("Add", ["x", "z"],
+                                                                         ["y"])],
+        "log_guard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[ten, zero])
+    return _save(graph, path)
+
+
+class SessionCache:
+    """ONNX Runtime sessions shared by every simulated device, keyed by model sha256."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, object] = {}
+        self.lock = threading.Lock()
+        self.validated: dict[str, str] = {}  # sha -> "" (passed) or the error
+
+    def session(self, model_file: Path):
+        from engines import BuildOptions, RuntimeOptions  # noqa: PLC0415
+        from engines.onnxruntime_engine import OnnxRuntimeEngine  # noqa: PLC0415
+
+        sha = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        with self.lock:
+            if sha not in self.sessions:
+                engine = OnnxRuntimeEngine()
+                opts = BuildOptions(max_batch_size=32, opt_batch_size=8)
+                art = engine.prepare(model_file, opts, Path(tempfile.mkdtemp()))
+                self.sessions[sha] = engine.load(art, opts, RuntimeOptions())
+            return sha, self.sessions[sha]
+
+
+@dataclass
+class SimHost:
+    """One simulated appliance: versions in memory, traffic shaped by its labels."""
+
+    cache: SessionCache
+    thermal: bool
+    versions: dict[int, Path] = field(default_factory=dict)  # version -> model file
+    bad: set[int] = field(default_factory=set)
+    current: int | None = None
+    counts: dict[int, list[int]] = field(default_factory=dict)  # version -> [ok, failed]
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    def active(self, model: str) -> int | None:
+        return self.current
+
+    def has_version(self, model: str, version: int) -> bool:
+        return version in self.versions
+
+    def stage(self, model: str, version: int, folder: Path) -> None:
+        keep = folder.parent.parent / "kept" / f"{version}.onnx"  # staging/kept/
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_bytes((folder / "model.onnx").read_bytes())
+        self.versions[version] = keep
+
+    def prepare_and_validate(self, model: str, version: int, release_samples: Path,
+                             fault=None) -> None:
+        sha, session = self.cache.session(self.versions[version])
+        with self.cache.lock:
+            if sha not in self.cache.validated:
+                inputs, expected = read_samples(release_samples)
+                try:
+                    compare(run_session(session, inputs), expected, 1e-3, 1e-4,
+                            f"release {model} {version}")
+                    self.cache.validated[sha] = ""
+                except ReleaseError as exc:
+                    self.cache.validated[sha] = str(exc)
+        if self.cache.validated[sha]:
+            raise ReleaseError(self.cache.validated[sha])
+
+    async def activate(self, model: str, version: int) -> None:
+        self.current = version
+
+    def health(self, model: str, version: int | None) -> Health | None:
+        """Serve a little traffic on ``version``, then read its cumulative figures."""
+        if version is None or version != self.current:
+            return None
+        _, session = self.cache.session(self.versions[version])
+        # Thermal sensors report cold readings near -20; the others near 0.
+        x = (self.rng.standard_normal((TRAFFIC_ROWS, 16)) + (-20 if self.thermal else 0)
+             ).astype(np.float32)
+        y = session.run({"x": x})["y"]
+        ok = np.isfinite(y).all(axis=1)
+        c = self.counts.setdefault(version, [0, 0])
+        c[0] += int(ok.sum())
+        c[1] += int((~ok).sum())
+        return Health(c[0], c[1], 1.0)
+
+    def mark_bad(self, model: str, version: int, why: str) -> None:
+        self.bad.add(version)
+
+
+class Simulation:
+    def __init__(self, n_devices: int = 500, *, thermal_share: float = 0.3,
+                 canary: float = 0.05, min_reports: int = 5, failure_threshold: float = 0.1,
+                 workdir: Path | None = None, concurrency: int = 64):
+        self.n = n_devices
+        self.canary = canary
+        self.min_reports = min_reports
+        self.failure_threshold = failure_threshold
+        self.thermal_share = thermal_share
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+        self.work = Path(workdir or tempfile.mkdtemp(prefix="outpost-sim-", dir=base))
+        self.concurrency = concurrency
+        self.timeline: list[str] = []
+        self.t0 = time.monotonic()
+
+    def note(self, text: str) -> None:
+        line = f"t={time.monotonic() - self.t0:7.2f}s  {text}"
+        self.timeline.append(line)
+        print(line, flush=True)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(f"v{h.current}" for h in self.hosts)
+        return dict(sorted(c.items()))
+
+    async def round(self, label: str) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        errors: Counter = Counter()
+        first: dict[str, str] = {}
+
+        async def one(agent: Agent) -> None:
+            async with sem:
+                try:
+                    await agent.check_once()
+                except UpdaterError as exc:
+                    errors[type(exc).__name__] += 1
+                    first.setdefault(type(exc).__name__, str(exc))
+
+        t = time.monotonic()
+        await asyncio.gather(*(one(a) for a in self.agents))
+        extra = f", errors {dict(errors)} (first: {first})" if errors else ""
+        self.note(f"{label}: poll round over {self.n} devices in "
+                  f"{time.monotonic() - t:.2f}s -> {self.counts()}{extra}")
+
+    def publish(self, version: int, model: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(dir=self.work))
+        config, samples = make_release_samples(model, None, None, tmp)
+        self.repo.publish("identity", version, model, config, samples)
+
+    async def run(self) -> dict:
+        from appliance.demo import identity_model  # noqa: PLC0415
+
+        loop = asyncio.get_running_loop()
+        # Agents block a worker thread each while they wait on the fleet server, which
+        # needs workers of its own (aiohttp stats files in the executor): room for both.
+        loop.set_default_executor(ThreadPoolExecutor(self.concurrency + 16))
+        init_repo(self.work / "fleet")
+        self.repo = FleetRepo(self.work / "fleet")
+        server, runner, port = await start_fleet_server(self.work / "fleet")
+        server.on_halt = lambda model, version, why: self.note(
+            f"fleet: halted {model} v{version} by itself: {why}")
+        url = f"http://127.0.0.1:{port}"
+        cache = SessionCache()
+        good = identity_model(self.work / "identity.onnx")
+        self.publish(1, good)
+        self.repo.set_rollout("identity", 1, new=True, fraction=1.0)
+        self.hosts, self.agents = [], []
+        rng = np.random.default_rng(7)
+        thermal_count = 0
+        for i in range(self.n):
+            thermal = bool(rng.random() < self.thermal_share)
+            thermal_count += thermal
+            host = SimHost(cache, thermal, rng=np.random.default_rng(i))
+            host.versions[1] = good
+            host.current = 1
+            cfg = UpdaterConfig(
+                fleet_url=url, trusted_root=str(self.repo.metadata_dir / "1.root.json"),
+                device_id=f"sim-{i:04d}",
+                labels={"sensor": "thermal" if thermal else "camera"},
+                health_window_s=0.0, health_max_error_rate_increase=0.05)
+            self.hosts.append(host)
+            self.agents.append(Agent(cfg, self.work / "devices" / f"{i:04d}", host))
+        self.note(f"fleet server on {url}; {self.n} devices on v1 "
+                  f"({thermal_count} labelled sensor=thermal)")
+        try:
+            await self.round("baseline")
+            self.publish(2, identity_model(self.work / "identity-2.onnx"))
+            for fraction in (self.canary, 0.5, 1.0):
+                if fraction == self.canary:
+                    r = self.repo.set_rollout(
+                        "identity", 2, new=True, fraction=fraction, min_reports=self.min_reports,
+                        failure_threshold=self.failure_threshold)
+                    self.note(f"operator: rollout v2 to {fraction:.0%} (rollout {r.id})")
+                else:
+                    self.repo.set_rollout("identity", 2, fraction=fraction)
+                    self.note(f"operator: promote v2 to {fraction:.0%}")
+                await self.round(f"v2 at {fraction:.0%}")
+            self.publish(3, log_guard_model(self.work / "bad-3.onnx"))
+            r = self.repo.set_rollout("identity", 3, new=True, fraction=self.canary,
+                                      failure_threshold=self.failure_threshold,
+                                      min_reports=self.min_reports)
+            self.note(f"operator: rollout v3 (bad on thermal sensors) to {self.canary:.0%} "
+                      f"(rollout {r.id})")
+            await self.round("v3 canary")
+            await self.round("after the halt")
+            rel = self.repo.release("identity", 3)
+            summary = {
+                "devices": self.n, "final_counts": self.counts(),
+                "v3_state": rel.rollout.state,
+                "v3_cohort": sum(rel.rollout.includes(a.device_id, a.config.labels)
+                                 for a in self.agents),
+                "v3_marked_bad": sum(3 in h.bad for h in self.hosts),
+                "v3_took_then_left": sum(3 in h.counts for h in self.hosts),
+                "fleet_status": server.db.counts(),
+            }
+            self.note(f"final: {summary['final_counts']}; v3 rollout {summary['v3_state']}, "
+                      f"cohort {summary['v3_cohort']} devices, {summary['v3_took_then_left']}"
+                      f" ran v3, {summary['v3_marked_bad']} rolled back and marked it bad")
+            return summary
+        finally:
+            for a in self.agents:
+                a.close()
+            await runner.cleanup()
