@@ -24,6 +24,7 @@ COMMANDS = (
     "appliance.cli.info_cmd",
     "appliance.cli.fleet_cmd",
     "appliance.cli.update_cmd",
+    "appliance.cli.install_cmd",
 )
 
 
