@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from updater.cohort import should_halt
+from updater.errors import UpdaterError
 from updater.fleet_db import REPORT_STATES, FleetDB
 from updater.fleet_repo import FleetRepo
 
@@ -154,7 +155,13 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UpdaterError(f"the fleet server can't listen on {host}:{port}: "
+                         f"{exc.strerror or exc}; choose another --port or stop what "
+                         f"holds it") from exc
     bound = runner.addresses[0][1]
     return server, runner, bound
 
