@@ -25,9 +25,11 @@ from appliance.protocol import (
     FrameReader,
     decode_body,
     decode_tensor,
-    encode_frame,
+    encode_frame_parts,
     encode_tensor,
 )
+
+_JOIN_BYTES = 1 << 16  # a larger body is written as it is, not copied behind its header
 
 
 @dataclass
@@ -113,11 +115,16 @@ class Client:
         """Send one request and return its response map (raises on an error response)."""
         rid = next(self._ids)
         fields.update(op=op, id=rid)
-        return _result(self._roundtrip(encode_frame(fields), rid))
+        return _result(self._roundtrip(encode_frame_parts(fields), rid))
 
-    def _roundtrip(self, frame: bytes, rid: int) -> dict:
+    def _roundtrip(self, parts: tuple[bytes, bytes], rid: int) -> dict:
         try:
-            self._sock.sendall(frame)
+            header, body = parts
+            if len(body) > _JOIN_BYTES:
+                self._sock.sendall(header)
+                self._sock.sendall(body)
+            else:
+                self._sock.sendall(header + body)
             while True:
                 while not self._pending:
                     data = self._sock.recv(1 << 20)
@@ -261,7 +268,11 @@ class AsyncClient:
         fields.update(op=op, id=rid)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        proto.transport.write(encode_frame(fields))
+        header, body = encode_frame_parts(fields)
+        if len(body) > _JOIN_BYTES:
+            proto.transport.writelines((header, body))
+        else:
+            proto.transport.write(header + body)
         if proto._drain_waiter is not None:
             await proto._drain_waiter
         return _result(await fut)

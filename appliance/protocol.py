@@ -72,9 +72,82 @@ class FrameReader:
         return bodies
 
 
+class BufferedFrameReader:
+    """The same frames, for an asyncio ``BufferedProtocol``: the kernel writes straight
+    into buffers this reader owns. A frame that fits the small buffer is handed over as a
+    view of it (decode it before returning); a larger one gets a buffer of its own, filled
+    once and never copied here.
+    """
+
+    SMALL = 256 << 10
+
+    __slots__ = ("_buf", "_start", "_end", "_big", "_big_fill", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._buf = bytearray(self.SMALL)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # end of the bytes received in _buf
+        self._big: bytearray | None = None
+        self._big_fill = 0
+        self.max_frame_bytes = max_frame_bytes
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_fill:]
+        if self._end == len(self._buf):  # a small frame's tail is at the very end
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start:self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int, on_body) -> None:
+        """Account for ``nbytes`` received; call ``on_body(body)`` for each whole frame.
+
+        Raises FrameError for a bad length (after the frames before it were handed over).
+        """
+        if self._big is not None:
+            self._big_fill += nbytes
+            if self._big_fill == len(self._big):
+                body, self._big = self._big, None
+                on_body(body)
+            return
+        self._end += nbytes
+        buf = self._buf
+        view = memoryview(buf)  # never resized, so views handed out stay valid
+        while self._end - self._start >= 4:
+            start = self._start
+            (n,) = HEADER.unpack_from(buf, start)
+            if n == 0:
+                raise FrameError("frame length is 0; every frame holds one msgpack map")
+            if n > self.max_frame_bytes:
+                raise FrameError(
+                    f"frame length {n} is over this server's limit of "
+                    f"{self.max_frame_bytes} bytes; send smaller requests (the limit "
+                    f"is in the hello response)")
+            have = self._end - start - 4
+            if have >= n:
+                self._start = start + 4 + n
+                on_body(view[start + 4:start + 4 + n])
+                continue
+            if 4 + n > len(buf):  # too big for the small buffer: a buffer of its own
+                big = bytearray(n)
+                big[:have] = view[start + 4:self._end]
+                self._big, self._big_fill = big, have
+                self._start = self._end = 0
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+
 def encode_frame(message: dict) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
+
+
+def encode_frame_parts(message: dict) -> tuple[bytes, bytes]:
+    """Header and body apart: a large body is written without being copied again."""
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)), body
 
 
 def decode_body(body: bytes) -> dict:

@@ -27,17 +27,23 @@ from appliance.errors import (
     Unavailable,
     error_from_wire,
 )
-from appliance.protocol import FrameError, FrameReader, decode_body, encode_frame, error_response
+from appliance.protocol import (
+    BufferedFrameReader,
+    FrameError,
+    decode_body,
+    encode_frame,
+    error_response,
+)
 from appliance.service import Service
 
 log = logging.getLogger("outpost.server")
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: SocketServer, needs_hello: bool):
         self.server = server
         self.service = server.service
-        self.reader = FrameReader(server.max_frame_bytes)
+        self.reader = BufferedFrameReader(server.max_frame_bytes)
         self.needs_hello = needs_hello
         self.transport: asyncio.Transport | None = None
         self.pending: set = set()  # queued InferRequests, cancelled if the peer goes away
@@ -76,21 +82,24 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self._update_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            bodies = self.reader.feed(data)
+            self.reader.buffer_updated(nbytes, self._on_body)
+        except FrameError as exc:
+            self.fatal(None, str(exc))
+
+    def _on_body(self, body) -> None:
+        if self.closed:
+            return
+        try:
+            msg = decode_body(body)
         except FrameError as exc:
             self.fatal(None, str(exc))
             return
-        for body in bodies:
-            if self.closed:
-                return
-            try:
-                msg = decode_body(body)
-            except FrameError as exc:
-                self.fatal(None, str(exc))
-                return
-            self.handle(msg)
+        self.handle(msg)
 
     def eof_received(self):
         # The peer finished sending; keep the socket open to answer what is in flight.

@@ -71,3 +71,47 @@ def test_frame_reader_reassembles_frames_split_anywhere():
         FrameReader(1024).feed(b"\x00\x00\x04\x01")
     with pytest.raises(FrameError, match="length is 0"):
         FrameReader(1024).feed(b"\x00\x00\x00\x00")
+
+
+def _pump(reader, stream: bytes, chunk: int) -> list[dict]:
+    """Play the kernel: copy ``stream`` into the reader's buffers ``chunk`` bytes at a time."""
+    got: list[dict] = []
+    pos = 0
+    while pos < len(stream):
+        buf = reader.get_buffer(chunk)
+        n = min(chunk, len(buf), len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        reader.buffer_updated(n, lambda body: got.append(decode_body(body)))
+        pos += n
+    return got
+
+
+def test_buffered_reader_small_and_large_frames_split_anywhere():
+    import pytest
+
+    from appliance.protocol import BufferedFrameReader, FrameError
+
+    big = np.arange(200_000, dtype=np.float32)  # 800 KB: over the small buffer
+    msgs = []
+    for i in range(30):
+        msgs.append({"op": "health", "id": i})
+        if i % 7 == 3:
+            msgs.append({"op": "infer", "id": 1000 + i, "t": encode_tensor(big + i)})
+    stream = b"".join(encode_frame(m) for m in msgs)
+    for chunk in (1, 5, 4096, 65536, 300_000, 1 << 20):
+        got = _pump(BufferedFrameReader(1 << 24), stream, chunk)
+        assert [m["id"] for m in got] == [m["id"] for m in msgs]
+        for m in got:
+            if "t" in m:
+                np.testing.assert_array_equal(decode_tensor(m["t"], "t"), big + m["id"] - 1000)
+    reader = BufferedFrameReader(1024)
+    with pytest.raises(FrameError, match="limit of 1024"):
+        _pump(reader, encode_frame({"op": "health", "id": 1}) + b"\x00\x00\x08\x00", 64)
+    seen = []
+    with pytest.raises(FrameError, match="length is 0"):
+        reader = BufferedFrameReader()
+        buf = reader.get_buffer(64)
+        data = encode_frame({"op": "health", "id": 5}) + b"\x00\x00\x00\x00"
+        buf[:len(data)] = data
+        reader.buffer_updated(len(data), lambda body: seen.append(decode_body(body)))
+    assert [m["id"] for m in seen] == [5]  # the good frame before the bad one was served
