@@ -6,7 +6,6 @@ Knows bytes and maps, nothing of models. Shared by the server and the clients.
 from __future__ import annotations
 
 import struct
-from math import prod
 
 import msgpack
 import numpy as np
@@ -29,6 +28,8 @@ _NATIVE_LITTLE = np.little_endian
 NAME_OF_DTYPE = {np.dtype(name): name for name in DTYPES}
 DTYPE_OF_NAME = {name: np.dtype(name) for name in DTYPES}
 _INLINE_BYTES = 1 << 16  # smaller tensors are copied out; larger ones go as a view
+# What the wire's little-endian bytes are read as: native dtypes on little-endian hosts.
+_READ_DTYPES = DTYPE_OF_NAME if _NATIVE_LITTLE else DTYPES
 
 
 class FrameError(Exception):
@@ -189,32 +190,41 @@ def encode_tensor(array: np.ndarray) -> dict:
 
 def decode_tensor(obj: object, where: str) -> np.ndarray:
     """A tensor map as a read-only array over the frame's bytes (no copy)."""
-    if not isinstance(obj, dict):
-        raise InvalidArgument(f"{where} must be a map with dtype, shape and data")
-    dtype = obj.get("dtype")
-    wire = DTYPES.get(dtype) if isinstance(dtype, str) else None
-    if wire is None:
-        raise InvalidArgument(
-            f"{where}.dtype is {dtype!r}; use one of {', '.join(DTYPES)}"
-        )
-    shape = obj.get("shape")
-    if not isinstance(shape, list) or not all(
-        type(d) is int and d >= 0 for d in shape
-    ):
-        raise InvalidArgument(
-            f"{where}.shape must be a list of non-negative integers, got {shape!r}")
-    data = obj.get("data")
-    if not isinstance(data, (bytes, bytearray)):
-        raise InvalidArgument(f"{where}.data must be msgpack bin, got {type(data).__name__}")
-    expected = prod(shape) * wire.itemsize
+    try:
+        dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+        wire = _READ_DTYPES[dtype]
+    except (TypeError, KeyError):
+        raise _tensor_error(obj, where) from None
+    if type(shape) is not list or not isinstance(data, (bytes, bytearray)):
+        raise _tensor_error(obj, where)
+    expected = wire.itemsize
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise _tensor_error(obj, where)
+        expected *= d
     if len(data) != expected:
         raise InvalidArgument(
             f"{where}.data holds {len(data)} bytes but shape {shape} of {dtype} needs {expected}"
         )
     array = np.frombuffer(data, dtype=wire).reshape(shape)
-    if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts
-        array = array.astype(wire.newbyteorder("="))
+    if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts get native arrays
+        array = array.astype(array.dtype.newbyteorder("="))
     return array
+
+
+def _tensor_error(obj: object, where: str) -> InvalidArgument:
+    """What exactly is wrong with a tensor map that failed the quick checks."""
+    if not isinstance(obj, dict):
+        return InvalidArgument(f"{where} must be a map with dtype, shape and data")
+    dtype = obj.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return InvalidArgument(f"{where}.dtype is {dtype!r}; use one of {', '.join(DTYPES)}")
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return InvalidArgument(
+            f"{where}.shape must be a list of non-negative integers, got {shape!r}")
+    data = obj.get("data")
+    return InvalidArgument(f"{where}.data must be msgpack bin, got {type(data).__name__}")
 
 
 def error_response(request_id: int | None, error) -> dict:
