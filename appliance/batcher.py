@@ -91,6 +91,7 @@ class ModelInstance:
 
     def __init__(self, session: Session, name: str):
         self.session = session
+        self.staging: dict[str, np.ndarray] = {}  # batch input buffers, reused
         self._jobs: collections.deque = collections.deque()
         self._wake = threading.Semaphore(0)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -118,12 +119,33 @@ class ModelInstance:
             job()
 
 
-def run_batch(session: Session, requests: list[InferRequest]) -> list[dict[str, np.ndarray]]:
-    """Concatenate along dim 0, run once, split back per request exactly."""
+def _gather(arrays: list[np.ndarray], staging: dict, name: str) -> np.ndarray:
+    """Concatenate into this instance's reused buffer for ``name``: a fresh allocation of a
+    large batch each time would cost page faults on every run."""
+    total = sum(len(a) for a in arrays)
+    first = arrays[0]
+    buf = staging.get(name)
+    if buf is None or buf.shape[1:] != first.shape[1:] or buf.dtype != first.dtype \
+            or len(buf) < total:
+        buf = np.empty((total, *first.shape[1:]), first.dtype)
+        staging[name] = buf
+    out = buf[:total]
+    np.concatenate(arrays, out=out)
+    return out
+
+
+def run_batch(session: Session, requests: list[InferRequest],
+              staging: dict | None = None) -> list[dict[str, np.ndarray]]:
+    """Concatenate along dim 0, run once, split back per request exactly.
+
+    ``staging`` holds the caller's reusable input buffers (one caller at a time).
+    """
     if len(requests) == 1:
         return [session.run(requests[0].inputs)]
     names = requests[0].inputs.keys()
-    feeds = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}
+    if staging is None:
+        staging = {}
+    feeds = {n: _gather([r.inputs[n] for r in requests], staging, n) for n in names}
     total = sum(r.rows for r in requests)
     outputs = session.run(feeds)
     for name, arr in outputs.items():
@@ -345,7 +367,8 @@ class DynamicBatcher:
             # Tiny models: two thread hand-offs would cost more than the run itself.
             t0 = time.perf_counter()
             try:
-                result: list | BaseException = run_batch(instance.session, batch)
+                result: list | BaseException = run_batch(instance.session, batch,
+                                                         instance.staging)
             except BaseException as exc:
                 result = exc
             self._complete(instance, batch, result, time.perf_counter() - t0)
@@ -354,7 +377,8 @@ class DynamicBatcher:
         def job() -> None:
             t0 = time.monotonic()
             try:
-                result: list | BaseException = run_batch(instance.session, batch)
+                result: list | BaseException = run_batch(instance.session, batch,
+                                                         instance.staging)
             except BaseException as exc:  # reported per request on the loop
                 result = exc
             loop.call_soon_threadsafe(self._finished, instance, batch, result,

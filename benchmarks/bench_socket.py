@@ -109,7 +109,10 @@ def main() -> int:
                                extra_args=["--threads", str(args.threads), "--loop",
                                            args.loop, "--log-level", "warning"])
         server.start()
-        cnn = raw_session(files["cnn"], args.threads)
+        # The raw session gets the same CPU budget as the server's cnn: all its instances'
+        # threads in one session.
+        raw_threads = args.threads * args.instances
+        cnn = raw_session(files["cnn"], raw_threads)
         ident = raw_session(files["identity"], args.threads)
         ctx = multiprocessing.get_context("spawn")
         points = [("cnn", 1), ("cnn", 16), ("cnn", 64), ("identity", 1), ("identity", 64)]
@@ -136,7 +139,7 @@ def main() -> int:
         raw_by_batch = {b: med([r["raw"][b] for r in rounds]) for b in rounds[0]["raw"]}
         best_b = max(raw_by_batch, key=raw_by_batch.get)
         raw_ident_us = med([r["raw_ident_us"] for r in rounds])
-        print("raw onnxruntime cnn (median img/s): " + ", ".join(
+        print(f"raw onnxruntime cnn, {raw_threads} intra-op thread(s) (median img/s): " + ", ".join(
             f"b{b} {v:.0f}" for b, v in raw_by_batch.items()) + f"  (best: batch {best_b})")
         print(f"raw onnxruntime identity batch-1 run: p50 {raw_ident_us:.1f} us")
         print(f"\nmodel     conc   req/s      p50 ms   p99 ms   vs raw (median of "
