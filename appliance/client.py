@@ -29,7 +29,17 @@ from appliance.protocol import (
     encode_tensor,
 )
 
-_JOIN_BYTES = 1 << 16  # a larger body is written as it is, not copied behind its header
+# A send buffer that holds a whole image request: one write, not a ping-pong of wake-ups
+# between the two processes (the kernel caps it at net.core.wmem_max).
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def _widen(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Client:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                _widen(self._sock)
                 self._sock.settimeout(timeout_s)
                 self._sock.connect(str(path or default_socket()))
         except OSError as exc:
@@ -117,14 +128,13 @@ class Client:
         fields.update(op=op, id=rid)
         return _result(self._roundtrip(encode_frame_parts(fields), rid))
 
-    def _roundtrip(self, parts: tuple[bytes, bytes], rid: int) -> dict:
+    def _roundtrip(self, parts: list, rid: int) -> dict:
         try:
-            header, body = parts
-            if len(body) > _JOIN_BYTES:
-                self._sock.sendall(header)
-                self._sock.sendall(body)
+            if len(parts) == 2:
+                self._sock.sendall(parts[0] + parts[1])
             else:
-                self._sock.sendall(header + body)
+                for part in parts:
+                    self._sock.sendall(part)
             while True:
                 while not self._pending:
                     data = self._sock.recv(1 << 20)
@@ -239,8 +249,16 @@ class AsyncClient:
                 sock = proto.transport.get_extra_info("socket")
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                _widen(sock)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, str(path or default_socket()))
+                except BaseException:
+                    sock.close()
+                    raise
                 _, proto = await loop.create_unix_connection(
-                    lambda: _ClientProtocol(self._waiting), str(path or default_socket()))
+                    lambda: _ClientProtocol(self._waiting), sock=sock)
         except OSError as exc:
             where = tcp or str(path or default_socket())
             raise Unavailable(f"can't connect to the outpost server at {where}: "
@@ -268,11 +286,11 @@ class AsyncClient:
         fields.update(op=op, id=rid)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        header, body = encode_frame_parts(fields)
-        if len(body) > _JOIN_BYTES:
-            proto.transport.writelines((header, body))
+        parts = encode_frame_parts(fields)
+        if len(parts) == 2:
+            proto.transport.write(parts[0] + parts[1])
         else:
-            proto.transport.write(header + body)
+            proto.transport.writelines(parts)
         if proto._drain_waiter is not None:
             await proto._drain_waiter
         return _result(await fut)

@@ -145,10 +145,52 @@ def encode_frame(message: dict) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def encode_frame_parts(message: dict) -> tuple[bytes, bytes]:
-    """Header and body apart: a large body is written without being copied again."""
-    body = msgpack.packb(message, use_bin_type=True)
-    return HEADER.pack(len(body)), body
+_BIG_BIN = 1 << 16
+_BIN32 = struct.Struct(">BI")
+
+
+def encode_frame_parts(message: dict) -> list:
+    """One frame as a list of buffers to write in order (``writelines``/``sendmsg``).
+
+    The bytes are exactly ``encode_frame``'s, but a large binary value (a tensor's data)
+    is not copied into the frame: its bin header goes into the small parts and the
+    buffer itself is one of the parts, written by the kernel straight from the array.
+    """
+    parts: list = []
+    small: list[bytes] = []
+    pack = msgpack.Packer(use_bin_type=True).pack
+
+    def emit(obj) -> None:
+        if isinstance(obj, dict):
+            small.append(_map_header(len(obj)))
+            for k, v in obj.items():
+                small.append(pack(k))
+                emit(v)
+        elif isinstance(obj, (bytes, bytearray, memoryview)) and _nbytes(obj) >= _BIG_BIN:
+            small.append(_BIN32.pack(0xC6, _nbytes(obj)))
+            parts.append(b"".join(small))
+            small.clear()
+            parts.append(obj)
+        else:
+            small.append(pack(obj))
+
+    emit(message)
+    if small:
+        parts.append(b"".join(small))
+    size = sum(_nbytes(p) for p in parts)
+    return [HEADER.pack(size), *parts]
+
+
+def _nbytes(buf) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 1 << 16:
+        return struct.pack(">BH", 0xDE, n)
+    return struct.pack(">BI", 0xDF, n)
 
 
 def decode_body(body: bytes) -> dict:

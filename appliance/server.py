@@ -28,10 +28,11 @@ from appliance.errors import (
     error_from_wire,
 )
 from appliance.protocol import (
+    HEADER,
     BufferedFrameReader,
     FrameError,
     decode_body,
-    encode_frame,
+    encode_frame_parts,
     error_response,
 )
 from appliance.service import Service
@@ -212,24 +213,28 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         try:
-            frame = encode_frame(message)
+            parts = encode_frame_parts(message)
         except Exception as exc:
             log.exception("encode failed")
-            frame = encode_frame(error_response(message.get("id"), Internal(
+            parts = encode_frame_parts(error_response(message.get("id"), Internal(
                 f"the response could not be encoded: {exc}")))
-        if len(frame) - 4 > self.server.max_frame_bytes:
-            frame = encode_frame(error_response(message.get("id"), ResourceExhausted(
-                f"the response would be {len(frame) - 4} bytes, over the frame limit of "
+        size = HEADER.unpack(parts[0])[0]
+        if size > self.server.max_frame_bytes:
+            parts = encode_frame_parts(error_response(message.get("id"), ResourceExhausted(
+                f"the response would be {size} bytes, over the frame limit of "
                 f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))
         if not self._out:
             self._loop.call_soon(self._flush)
-        self._out.append(frame)
+        if len(parts) == 2:  # no large tensor: one small buffer
+            self._out.append(parts[0] + parts[1])
+        else:
+            self._out.extend(parts)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if not self.closed and self.transport is not None and not \
+        if out and not self.closed and self.transport is not None and not \
                 self.transport.is_closing():
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.writelines(out)
 
     def fatal(self, rid, message: str, code: str = "INVALID_ARGUMENT") -> None:
         """Answer once, then close: the stream (or the peer) can't be trusted any more."""

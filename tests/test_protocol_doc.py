@@ -115,3 +115,20 @@ def test_buffered_reader_small_and_large_frames_split_anywhere():
         buf[:len(data)] = data
         reader.buffer_updated(len(data), lambda body: seen.append(decode_body(body)))
     assert [m["id"] for m in seen] == [5]  # the good frame before the bad one was served
+
+
+def test_frame_parts_are_the_same_bytes_without_copying_big_tensors():
+    from appliance.protocol import encode_frame_parts
+
+    big = np.arange(100_000, dtype=np.float32)
+    for msg in ({"op": "health", "id": 1},
+                {"op": "infer", "id": 2, "model": "m",
+                 "inputs": {"a": encode_tensor(big), "b": encode_tensor(big[:10]),
+                            "c": encode_tensor(big.reshape(10, -1) * 2)}},
+                {"id": 3, "ok": True, "outputs": {f"o{i}": encode_tensor(big[:i * 5000])
+                                                  for i in range(20)}, "n": None,
+                 "f": 1.5, "l": [1, "x", b"y"]}):
+        parts = encode_frame_parts(msg)
+        assert b"".join(bytes(p) for p in parts) == encode_frame(msg)
+        if "inputs" in msg:
+            assert any(isinstance(p, memoryview) for p in parts)  # written, not copied
