@@ -25,8 +25,10 @@ from appliance.protocol import (
     FrameReader,
     decode_body,
     decode_tensor,
+    encode_frame,
     encode_frame_parts,
     encode_tensor,
+    has_big_tensor,
 )
 
 # A send buffer that holds a whole image request: one write, not a ping-pong of wake-ups
@@ -126,15 +128,16 @@ class Client:
         """Send one request and return its response map (raises on an error response)."""
         rid = next(self._ids)
         fields.update(op=op, id=rid)
-        return _result(self._roundtrip(encode_frame_parts(fields), rid))
+        if op == "infer" and has_big_tensor(fields["inputs"]):
+            parts = encode_frame_parts(fields)
+        else:
+            parts = [encode_frame(fields)]
+        return _result(self._roundtrip(parts, rid))
 
     def _roundtrip(self, parts: list, rid: int) -> dict:
         try:
-            if len(parts) == 2:
-                self._sock.sendall(parts[0] + parts[1])
-            else:
-                for part in parts:
-                    self._sock.sendall(part)
+            for part in parts:
+                self._sock.sendall(part)
             while True:
                 while not self._pending:
                     data = self._sock.recv(1 << 20)
@@ -286,11 +289,10 @@ class AsyncClient:
         fields.update(op=op, id=rid)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        parts = encode_frame_parts(fields)
-        if len(parts) == 2:
-            proto.transport.write(parts[0] + parts[1])
+        if op == "infer" and has_big_tensor(fields["inputs"]):
+            proto.transport.writelines(encode_frame_parts(fields))
         else:
-            proto.transport.writelines(parts)
+            proto.transport.write(encode_frame(fields))
         if proto._drain_waiter is not None:
             await proto._drain_waiter
         return _result(await fut)

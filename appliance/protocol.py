@@ -149,12 +149,18 @@ _BIG_BIN = 1 << 16
 _BIN32 = struct.Struct(">BI")
 
 
+def has_big_tensor(tensors: dict) -> bool:
+    """Whether any tensor map's data is large enough to be worth ``encode_frame_parts``."""
+    return any(type(t["data"]) is memoryview for t in tensors.values())
+
+
 def encode_frame_parts(message: dict) -> list:
     """One frame as a list of buffers to write in order (``writelines``/``sendmsg``).
 
     The bytes are exactly ``encode_frame``'s, but a large binary value (a tensor's data)
     is not copied into the frame: its bin header goes into the small parts and the
     buffer itself is one of the parts, written by the kernel straight from the array.
+    Slower than ``encode_frame`` for small messages: use it when ``has_big_tensor``.
     """
     parts: list = []
     small: list[bytes] = []

@@ -32,8 +32,10 @@ from appliance.protocol import (
     BufferedFrameReader,
     FrameError,
     decode_body,
+    encode_frame,
     encode_frame_parts,
     error_response,
+    has_big_tensor,
 )
 from appliance.service import Service
 
@@ -164,7 +166,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 fields["id"] = rid
                 fields["ok"] = True
-                self.send(fields)
+                self.send(fields, has_big_tensor(fields["outputs"]))
             self._update_reading()
 
         self.inflight += 1
@@ -209,26 +211,24 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- output ----------------------------------------------------------------------------
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict, big: bool = False) -> None:
+        """Queue a response; ``big``: it carries a large tensor (sent without a copy)."""
         if self.closed or self.transport is None:
             return
         try:
-            parts = encode_frame_parts(message)
+            parts = encode_frame_parts(message) if big else [encode_frame(message)]
         except Exception as exc:
             log.exception("encode failed")
-            parts = encode_frame_parts(error_response(message.get("id"), Internal(
-                f"the response could not be encoded: {exc}")))
-        size = HEADER.unpack(parts[0])[0]
+            parts = [encode_frame(error_response(message.get("id"), Internal(
+                f"the response could not be encoded: {exc}")))]
+        (size,) = HEADER.unpack_from(parts[0])
         if size > self.server.max_frame_bytes:
-            parts = encode_frame_parts(error_response(message.get("id"), ResourceExhausted(
+            parts = [encode_frame(error_response(message.get("id"), ResourceExhausted(
                 f"the response would be {size} bytes, over the frame limit of "
-                f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))
+                f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))]
         if not self._out:
             self._loop.call_soon(self._flush)
-        if len(parts) == 2:  # no large tensor: one small buffer
-            self._out.append(parts[0] + parts[1])
-        else:
-            self._out.extend(parts)
+        self._out.extend(parts)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
