@@ -182,6 +182,7 @@ class DynamicBatcher:
         self._stopping = False
         self._drained: asyncio.Event | None = None
         self._timed = 0  # batches timed so far
+        self._last_compute_s = 0.0  # engine time of the batch being answered
         self._compute_ewma_s = 1.0  # moving average of a batch's engine time
 
     # -- the scheduler's contract -----------------------------------------------------
@@ -263,12 +264,20 @@ class DynamicBatcher:
             while q:
                 r = q.popleft()
                 if r.state == QUEUED:
-                    r.state = DONE
-                    if r.timer is not None:
-                        r.timer.cancel()
-                    self.stats.request_failed(err.code)
-                    r.done(None, err)
+                    self._answer(r, None, err)
         self._queued = self._queued_rows = self._dead = 0
+
+    def _answer(self, r: InferRequest, outputs, err: OutpostError | None) -> None:
+        """The one place a request is answered: DONE, its timer off, counted, called back."""
+        r.state = DONE
+        if r.timer is not None:
+            r.timer.cancel()
+        if err is not None:
+            self.stats.request_failed(err.code)
+        else:
+            self.stats.request_done(time.monotonic() - r.enqueued, r.started - r.enqueued,
+                                    self._last_compute_s)
+        r.done(outputs, err)
 
     # -- state changes (event loop) ------------------------------------------------------
 
@@ -300,12 +309,10 @@ class DynamicBatcher:
         where = "in the queue" if request.state == QUEUED else "while running"
         if request.state == QUEUED:
             self._retire(request)
-        request.state = DONE
-        err = DeadlineExceeded(
+        request.timer = None  # it has fired
+        self._answer(request, None, DeadlineExceeded(
             f"the request's timeout passed {where} after {waited_ms:.1f} ms; raise "
-            f"timeout_ms or lower the load")
-        self.stats.request_failed(err.code)
-        request.done(None, err)
+            f"timeout_ms or lower the load"))
 
     def _oldest(self) -> InferRequest | None:
         for q in self._queues:
@@ -405,27 +412,18 @@ class DynamicBatcher:
         self._running -= len(batch)
         if instance in self._instances:
             self._idle.append(instance)
-        now = time.monotonic()
+        self._last_compute_s = compute_s
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)
                    else Internal(f"the engine failed on this batch: {result}"))
             for r in batch:
                 if r.state == RUNNING:
-                    r.state = DONE
-                    if r.timer is not None:
-                        r.timer.cancel()
-                    self.stats.request_failed(err.code)
-                    r.done(None, err)
+                    self._answer(r, None, err)
         else:
             self.stats.batch_done(sum(r.rows for r in batch))
             for r, outputs in zip(batch, result):
                 if r.state == RUNNING:
-                    r.state = DONE
-                    if r.timer is not None:
-                        r.timer.cancel()
-                    self.stats.request_done(now - r.enqueued, r.started - r.enqueued,
-                                            compute_s)
-                    r.done(outputs, None)
+                    self._answer(r, outputs, None)
         self._check_drained()
 
     def _check_drained(self) -> None:

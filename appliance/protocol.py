@@ -36,6 +36,16 @@ class FrameError(Exception):
     """The byte stream can't be trusted any more: answer once with id nil, then close."""
 
 
+def check_frame_length(n: int, max_frame_bytes: int) -> None:
+    """A frame's length, refused from its header alone: the body is never read."""
+    if n == 0:
+        raise FrameError("frame length is 0; every frame holds one msgpack map")
+    if n > max_frame_bytes:
+        raise FrameError(
+            f"frame length {n} is over this server's limit of {max_frame_bytes} bytes; "
+            f"send smaller requests (the limit is in the hello response)")
+
+
 class FrameReader:
     """Splits a byte stream into frame bodies. Refuses a bad length before reading the body."""
 
@@ -57,13 +67,7 @@ class FrameReader:
         end = len(buf)
         while end - pos >= 4:
             (n,) = HEADER.unpack_from(buf, pos)
-            if n == 0:
-                raise FrameError("frame length is 0; every frame holds one msgpack map")
-            if n > self.max_frame_bytes:
-                raise FrameError(
-                    f"frame length {n} is over this server's limit of {self.max_frame_bytes} "
-                    f"bytes; send smaller requests (the limit is in the hello response)"
-                )
+            check_frame_length(n, self.max_frame_bytes)
             if end - pos - 4 < n:
                 break
             bodies.append(bytes(buf[pos + 4 : pos + 4 + n]))
@@ -118,13 +122,7 @@ class BufferedFrameReader:
         while self._end - self._start >= 4:
             start = self._start
             (n,) = HEADER.unpack_from(buf, start)
-            if n == 0:
-                raise FrameError("frame length is 0; every frame holds one msgpack map")
-            if n > self.max_frame_bytes:
-                raise FrameError(
-                    f"frame length {n} is over this server's limit of "
-                    f"{self.max_frame_bytes} bytes; send smaller requests (the limit "
-                    f"is in the hello response)")
+            check_frame_length(n, self.max_frame_bytes)
             have = self._end - start - 4
             if have >= n:
                 self._start = start + 4 + n
