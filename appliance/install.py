@@ -27,13 +27,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import __version__
 from appliance.errors import ConfigError, FailedPrecondition, InvalidArgument
+from engines.cache import atomic_write_bytes
 
 PREFIX = Path("/opt/outpost")
 BIN_LINK = Path("/usr/local/bin/outpost")
@@ -199,18 +199,7 @@ def _group_exists(root: Path, name: str) -> bool:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode(), mode)
 
 
 def _symlink_atomic(link: Path, target: Path) -> None:

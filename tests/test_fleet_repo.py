@@ -33,6 +33,8 @@ def test_init_signs_every_role_with_its_own_key(fleet):
         root.verify_delegate(role, md)
     with pytest.raises(FleetRepoError, match="already holds a fleet repository"):
         Fleet(fleet.dir)
+    keys = sorted((fleet.dir / "keys").glob("*.pem"))
+    assert keys and all(k.stat().st_mode & 0o777 == 0o600 for k in keys)  # private keys
 
 
 def test_publish_builds_expected_outputs_from_the_model(fleet, demo_files, tmp_path):

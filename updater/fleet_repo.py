@@ -25,7 +25,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from engines.cache import atomic_write_bytes
 from updater.cohort import Release, Rollout
 from updater.errors import FleetRepoError
 
@@ -58,18 +58,8 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, data, mode)
 
 
 def _generate_signer():
@@ -117,8 +107,7 @@ def init_repo(directory: Path, *, expiry: Expiry = Expiry(),
     root_key_path = Path(root_key_path or keys_dir / "root.pem")
     for path, signer in [(root_key_path, root_signer),
                          *((keys_dir / f"{r}.pem", s) for r, s in signers.items())]:
-        _atomic_write(path, signer.private_bytes)
-        os.chmod(path, 0o600)
+        _atomic_write(path, signer.private_bytes, 0o600)  # never readable by others
     raw = md.to_bytes(_serializer())
     _atomic_write(directory / "metadata" / "1.root.json", raw)
     _atomic_write(directory / "metadata" / "root.json", raw)
