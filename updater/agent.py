@@ -283,20 +283,12 @@ class Agent:
                     except tuf_exc.DownloadError as exc:
                         raise FetchError(f"download of {url} broke off at byte {written}: "
                                          f"{exc}") from exc
-            with open(part, "rb") as f:
-                try:
-                    info.verify_length_and_hashes(f)
-                except tuf_exc.LengthOrHashMismatchError as exc:
-                    raise TrustError(f"release {u.target_path} failed TUF verification "
-                                     f"({exc}); it was tampered with or corrupted") from exc
+            _verify(info, part, f"release {u.target_path} failed TUF verification "
+                                f"({{}}); it was tampered with or corrupted")
             os.replace(part, done)
         else:  # downloaded and verified before a restart; check again, it's cheap
-            with open(done, "rb") as f:
-                try:
-                    info.verify_length_and_hashes(f)
-                except tuf_exc.LengthOrHashMismatchError as exc:
-                    raise TrustError(f"staged release {done} no longer matches its signed "
-                                     f"hash ({exc})") from exc
+            _verify(info, done, f"staged release {done} no longer matches its signed "
+                                f"hash ({{}})")
         self.fault("download-done")
 
     def _stage(self, u: Update, staged_before: bool) -> None:
@@ -376,3 +368,14 @@ class Agent:
             self.journal.drop_reports([i for i, _ in queued])
             sent += len(queued)
         return sent
+
+
+def _verify(info, path: Path, message: str) -> None:
+    """TUF's length and hash check of a downloaded file; ``message`` has a {} for why."""
+    from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        try:
+            info.verify_length_and_hashes(f)
+        except tuf_exc.LengthOrHashMismatchError as exc:
+            raise TrustError(message.format(exc)) from exc
