@@ -239,6 +239,11 @@ class Connection(asyncio.BufferedProtocol):
     def fatal(self, rid, message: str, code: str = "INVALID_ARGUMENT") -> None:
         """Answer once, then close: the stream (or the peer) can't be trusted any more."""
         self.send(error_response(rid, error_from_wire({"code": code, "message": message})))
+        self.close()
+
+    def close(self) -> None:
+        """Close after writing every response already made (the transport sends its own
+        buffer before it closes; ours must reach it first)."""
         self._flush()
         self.closed = True
         if self.transport is not None:
@@ -256,8 +261,7 @@ class Connection(asyncio.BufferedProtocol):
             self.read_paused = False
             self.transport.resume_reading()
         if not self.inflight and self.server.stopping:
-            self._flush()
-            self.transport.close()
+            self.close()
 
 
 class SocketServer:
@@ -323,7 +327,7 @@ class SocketServer:
             listener.close()
         for conn in list(self.connections):
             if not conn.inflight and conn.transport is not None:
-                conn.transport.close()
+                conn.close()  # answers finished this very loop pass still go out
         if self.connections:
             self._all_gone = asyncio.Event()
             try:

@@ -219,3 +219,33 @@ def test_tcp_without_token_is_refused_at_start(repo_with_demo):
     assert proc.proc.returncode == 2
     assert "token" in proc.log_tail()
     assert "Traceback" not in proc.log_tail()
+
+
+def test_stop_closes_idle_connections_only_after_their_answers_are_written(short_tmp):
+    """An answer finished in the same loop pass as the stop still reaches the client."""
+    from appliance.config import load_config
+    from appliance.models import ModelManager
+    from appliance.repository import Repository
+    from appliance.server import Connection, SocketServer
+    from appliance.service import Service
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    async def go():
+        config = load_config(None, {"data_dir": str(short_tmp),
+                                    "server.socket_path": str(short_tmp / "s.sock")})
+        repo = Repository(short_tmp)
+        service = Service(ModelManager(repo, OnnxRuntimeEngine(), config), 1 << 20)
+        server = SocketServer(service, config)
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.connect_accepted_socket(
+            lambda: Connection(server, needs_hello=False), ours)
+        conn.send({"id": 1, "ok": True, "note": "answered just before the stop"})
+        await server.stop()  # same loop pass: the answer is still in the connection's queue
+        theirs.settimeout(5)
+        got = recv(theirs)
+        assert is_closed(theirs)
+        repo.close()
+        return got
+
+    assert asyncio.run(go())["note"] == "answered just before the stop"
