@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config import BatchingConfig, ThreadsConfig
 from appliance.errors import ConfigError
 from appliance.settings import from_mapping, read_toml
 
@@ -80,37 +81,14 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
-class BatchingDefaults:
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 0
-    max_queue_size: int = 1024
-    instances: int = 1
-
-    def check(self) -> None:
-        if self.max_batch_size < 0 or self.max_queue_delay_us < 0:
-            raise ValueError("max_batch_size and max_queue_delay_us must be >= 0")
-        if self.max_queue_size < 1 or self.instances < 1:
-            raise ValueError("max_queue_size and instances must be >= 1")
-
-
-@dataclass(frozen=True)
-class ThreadDefaults:
-    intra_op: int = 1
-    inter_op: int = 1
-
-    def check(self) -> None:
-        if self.intra_op < 1 or self.inter_op < 1:
-            raise ValueError("intra_op and inter_op must be >= 1")
-
-
-@dataclass(frozen=True)
 class Profile:
     name: str
     device: DeviceMatch = field(default_factory=DeviceMatch)
     engine: EngineSettings = field(default_factory=EngineSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
-    batching: BatchingDefaults = field(default_factory=BatchingDefaults)
-    threads: ThreadDefaults = field(default_factory=ThreadDefaults)
+    # The appliance config's own sections: a profile supplies their defaults.
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     path: str = ""  # the file it came from (not a key of the file)
 
     def check(self) -> None:
