@@ -5,6 +5,11 @@ queue and the oldest request's age, as in Triton's dynamic batcher. ``DynamicBat
 owns the queues on the event loop and hands formed batches to ``ModelInstance`` workers,
 one thread and one engine session each. Everything here except ``ModelInstance._work``
 runs on the event loop thread, so the queue state needs no locks.
+
+A busy instance may hold one more batch, formed ahead once a full one is queued, so that
+it starts on it the moment it finishes: under load the event loop is busy reading
+requests, and an engine waiting for the loop to hand it the next batch sat idle for
+about half a millisecond after every batch (measured on the demo CNN at batch 1).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from engines.errors import EngineError
 QUEUED, RUNNING, DONE = 0, 1, 2
 INLINE_MAX_S = 100e-6  # a batch this quick runs on the event loop, not a worker thread
 INLINE_MIN_SAMPLES = 16
+PIPELINE_DEPTH = 2  # batches one instance holds: the one it runs and the next, formed ahead
 
 # done(outputs, error): exactly one of them is None. Called on the event loop thread.
 DoneCallback = Callable[[dict | None, OutpostError | None], None]
@@ -176,8 +182,7 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._dead = 0  # expired or cancelled requests still in the deques
         self._running = 0  # requests handed to an instance, not yet answered
-        self._idle = list(instances)
-        self._instances = list(instances)
+        self._load = {inst: 0 for inst in instances}  # instance -> batches handed to it
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._drained: asyncio.Event | None = None
@@ -206,7 +211,7 @@ class DynamicBatcher:
             request.timer = self._loop.call_at(
                 self._loop.time() + max(0.0, request.deadline - request.enqueued),
                 self._expire, request)
-        if self._idle:
+        if self._pick() is not None:
             self._schedule()
 
     def inflight_count(self) -> int:
@@ -218,21 +223,22 @@ class DynamicBatcher:
 
     @property
     def instance_count(self) -> int:
-        return len(self._instances)
+        return len(self._load)
 
     def add_instance(self, instance: ModelInstance) -> None:
-        self._instances.append(instance)
-        self._idle.append(instance)
+        self._load[instance] = 0
         if self._queued:
             self._schedule()
 
     def remove_idle_instance(self) -> ModelInstance | None:
         """Take one idle instance out of service (the caller stops it); None if all busy."""
-        if len(self._instances) <= 1 or not self._idle:
+        if len(self._load) <= 1:
             return None
-        inst = self._idle.pop()
-        self._instances.remove(inst)
-        return inst
+        for inst in reversed(self._load):
+            if not self._load[inst]:
+                del self._load[inst]
+                return inst
+        return None
 
     async def stop(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests, finish every queued and running one, stop the instances.
@@ -250,8 +256,7 @@ class DynamicBatcher:
                 drained = False
                 self._fail_queued(Unavailable("the version was unloaded before this request "
                                               "could run; retry"))
-        instances, self._instances = self._instances, []
-        self._idle.clear()
+        instances, self._load = list(self._load), {}
         for inst in instances:
             if drained:
                 await asyncio.to_thread(inst.stop)
@@ -323,21 +328,42 @@ class DynamicBatcher:
                 return q[0]
         return None
 
+    def _pick(self) -> ModelInstance | None:
+        """Where the next batch goes: an idle instance, else one with room for a batch
+        formed ahead; None when every instance is full."""
+        ahead = None
+        for inst, n in self._load.items():
+            if not n:
+                return inst
+            if ahead is None and n < PIPELINE_DEPTH:
+                ahead = inst
+        return ahead
+
     def _schedule(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._idle and self._queued:
+        while self._queued:
+            instance = self._pick()
+            if instance is None:
+                return
             head = self._oldest()
             if head is None:
-                break
-            age_us = (time.monotonic() - head.enqueued) * 1e6
-            rows, wait_us = decide(self._queued_rows, age_us, self.policy)
-            if rows == 0:
-                self._timer = self._loop.call_later(wait_us / 1e6, self._schedule)
                 return
+            if self._load[instance]:
+                # Ahead of a busy instance only a full batch: a partial one would stop
+                # growing while it waits, and the delay and preferred sizes would not apply.
+                rows = max(self.policy.max_batch_size, 1)
+                if self._queued_rows < rows:
+                    return
+            else:
+                age_us = (time.monotonic() - head.enqueued) * 1e6
+                rows, wait_us = decide(self._queued_rows, age_us, self.policy)
+                if rows == 0:
+                    self._timer = self._loop.call_later(wait_us / 1e6, self._schedule)
+                    return
             batch = self._take(head, rows if self.policy.max_batch_size else 1)
-            self._dispatch(self._idle.pop(), batch)
+            self._dispatch(instance, batch)
 
     def _take(self, head: InferRequest, rows: int) -> list[InferRequest]:
         """Up to ``rows`` rows of requests shaped like ``head``, by priority then age."""
@@ -370,7 +396,9 @@ class DynamicBatcher:
 
     def _dispatch(self, instance: ModelInstance, batch: list[InferRequest]) -> None:
         loop = self._loop
-        if self._inline_ok(instance):
+        busy = self._load[instance]
+        self._load[instance] = busy + 1
+        if not busy and self._inline_ok(instance):
             # Tiny models: two thread hand-offs would cost more than the run itself.
             t0 = time.perf_counter()
             try:
@@ -410,8 +438,8 @@ class DynamicBatcher:
         self._timed += 1
         self._compute_ewma_s += (compute_s - self._compute_ewma_s) * 0.1
         self._running -= len(batch)
-        if instance in self._instances:
-            self._idle.append(instance)
+        if instance in self._load:
+            self._load[instance] -= 1
         self._last_compute_s = compute_s
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,11 +111,12 @@ def test_queue_full_is_refused_at_once_and_deadline_hits_queued_requests():
 
         def done(out, err):
             outcomes.append(err)
-            if len(outcomes) == 3:
+            if len(outcomes) == 4:
                 done_all.set()
         x = np.ones((1, 4), np.float32)
         b.enqueue(_request(x, done))  # runs (held by the gate)
         await asyncio.sleep(0.05)
+        b.enqueue(_request(x, done))  # formed ahead: the instance holds it next
         b.enqueue(_request(x, done, deadline=loop.time() + 0.05))  # waits, then expires
         b.enqueue(_request(x, done))
         with pytest.raises(ResourceExhausted):
@@ -128,8 +130,8 @@ def test_queue_full_is_refused_at_once_and_deadline_hits_queued_requests():
         return outcomes, stats
 
     outcomes, stats = _run(go())
-    assert outcomes[1:] == [None, None]
-    assert stats.request_success == 2 and stats.failures_by_code == {"DEADLINE_EXCEEDED": 1}
+    assert outcomes[1:] == [None, None, None]
+    assert stats.request_success == 3 and stats.failures_by_code == {"DEADLINE_EXCEEDED": 1}
 
 
 def test_priority_levels_run_lower_first():
@@ -145,12 +147,13 @@ def test_priority_levels_run_lower_first():
         def make_done(tag):
             def done(out, err):
                 order.append(tag)
-                if len(order) == 5:
+                if len(order) == 6:
                     finished.set()
             return done
         x = np.ones((1, 4), np.float32)
         b.enqueue(_request(x, make_done("first"), priority=2))  # starts at once
         await asyncio.sleep(0.05)
+        b.enqueue(_request(x, make_done("ahead"), priority=2))  # the batch formed ahead
         b.enqueue(_request(x, make_done("low-a"), priority=2))
         b.enqueue(_request(x, make_done("mid"), priority=1))
         b.enqueue(_request(x, make_done("low-b"), priority=2))
@@ -160,7 +163,7 @@ def test_priority_levels_run_lower_first():
         await b.stop()
         return order
 
-    assert _run(go()) == ["first", "high", "mid", "low-a", "low-b"]
+    assert _run(go()) == ["first", "ahead", "high", "mid", "low-a", "low-b"]
 
 
 def test_shapes_that_disagree_are_not_batched_together():
@@ -216,3 +219,64 @@ def test_engine_failure_fails_the_batch_not_the_batcher():
     out = _run(go())
     assert out[0].code == "INTERNAL" and "boom" in str(out[0])
     assert out[1] is None
+
+
+def _hold_loop_after_opening(session: GatedSession, seconds: float) -> list[int]:
+    """Open the gate, then keep the event loop from running for ``seconds``: whatever the
+    worker runs meanwhile was handed to it before, not by the loop."""
+    session.gate.set()
+    time.sleep(seconds)
+    return list(session.batches)
+
+
+def test_a_busy_instance_is_handed_the_next_full_batch_before_it_finishes():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=2), [ModelInstance(session, "t")],
+                           VersionStats())
+        answered = []
+        finished = asyncio.Event()
+
+        def done(out, err):
+            answered.append(err)
+            if len(answered) == 5:
+                finished.set()
+        x = np.ones((1, 4), np.float32)
+        b.enqueue(_request(x, done))  # runs alone: the instance was idle
+        for _ in range(4):  # two full batches queue; the first is handed over at once
+            b.enqueue(_request(x, done))
+        ran = _hold_loop_after_opening(session, 0.3)
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return ran, session.batches, answered
+
+    ran, batches, answered = _run(go())
+    assert ran == [1, 2]  # the second batch ran while the loop was held
+    assert batches == [1, 2, 2] and answered == [None] * 5
+
+
+def test_a_partial_batch_is_not_formed_ahead_of_a_busy_instance():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=4), [ModelInstance(session, "t")],
+                           VersionStats())
+        finished = asyncio.Event()
+        answered = []
+
+        def done(out, err):
+            answered.append(err)
+            if len(answered) == 4:
+                finished.set()
+        x = np.ones((1, 4), np.float32)
+        for _ in range(4):  # one runs; three wait and keep growing into one batch
+            b.enqueue(_request(x, done))
+        ran = _hold_loop_after_opening(session, 0.3)
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return ran, session.batches
+
+    ran, batches = _run(go())
+    assert ran == [1]
+    assert batches == [1, 3]
