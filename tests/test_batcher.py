@@ -280,3 +280,35 @@ def test_a_partial_batch_is_not_formed_ahead_of_a_busy_instance():
     ran, batches = _run(go())
     assert ran == [1]
     assert batches == [1, 3]
+
+
+def test_a_batch_formed_ahead_never_overwrites_the_inputs_of_the_one_running():
+    async def go(shared_buffers: bool):
+        session = GatedSession()
+        session.gate.clear()
+        inst = ModelInstance(session, "t")
+        if shared_buffers:  # what the test guards against: one set of buffers for both
+            inst._staging = [inst._staging[0]] * len(inst._staging)
+        b = DynamicBatcher(BatchPolicy(max_batch_size=2, max_queue_delay_us=10_000_000),
+                           [inst], VersionStats())
+        results: dict[int, np.ndarray] = {}
+        finished = asyncio.Event()
+
+        def make_done(i):
+            def done(out, err):
+                results[i] = out["y"]
+                if len(results) == 6:
+                    finished.set()
+            return done
+        for i in range(6):  # a batch of 2 runs (held), one is formed ahead, one waits
+            b.enqueue(_request(np.full((1, 4), i, np.float32), make_done(i)))
+        session.gate.set()
+        await asyncio.wait_for(finished.wait(), 5)
+        await b.stop()
+        return session.batches, results
+
+    batches, results = _run(go(shared_buffers=False))
+    assert batches == [2, 2, 2]
+    assert all((results[i] == 2 * i).all() for i in range(6))
+    _, shared = _run(go(shared_buffers=True))
+    assert not all((shared[i] == 2 * i).all() for i in range(6))
