@@ -93,8 +93,10 @@ def check_session(session: Session, config: ModelConfig, where: str) -> None:
 
 def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                  feeds: dict[str, np.ndarray]) -> tuple[int, tuple]:
-    """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature)."""
-    if len(feeds) != len(specs) or any(s.name not in feeds for s in specs):
+    """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature).
+
+    Plain loops rather than generators: this runs for every request."""
+    if len(feeds) != len(specs) or not _has_all(feeds, specs):
         names = {s.name for s in specs}
         missing = sorted(names - feeds.keys())
         if missing:
@@ -113,8 +115,7 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
             raise InvalidArgument(
                 f"inputs.{spec.name} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
                 f"outpost does not cast: send {spec.dtype}")
-        if arr.ndim != len(spec.shape) or any(
-                w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
+        if arr.ndim != len(spec.shape) or not _dims_fit(spec.shape, arr.shape):
             raise InvalidArgument(
                 f"inputs.{spec.name} has shape {list(arr.shape)} but model '{name}' takes "
                 f"{list(spec.shape)} (-1: any size)")
@@ -135,6 +136,20 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
     else:
         rows = 1
     return rows, tuple(signature)
+
+
+def _has_all(feeds: dict, specs: tuple[TensorSpec, ...]) -> bool:
+    for s in specs:
+        if s.name not in feeds:
+            return False
+    return True
+
+
+def _dims_fit(want: tuple, got: tuple) -> bool:
+    for w, g in zip(want, got):
+        if w != -1 and w != g:
+            return False
+    return True
 
 
 def decode_inputs(inputs: object) -> dict[str, np.ndarray]:

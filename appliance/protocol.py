@@ -59,21 +59,31 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list:
+        """The whole frames so far, as bytes-like bodies. With nothing held back (the usual
+        case) they are views of ``data`` itself, which must not change afterwards."""
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = memoryview(data)
         bodies = []
         pos = 0
-        end = len(buf)
+        end = len(src)
         while end - pos >= 4:
-            (n,) = HEADER.unpack_from(buf, pos)
+            (n,) = HEADER.unpack_from(src, pos)
             check_frame_length(n, self.max_frame_bytes)
             if end - pos - 4 < n:
                 break
-            bodies.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            body = src[pos + 4 : pos + 4 + n]
+            bodies.append(bytes(body) if src is buf else body)
             pos += 4 + n
-        if pos:
-            del buf[:pos]
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += src[pos:]
         return bodies
 
 
@@ -149,7 +159,10 @@ _BIN32 = struct.Struct(">BI")
 
 def has_big_tensor(tensors: dict) -> bool:
     """Whether any tensor map's data is large enough to be worth ``encode_frame_parts``."""
-    return any(type(t["data"]) is memoryview for t in tensors.values())
+    for t in tensors.values():
+        if type(t["data"]) is memoryview:
+            return True
+    return False
 
 
 def encode_frame_parts(message: dict) -> list:

@@ -55,8 +55,10 @@ class Connection(asyncio.BufferedProtocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
-        # Responses finished in one loop iteration leave in one write (one syscall).
+        # Responses finished in one loop iteration leave in one write (one syscall); those
+        # answered while a read is handled leave at its end, without another iteration.
         self._out: list[bytes] = []
+        self._reading = False
         self._loop = asyncio.get_running_loop()
 
     # -- asyncio callbacks ---------------------------------------------------------------
@@ -89,10 +91,15 @@ class Connection(asyncio.BufferedProtocol):
         return self.reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._reading = True
         try:
             self.reader.buffer_updated(nbytes, self._on_body)
         except FrameError as exc:
             self.fatal(None, str(exc))
+        finally:
+            self._reading = False
+        if self._out:
+            self._flush()
 
     def _on_body(self, body) -> None:
         if self.closed:
@@ -226,7 +233,7 @@ class Connection(asyncio.BufferedProtocol):
             parts = [encode_frame(error_response(message.get("id"), ResourceExhausted(
                 f"the response would be {size} bytes, over the frame limit of "
                 f"{self.server.max_frame_bytes}; ask for fewer outputs or a smaller batch")))]
-        if not self._out:
+        if not self._out and not self._reading:
             self._loop.call_soon(self._flush)
         self._out.extend(parts)
 
