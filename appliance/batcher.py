@@ -18,6 +18,7 @@ import asyncio
 import collections
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,39 @@ def decide(queued_rows: int, oldest_age_us: float, policy: BatchPolicy) -> tuple
     if wait_us <= 0:
         return queued_rows, 0.0
     return 0, wait_us
+
+
+class BatchWindow:
+    """While a window is open, enqueued requests wait for it to close and then go out as
+    batches: the server opens one around each read, so the frames one read brings form
+    one batch instead of a run each (quick models otherwise run at once, one at a time).
+    One window per event loop (``window_for``); loop thread only."""
+
+    __slots__ = ("depth", "pending")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: list[DynamicBatcher] = []
+
+    def open(self) -> None:
+        self.depth += 1
+
+    def close(self) -> None:
+        self.depth -= 1
+        while not self.depth and self.pending:
+            pending, self.pending = self.pending, []
+            for batcher in pending:
+                batcher._window_closed()
+
+
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def window_for(loop: asyncio.AbstractEventLoop) -> BatchWindow:
+    window = _WINDOWS.get(loop)
+    if window is None:
+        window = _WINDOWS[loop] = BatchWindow()
+    return window
 
 
 class InferRequest:
@@ -190,6 +224,8 @@ class DynamicBatcher:
         self.policy = policy
         self.stats = stats
         self._loop = loop or asyncio.get_running_loop()
+        self._window = window_for(self._loop)
+        self._waiting_window = False
         self._queues = [collections.deque() for _ in range(policy.priority_levels)]
         self._queued = 0  # live requests waiting (expired ones may still sit in the deques)
         self._queued_rows = 0
@@ -224,7 +260,16 @@ class DynamicBatcher:
             request.timer = self._loop.call_at(
                 self._loop.time() + max(0.0, request.deadline - request.enqueued),
                 self._expire, request)
-        if self._pick() is not None:
+        if self._window.depth:
+            if not self._waiting_window:
+                self._waiting_window = True
+                self._window.pending.append(self)
+        elif self._pick() is not None:
+            self._schedule()
+
+    def _window_closed(self) -> None:
+        self._waiting_window = False
+        if self._queued and self._pick() is not None:
             self._schedule()
 
     def inflight_count(self) -> int:

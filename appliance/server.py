@@ -17,6 +17,7 @@ import socket
 import stat
 from pathlib import Path
 
+from appliance.batcher import window_for
 from appliance.config import Config, parse_host_port
 from appliance.errors import (
     ConfigError,
@@ -60,6 +61,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._reading = False
         self._loop = asyncio.get_running_loop()
+        self._window = window_for(self._loop)
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -92,11 +94,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._reading = True
+        self._window.open()  # the frames of this read batch together
         try:
             self.reader.buffer_updated(nbytes, self._on_body)
         except FrameError as exc:
             self.fatal(None, str(exc))
         finally:
+            self._window.close()  # quick models answer here, inside the read
             self._reading = False
         if self._out:
             self._flush()

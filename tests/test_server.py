@@ -115,6 +115,27 @@ def test_batching_forms_batches_under_concurrency(module_server):
     assert rows / runs > 2, (rows, runs)  # 16 in flight on one instance: real batches
 
 
+def test_the_frames_of_one_read_run_as_one_batch(module_server):
+    """A quick model (run on the loop itself) still batches: what one read brings."""
+    x = sample_inputs("identity")["x"]
+    with Client(module_server.socket_path) as c:
+        for _ in range(50):  # enough runs for the batcher to see the model is quick
+            c.infer("identity", {"x": x})
+        before = c.stats("identity")["models"][0]
+    s = connect(module_server.socket_path)
+    s.sendall(b"".join(frame({"op": "infer", "id": i, "model": "identity",
+                              "inputs": {"x": tensor(x + i)}}) for i in range(8)))
+    got = {r["id"]: r for r in (recv(s) for _ in range(8))}
+    s.close()
+    for i, r in got.items():
+        y = np.frombuffer(r["outputs"]["y"]["data"], np.float32)
+        assert r["ok"] and np.allclose(y, (x + i).ravel())
+    with Client(module_server.socket_path) as c:
+        after = c.stats("identity")["models"][0]
+    assert after["inference_count"] - before["inference_count"] == 8
+    assert after["execution_count"] - before["execution_count"] == 1
+
+
 def test_socket_file_mode(module_server):
     assert oct(os.stat(module_server.socket_path).st_mode & 0o777) == "0o660"
 
