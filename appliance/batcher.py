@@ -92,8 +92,12 @@ class BatchWindow:
         self.depth -= 1
         while not self.depth and self.pending:
             pending, self.pending = self.pending, []
-            for batcher in pending:
-                batcher._window_closed()
+            for i, batcher in enumerate(pending):
+                try:
+                    batcher._window_closed()
+                except BaseException:  # a bug: the batchers after it still get their turn
+                    self.pending[:0] = pending[i + 1:]
+                    raise
 
 
 _WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

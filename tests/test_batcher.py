@@ -312,3 +312,27 @@ def test_a_batch_formed_ahead_never_overwrites_the_inputs_of_the_one_running():
     assert all((results[i] == 2 * i).all() for i in range(6))
     _, shared = _run(go(shared_buffers=True))
     assert not all((shared[i] == 2 * i).all() for i in range(6))
+
+
+def test_a_window_that_fails_on_one_batcher_keeps_the_others_pending():
+    from appliance.batcher import BatchWindow
+
+    class Fake:
+        def __init__(self, fail: bool):
+            self.fail, self.runs = fail, 0
+
+        def _window_closed(self):
+            self.runs += 1
+            if self.fail:
+                raise RuntimeError("a bug")
+
+    window = BatchWindow()
+    bad, good = Fake(fail=True), Fake(fail=False)
+    window.open()
+    window.pending += [bad, good]
+    with pytest.raises(RuntimeError):
+        window.close()
+    assert window.pending == [good] and good.runs == 0
+    window.open()
+    window.close()
+    assert good.runs == 1 and not window.pending
