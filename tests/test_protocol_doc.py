@@ -91,19 +91,23 @@ def test_buffered_reader_small_and_large_frames_split_anywhere():
 
     from appliance.protocol import BufferedFrameReader, FrameError
 
-    big = np.arange(200_000, dtype=np.float32)  # 800 KB: over the small buffer
+    def big(i):
+        """0.4 to 1.2 MB, over the small buffer: the large buffer kept between frames is
+        outgrown, then reused for a shorter frame."""
+        return np.arange(100_000 * (1 + i % 3), dtype=np.float32) + i
+
     msgs = []
     for i in range(30):
         msgs.append({"op": "health", "id": i})
         if i % 7 == 3:
-            msgs.append({"op": "infer", "id": 1000 + i, "t": encode_tensor(big + i)})
+            msgs.append({"op": "infer", "id": 1000 + i, "t": encode_tensor(big(i))})
     stream = b"".join(encode_frame(m) for m in msgs)
     for chunk in (1, 5, 4096, 65536, 300_000, 1 << 20):
         got = _pump(BufferedFrameReader(1 << 24), stream, chunk)
         assert [m["id"] for m in got] == [m["id"] for m in msgs]
         for m in got:
             if "t" in m:
-                np.testing.assert_array_equal(decode_tensor(m["t"], "t"), big + m["id"] - 1000)
+                np.testing.assert_array_equal(decode_tensor(m["t"], "t"), big(m["id"] - 1000))
     reader = BufferedFrameReader(1024)
     with pytest.raises(FrameError, match="limit of 1024"):
         _pump(reader, encode_frame({"op": "health", "id": 1}) + b"\x00\x00\x08\x00", 64)
