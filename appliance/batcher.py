@@ -53,23 +53,32 @@ class BatchPolicy:
     priority_levels: int = 1
 
 
+def ready_rows(queued_rows: int, policy: BatchPolicy) -> int:
+    """The batch that goes without waiting, as in Triton: the largest preferred size that
+    can be formed; without one, a full batch; 0 when neither can be formed yet."""
+    if policy.preferred_batch_sizes:
+        preferred = [p for p in policy.preferred_batch_sizes if p <= queued_rows]
+        if preferred:
+            return max(preferred)
+    limit = max(policy.max_batch_size, 1)
+    return limit if queued_rows >= limit else 0
+
+
 def decide(queued_rows: int, oldest_age_us: float, policy: BatchPolicy) -> tuple[int, float]:
     """How many rows to send now, or (0, microseconds to wait) before asking again.
 
-    A full batch goes at once; so does a preferred size as soon as one can be formed; the
-    rest goes when the oldest request has waited ``max_queue_delay_us``.
+    A preferred size goes as soon as one can be formed (the largest), else a full batch;
+    the rest goes, up to a full batch, when the oldest request has waited
+    ``max_queue_delay_us``.
     """
     if queued_rows <= 0:
         return 0, 0.0
-    limit = max(policy.max_batch_size, 1)
-    if queued_rows >= limit:
-        return limit, 0.0
-    preferred = [p for p in policy.preferred_batch_sizes if p <= queued_rows]
-    if preferred:
-        return max(preferred), 0.0
+    rows = ready_rows(queued_rows, policy)
+    if rows:
+        return rows, 0.0
     wait_us = policy.max_queue_delay_us - oldest_age_us
     if wait_us <= 0:
-        return queued_rows, 0.0
+        return min(queued_rows, max(policy.max_batch_size, 1)), 0.0
     return 0, wait_us
 
 
@@ -413,10 +422,10 @@ class DynamicBatcher:
             if head is None:
                 return
             if self._load[instance]:
-                # Ahead of a busy instance only a full batch: a partial one would stop
-                # growing while it waits, and the delay and preferred sizes would not apply.
-                rows = max(self.policy.max_batch_size, 1)
-                if self._queued_rows < rows:
+                # Ahead of a busy instance only a batch that would go without waiting (a
+                # preferred size or a full batch): a partial one would stop growing.
+                rows = ready_rows(self._queued_rows, self.policy)
+                if not rows:
                     return
             else:
                 age_us = (time.monotonic() - head.enqueued) * 1e6

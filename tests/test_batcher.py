@@ -36,6 +36,19 @@ def test_decide_preferred_size_goes_before_the_delay():
     assert decide(9, 0, p) == (8, 0.0)
 
 
+def test_decide_a_preferred_size_beats_a_full_batch_as_in_triton():
+    """Triton: 'If the dynamic batcher can form a batch of a preferred size(s) it will
+    create a batch of the largest possible preferred size'; max_batch_size stays the
+    largest batch a single request may carry."""
+    p = BatchPolicy(max_batch_size=32, preferred_batch_sizes=(1, 4))
+    assert decide(64, 0, p) == (4, 0.0)
+    assert decide(3, 0, p) == (1, 0.0)
+    p = BatchPolicy(max_batch_size=8, max_queue_delay_us=100, preferred_batch_sizes=(6,))
+    assert decide(20, 0, p) == (6, 0.0)
+    assert decide(5, 0, p) == (0, 100)
+    assert decide(5, 100, p) == (5, 0.0)
+
+
 def test_decide_zero_delay_sends_immediately_and_empty_queue_waits():
     p = BatchPolicy(max_batch_size=8)
     assert decide(1, 0, p) == (1, 0.0)
