@@ -95,25 +95,22 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._reading = True
         self._window.open()  # the frames of this read batch together
+        broken = None
         try:
             self.reader.buffer_updated(nbytes, self._on_body)
-        except FrameError as exc:
-            self.fatal(None, str(exc))
+        except FrameError as exc:  # a bad length, or a body that is not one map
+            broken = exc
         finally:
             self._window.close()  # quick models answer here, inside the read
             self._reading = False
-        if self._out:
+        if broken is not None:  # after the answers to the good frames before it
+            self.fatal(None, str(broken))
+        elif self._out:
             self._flush()
 
     def _on_body(self, body) -> None:
-        if self.closed:
-            return
-        try:
-            msg = decode_body(body)
-        except FrameError as exc:
-            self.fatal(None, str(exc))
-            return
-        self.handle(msg)
+        if not self.closed:
+            self.handle(decode_body(body))  # FrameError: up to buffer_updated
 
     def eof_received(self):
         # The peer finished sending; keep the socket open to answer what is in flight.

@@ -72,6 +72,23 @@ def test_not_exactly_one_map(module_server, body):
     ok_infer(module_server.socket_path)
 
 
+@pytest.mark.parametrize("bad", [frame(b"\xc1"), struct.pack(">I", 0)])
+def test_good_frames_before_a_broken_one_are_answered_first(module_server, bad):
+    """One write: two requests, then a frame that breaks the stream. Both answers come
+    back, then the one error with id nil, then the close."""
+    with connect(module_server.socket_path) as s:
+        for _ in range(200):  # the identity model runs on the loop once it is known quick
+            assert call(s, op="infer", id=1, model="identity", inputs={"x": tensor(X)})["ok"]
+    with connect(module_server.socket_path) as s:
+        s.sendall(frame({"op": "infer", "id": 7, "model": "identity",
+                         "inputs": {"x": tensor(X)}})
+                  + frame({"op": "health", "id": 8}) + bad)
+        answers = {recv(s)["id"] for _ in range(2)}
+        assert answers == {7, 8}
+        assert_fatal(s)
+    ok_infer(module_server.socket_path)
+
+
 def test_unknown_op_keeps_connection(module_server):
     with connect(module_server.socket_path) as s:
         r = call(s, op="explode", id=7)
