@@ -277,12 +277,12 @@ class DynamicBatcher:
             if not self._waiting_window:
                 self._waiting_window = True
                 self._window.pending.append(self)
-        elif self._pick() is not None:
-            self._schedule()
+        else:
+            self._schedule()  # returns at once when no instance can take a batch
 
     def _window_closed(self) -> None:
         self._waiting_window = False
-        if self._queued and self._pick() is not None:
+        if self._queued:
             self._schedule()
 
     def inflight_count(self) -> int:
