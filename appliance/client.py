@@ -126,8 +126,12 @@ class Client:
 
     def call(self, op: str, **fields) -> dict:
         """Send one request and return its response map (raises on an error response)."""
+        return self._call(op, fields)
+
+    def _call(self, op: str, fields: dict) -> dict:
         rid = next(self._ids)
-        fields.update(op=op, id=rid)
+        fields["op"] = op
+        fields["id"] = rid
         if op == "infer" and has_big_tensor(fields["inputs"]):
             parts = encode_frame_parts(fields)
         else:
@@ -164,7 +168,7 @@ class Client:
               outputs: list[str] | None = None, timeout_ms: int | None = None,
               priority: int | None = None) -> InferResult:
         msg = _infer_message(model, inputs, version, outputs, timeout_ms, priority)
-        return _infer_result(self.call("infer", **msg))
+        return _infer_result(self._call("infer", msg))
 
     def models(self) -> list[dict]:
         return self.call("models")["models"]
@@ -186,6 +190,7 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, waiting: dict[int, asyncio.Future]):
         self.waiting = waiting
         self.reader = FrameReader(1 << 31)
+        self.loop = asyncio.get_running_loop()
         self.transport = None
         self.lost: Exception | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -221,7 +226,7 @@ class _ClientProtocol(asyncio.Protocol):
                 fut.set_exception(error)
 
     def pause_writing(self) -> None:
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -284,12 +289,17 @@ class AsyncClient:
             self._proto.transport.close()
 
     async def call(self, op: str, **fields) -> dict:
+        """Send one request and return its response map (raises on an error response)."""
+        return await self._call(op, fields)
+
+    async def _call(self, op: str, fields: dict) -> dict:
         proto = self._proto
         if proto.lost is not None:
             raise proto.lost
         rid = next(self._ids)
-        fields.update(op=op, id=rid)
-        fut = asyncio.get_running_loop().create_future()
+        fields["op"] = op
+        fields["id"] = rid
+        fut = proto.loop.create_future()
         self._waiting[rid] = fut
         if op == "infer" and has_big_tensor(fields["inputs"]):
             proto.transport.writelines(encode_frame_parts(fields))
@@ -310,7 +320,7 @@ class AsyncClient:
                     timeout_ms: int | None = None,
                     priority: int | None = None) -> InferResult:
         msg = _infer_message(model, inputs, version, outputs, timeout_ms, priority)
-        return _infer_result(await self.call("infer", **msg))
+        return _infer_result(await self._call("infer", msg))
 
     async def models(self) -> list[dict]:
         return (await self.call("models"))["models"]

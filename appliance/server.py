@@ -175,7 +175,8 @@ class Connection(asyncio.BufferedProtocol):
                 fields["id"] = rid
                 fields["ok"] = True
                 self.send(fields, has_big_tensor(fields["outputs"]))
-            self._update_reading()
+            if self.read_paused or self.server.stopping:
+                self._update_reading()
 
         self.inflight += 1
         try:
@@ -191,7 +192,8 @@ class Connection(asyncio.BufferedProtocol):
             return
         if request is not None and self.inflight:
             self.pending.add(request)
-        self._update_reading()
+        if self.inflight >= self.max_inflight:
+            self._update_reading()
 
     def run_async(self, rid: int, op: str, coro) -> None:
         """An op that loads models: answered when done; the connection keeps serving."""
@@ -229,7 +231,7 @@ class Connection(asyncio.BufferedProtocol):
             log.exception("encode failed")
             parts = [encode_frame(error_response(message.get("id"), Internal(
                 f"the response could not be encoded: {exc}")))]
-        (size,) = HEADER.unpack_from(parts[0])
+        size = len(parts[0]) - 4 if len(parts) == 1 else HEADER.unpack_from(parts[0])[0]
         if size > self.server.max_frame_bytes:
             parts = [encode_frame(error_response(message.get("id"), ResourceExhausted(
                 f"the response would be {size} bytes, over the frame limit of "

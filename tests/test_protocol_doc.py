@@ -136,3 +136,32 @@ def test_frame_parts_are_the_same_bytes_without_copying_big_tensors():
         assert b"".join(bytes(p) for p in parts) == encode_frame(msg)
         if "inputs" in msg:
             assert any(isinstance(p, memoryview) for p in parts)  # written, not copied
+
+
+def test_the_kept_packer_survives_a_failed_encode_and_threads():
+    """encode_frame keeps one msgpack packer per thread: a message that can't be packed
+    must leave nothing behind in it, and threads must not share one."""
+    import threading
+
+    import msgpack
+    import pytest
+
+    with pytest.raises(TypeError):
+        encode_frame({"id": 1, "bad": object(), "tail": b"x" * 100})
+    ok = {"id": 2, "ok": True}
+    assert encode_frame(ok) == len(msgpack.packb(ok)).to_bytes(4, "big") + msgpack.packb(ok)
+
+    wrong = []
+
+    def worker(k: int) -> None:
+        for i in range(2000):
+            msg = {"id": i, "k": k, "data": bytes([k]) * (i % 97)}
+            if decode_body(encode_frame(msg)[4:]) != msg:
+                wrong.append(msg)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
