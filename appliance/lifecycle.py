@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.batch_tuning import preferred_batch_size, tuning_path
 from appliance.batcher import (
     DONE,
     QUEUED,
@@ -229,6 +230,8 @@ class LoadedVersion(ServedVersion):
         self.batcher: DynamicBatcher | None = None
         self.last_used = time.monotonic()
         self.memory_bytes = estimate_memory(record, config)
+        # What the batcher prefers: config.toml's, or measured at load (auto_preferred_batch)
+        self.preferred_batch_sizes = tuple(config.dynamic_batching.preferred_batch_sizes)
         self._parked: list[InferRequest] = []  # requests that came while loading
         self._min_instances = config.instances or 1
         self._max_instances = max(config.max_instances or 0, self._min_instances)
@@ -268,10 +271,17 @@ class LoadedVersion(ServedVersion):
             raise FailedPrecondition(self.error) from exc
         self._make_instance = make_instance
         db = self.config.dynamic_batching
+        preferred = tuple(db.preferred_batch_sizes)
+        if db.auto_preferred_batch and self.max_batch_size > 1:
+            size = await asyncio.to_thread(
+                preferred_batch_size, instances[0].session, self.max_batch_size,
+                tuning_path(cache_dir, artifact.cache_key, runtime))
+            preferred = (size,) if size else ()
+        self.preferred_batch_sizes = preferred
         policy = BatchPolicy(
             max_batch_size=self.max_batch_size,
             max_queue_delay_us=db.max_queue_delay_us or 0,
-            preferred_batch_sizes=tuple(db.preferred_batch_sizes),
+            preferred_batch_sizes=preferred,
             max_queue_size=db.max_queue_size or 1,
             priority_levels=db.priority_levels,
         )

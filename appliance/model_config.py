@@ -27,8 +27,13 @@ class DynamicBatching:
     default_timeout_ms: int | None = None  # 0: no timeout
     priority_levels: int = 1  # priorities 0 .. priority_levels-1, lower runs first
     default_priority_level: int = 0
+    # Measure at load which batch size to prefer on this device (appliance/batch_tuning.py)
+    auto_preferred_batch: bool = False
 
     def check(self) -> None:
+        if self.auto_preferred_batch and self.preferred_batch_sizes:
+            raise ValueError("set preferred_batch_sizes or auto_preferred_batch = true, "
+                             "not both")
         if self.priority_levels < 1:
             raise ValueError("priority_levels must be >= 1")
         if not 0 <= self.default_priority_level < self.priority_levels:
@@ -261,6 +266,10 @@ def complete(config: ModelConfig, model_path: Path, defaults: BatchingConfig,
         default_timeout_ms=defaults.default_timeout_ms if db.default_timeout_ms is None
         else db.default_timeout_ms,
     )
+    if db.auto_preferred_batch and not batched:
+        raise ConfigError(
+            f"{where}: auto_preferred_batch needs a batch dimension, but max_batch_size is "
+            f"0; drop auto_preferred_batch or let the model batch")
     if batched and any(s > mbs for s in db.preferred_batch_sizes):
         raise ConfigError(
             f"{where}: preferred_batch_sizes {list(db.preferred_batch_sizes)} go past "

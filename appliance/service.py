@@ -85,6 +85,7 @@ class Service:
             rows.append({"model": name, "version": version, "state": lv.state.value,
                          "active": self.manager.active.get(name) == version,
                          "instances": getattr(lv, "instance_count", 0),
+                         "preferred_batch_sizes": list(getattr(lv, "preferred_batch_sizes", ())),
                          "inflight": lv.inflight_count(), **lv.stats.snapshot()})
         if model is not None and not rows:
             raise NotFound(f"model '{model}' is not loaded here")

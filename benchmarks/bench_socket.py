@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.demo import BUILDERS, sample_inputs  # noqa: E402
+from appliance.client import Client  # noqa: E402
+from appliance.demo import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
 from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
 
@@ -87,6 +88,9 @@ def main() -> int:
     ap.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
     ap.add_argument("--cnn-max-batch", type=int, default=None,
                     help="the cnn's max_batch_size (default: the appliance default, 32)")
+    ap.add_argument("--cnn-tuning", default="on", choices=("on", "off"),
+                    help="on: the demo's cnn config, which measures its preferred batch "
+                         "size at load; off: batches formed by the plain defaults")
     ap.add_argument("--instances", type=int, default=1, help="cnn instances")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (raw engine, then server); figures are medians")
@@ -98,19 +102,23 @@ def main() -> int:
         repo = Repository(tmp / "data")
         cnn_cfg = tmp / "cnn.toml"
         cnn_cfg.write_text(f"instances = {args.instances}\n" + (
-            f"max_batch_size = {args.cnn_max_batch}\n" if args.cnn_max_batch else ""))
+            f"max_batch_size = {args.cnn_max_batch}\n" if args.cnn_max_batch else "") + (
+            DEMO_CONFIGS["cnn"] if args.cnn_tuning == "on" else ""))
         for name, path in files.items():
             repo.add(name, path, config_path=cnn_cfg if name == "cnn" else None)
         repo.close()
         print(f"# outpost socket benchmark: {os.cpu_count()} CPUs, intra-op threads "
               f"{args.threads}, loop {args.loop}, {args.seconds:g} s per point, cnn "
-              f"max_batch_size {args.cnn_max_batch or 'default'}, instances "
-              f"{args.instances}")
+              f"max_batch_size {args.cnn_max_batch or 'default'}, preferred batch size "
+              f"measured at load: {args.cnn_tuning}, instances {args.instances}")
 
         server = ServerProcess(tmp / "data", tmp / "s.sock",
                                extra_args=["--threads", str(args.threads), "--loop",
                                            args.loop, "--log-level", "warning"])
         server.start()
+        with Client(tmp / "s.sock") as c:
+            row = c.stats("cnn")["models"][0]
+        print(f"server cnn: preferred batch sizes {row['preferred_batch_sizes'] or 'none'}")
         # The raw session gets the same CPU budget as the server's cnn: all its instances'
         # threads in one session.
         raw_threads = args.threads * args.instances

@@ -41,7 +41,9 @@ def model_config(lv: ServedVersion) -> dict:
         "input": [_tensor(s, batched) for s in getattr(lv, "inputs", ())],
         "output": [_tensor(s, batched) for s in getattr(lv, "outputs", ())],
         "dynamic_batching": {
-            "preferred_batch_size": list(db.preferred_batch_sizes),
+            # the sizes in effect: config.toml's, or those measured at load
+            "preferred_batch_size": list(getattr(lv, "preferred_batch_sizes",
+                                                 db.preferred_batch_sizes)),
             "max_queue_delay_microseconds": db.max_queue_delay_us or 0,
             "preserve_ordering": False,
             "priority_levels": db.priority_levels,
