@@ -475,8 +475,8 @@ class DynamicBatcher:
             # worker, it waited about 300 us an image to get the GIL back from the loop
             # (demo CNN at batch 2, c=64).
             feeds = instance.gather(batch)
-        except Exception as exc:
-            self._complete(instance, batch, exc, 0.0)
+        except Exception as exc:  # never reached the engine: no engine time to count
+            self._complete(instance, batch, exc, None)
             return
         if not busy and self._inline_ok(instance):
             # Tiny models: two thread hand-offs would cost more than the run itself.
@@ -512,13 +512,14 @@ class DynamicBatcher:
             self._schedule()
 
     def _complete(self, instance: ModelInstance, batch: list[InferRequest],
-                  result, compute_s: float) -> None:
-        self._timed += 1
-        self._compute_ewma_s += (compute_s - self._compute_ewma_s) * 0.1
+                  result, compute_s: float | None) -> None:
+        if compute_s is not None:  # None: the batch failed before the engine ran it
+            self._timed += 1
+            self._compute_ewma_s += (compute_s - self._compute_ewma_s) * 0.1
         self._running -= len(batch)
         if instance in self._load:
             self._load[instance] -= 1
-        self._last_compute_s = compute_s
+        self._last_compute_s = compute_s or 0.0
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)
                    else Internal(f"the engine failed on this batch: {result}"))

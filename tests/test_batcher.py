@@ -349,3 +349,24 @@ def test_a_window_that_fails_on_one_batcher_keeps_the_others_pending():
     window.open()
     window.close()
     assert good.runs == 1 and not window.pending
+
+
+def test_a_batch_that_fails_before_the_engine_is_not_timed_as_a_quick_run():
+    """A failed gather (out of memory) must not count as a 0 s engine run: enough of those
+    would make a slow model look quick enough to run on the event loop."""
+    async def go():
+        inst = ModelInstance(GatedSession(), "t")
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8), [inst], VersionStats())
+        errors = []
+
+        def broken_gather(batch):
+            raise MemoryError("no room for the batch")
+        inst.gather = broken_gather
+        for _ in range(20):
+            b.enqueue(_request(np.ones((1, 4), np.float32), lambda o, e: errors.append(e)))
+        await b.stop()
+        return b._timed, b._compute_ewma_s, errors
+
+    timed, ewma, errors = _run(go())
+    assert len(errors) == 20 and all(e.code == "INTERNAL" for e in errors)
+    assert timed == 0 and ewma == 1.0  # untouched: nothing was measured
