@@ -25,7 +25,8 @@ def _onnx():
     return onnx, TensorProto, helper, numpy_helper
 
 
-def _save(graph, path: Path) -> Path:
+def save_model(graph, path: Path) -> Path:
+    """An ONNX graph as a checked model file at ``path`` (the opset the demo models use)."""
     onnx, _, helper, _ = _onnx()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="outpost-demo")
@@ -46,7 +47,7 @@ def identity_model(path: Path, width: int = 16) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[zero],
     )
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 def cnn_model(path: Path, classes: int = 10, seed: int = 7) -> Path:
@@ -83,7 +84,7 @@ def cnn_model(path: Path, classes: int = 10, seed: int = 7) -> Path:
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
         initializer=inits,
     )
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 def mlp_model(path: Path, features: int = 32, hidden: int = 64, classes: int = 3,
@@ -108,7 +109,7 @@ def mlp_model(path: Path, features: int = 32, hidden: int = 64, classes: int = 3
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
         initializer=inits,
     )
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 BUILDERS = {"identity": identity_model, "cnn": cnn_model, "mlp": mlp_model}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.demo import _save
+from appliance.demo import save_model
 from appliance.repository import Repository
 from updater.fleet_repo import FleetRepo, init_repo
 from updater.validation import make_release_samples
@@ -44,7 +44,7 @@ def nan_model(path: Path, width: int = 16) -> Path:
         "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[k])
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 class Fleet:
@@ -162,4 +162,4 @@ def batch_one_model(path: Path, width: int = 16) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[shape])
-    return _save(graph, path)
+    return save_model(graph, path)

@@ -39,7 +39,7 @@ def log_guard_model(path: Path, width: int = 16) -> Path:
     """y = x + 0 * log(x + 10): equals x for x > -10, NaN below (the bad release)."""
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
-    from appliance.demo import _save  # noqa: PLC0415
+    from appliance.demo import save_model  # noqa: PLC0415
 
     ten = numpy_helper.from_array(np.full((width,), 10.0, np.float32), "ten")
     zero = numpy_helper.from_array(np.zeros((width,), np.float32), "zero")
@@ -50,7 +50,7 @@ def log_guard_model(path: Path, width: int = 16) -> Path:
         "log_guard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[ten, zero])
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 class SessionCache:
