@@ -11,7 +11,9 @@ import urllib.request
 import pytest
 from updater_support import Fleet
 
+from updater import report_auth
 from updater.cohort import in_cohort
+from updater.report_auth import device_key
 
 
 @pytest.fixture
@@ -29,14 +31,32 @@ def _get(url: str, headers: dict | None = None):
         return resp.status, resp.read()
 
 
-def _post(fleet, body) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{fleet.url}/v1/reports", data=json.dumps(body).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
+def _post(fleet, body, *, device: str | None = None, key: bytes | None = None,
+          now: float | None = None, sign: bool = True) -> tuple[int, dict]:
+    """POST reports signed as ``device`` (default: the first report's) with its key."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if sign:
+        if device is None:
+            device = body["reports"][0]["device_id"] if isinstance(body, dict) and \
+                isinstance(body.get("reports"), list) and body["reports"] and \
+                isinstance(body["reports"][0], dict) and \
+                isinstance(body["reports"][0].get("device_id"), str) else "dev"
+        if key is None:
+            key = device_key(fleet.repo.report_secret(), device)
+        headers.update(report_auth.sign(key, device, data, now))
+    req = urllib.request.Request(f"{fleet.url}/v1/reports", data=data, method="POST",
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _post_each(fleet, reports) -> set[int]:
+    """Each report in a POST of its own, signed by its device; the statuses seen."""
+    return {_post(fleet, {"reports": [r]})[0] for r in reports}
 
 
 def _report(device, rollout_id, state, version=2):
@@ -72,6 +92,64 @@ def test_bad_reports_get_one_clear_error(fleet, body, message):
     assert status == 400 and message in answer["error"]
 
 
+def test_reports_are_taken_only_signed_by_the_device_they_are_about(fleet):
+    r = fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0, min_reports=1,
+                               failure_threshold=0.0)
+    failed = {"reports": [_report("d1", r.id, "failed")]}
+    status, answer = _post(fleet, failed, sign=False)
+    assert status == 401 and "must be signed" in answer["error"]
+    other_key = device_key(fleet.repo.report_secret(), "d2")
+    status, answer = _post(fleet, failed, device="d1", key=other_key)
+    assert status == 401 and "not 'd1''s" in answer["error"]
+    status, answer = _post(fleet, failed, device="d2")  # d2's own key, d1's report
+    assert status == 403 and "for itself only" in answer["error"]
+    status, answer = _post(fleet, failed, now=time.time() - 3600)
+    assert status == 401 and "clock" in answer["error"]
+    assert fleet.repo.release("identity", 2).rollout.state == "active"  # none counted
+    assert json.loads(_get(f"{fleet.url}/v1/status")[1])[0]["devices"] == {}
+
+    headers = report_auth.sign(device_key(fleet.repo.report_secret(), "d1"), "d1",
+                               json.dumps(failed).encode())
+    for expected in (200, 401):  # the same POST again is a replay
+        req = urllib.request.Request(f"{fleet.url}/v1/reports",
+                                     data=json.dumps(failed).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == expected
+        except urllib.error.HTTPError as exc:
+            assert exc.code == expected and "replay" in json.loads(exc.read())["error"]
+    assert fleet.repo.release("identity", 2).rollout.state == "halted"
+
+
+def test_a_fleet_made_before_signed_reports_takes_them_unsigned_until_it_has_a_secret(
+        tmp_path, demo_files):
+    import os
+    import subprocess
+    import sys
+
+    f = Fleet(tmp_path / "fleet")
+    f.repo.report_secret_path.unlink()  # as a fleet made by an older outpost
+    f.start()
+    try:
+        assert _post(f, {"reports": [_report("d1", "r", "committed")]}, sign=False)[0] == 200
+    finally:
+        f.stop()
+    out = subprocess.run([sys.executable, "-m", "appliance", "fleet", "device-key",
+                          str(f.dir), "d1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    secret = f.repo.report_secret()
+    assert out.stdout.strip() == device_key(secret, "d1").hex()
+    assert os.stat(f.repo.report_secret_path).st_mode & 0o077 == 0
+    f.start()
+    try:
+        body = {"reports": [_report("d1", "r", "committed")]}
+        assert _post(f, body, sign=False)[0] == 401
+        assert _post(f, body)[0] == 200
+    finally:
+        f.stop()
+
+
 def test_auto_halt_counts_only_cohort_devices_and_resigns(fleet):
     r = fleet.repo.set_rollout("identity", 2, new=True, fraction=0.5,
                                failure_threshold=0.2, min_reports=5)
@@ -79,14 +157,14 @@ def test_auto_halt_counts_only_cohort_devices_and_resigns(fleet):
     outside = [d for d in (f"d{i}" for i in range(200)) if not in_cohort(r.id, 0.5, {}, d, {})]
     version_before = fleet.repo._load("targets").signed.version
     # Failures from devices outside the cohort don't count.
-    assert _post(fleet, {"reports": [_report(d, r.id, "failed") for d in outside[:10]]})[0] == 200
+    assert _post_each(fleet, [_report(d, r.id, "failed") for d in outside[:10]]) == {200}
     assert fleet.repo.release("identity", 2).rollout.state == "active"
     # Four successes and one failure: 20%, not past the threshold.
     reports = [_report(d, r.id, "committed") for d in inside[:4]]
     reports.append(_report(inside[4], r.id, "failed"))
-    _post(fleet, {"reports": reports})
+    assert _post_each(fleet, reports) == {200}
     assert fleet.repo.release("identity", 2).rollout.state == "active"
-    _post(fleet, {"reports": [_report(inside[5], r.id, "rolled_back")]})
+    _post_each(fleet, [_report(inside[5], r.id, "rolled_back")])
     assert fleet.repo.release("identity", 2).rollout.state == "halted"
     assert fleet.repo._load("targets").signed.version == version_before + 1
     _, status = _get(f"{fleet.url}/v1/status")

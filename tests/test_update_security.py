@@ -175,3 +175,37 @@ def test_signed_hostile_archive_is_refused_and_marked_bad(fleet, device, short_t
     assert not (data / "staging" / "x").exists() and not (short_tmp / "x").exists()
     assert active_version(data) == 1
     assert "up to date" in _check(config, expect_rc=0)  # bad locally: not tried again
+
+
+def test_a_device_with_the_wrong_report_key_keeps_its_reports_until_it_has_the_right_one(
+        fleet, device):
+    """The fleet refuses the reports (they could be anyone's); the device keeps them queued
+    and still updates; with its own key they go through."""
+    import json
+    import sqlite3
+    import urllib.request
+
+    data, config = device
+    key_file = data / "report.key"
+    right = key_file.read_text()
+    key_file.write_text("00" * 32 + "\n")  # a well-formed key, not this device's
+    out = _check(config, expect_rc=0)
+    assert "identity 1 -> 2: committed" in out and "is not 'dev-1''s" in out
+    assert active_version(data) == 2
+
+    def queued() -> int:
+        with sqlite3.connect(data / "state.db") as db:
+            return db.execute("select count(*) from update_reports").fetchone()[0]
+
+    def fleet_devices() -> dict:
+        with urllib.request.urlopen(f"{fleet.url}/v1/status", timeout=10) as resp:
+            return json.loads(resp.read())[0]["devices"]
+
+    assert queued() >= 2 and fleet_devices() == {}
+    key_file.write_text(right)
+    _check(config, expect_rc=0)
+    assert queued() == 0 and fleet_devices() == {"committed": 1}
+
+    key_file.write_text("not a key\n")
+    out = _check(config)
+    assert "report_key_file" in out and "hex digits" in out and out.count("\n") <= 2

@@ -65,6 +65,14 @@ class Fleet:
     def root(self) -> Path:
         return self.dir / "metadata" / "1.root.json"
 
+    def device_key_file(self, device_id: str, folder: Path) -> Path:
+        """The device's report key, written as `outpost fleet device-key --out` does."""
+        from updater.report_auth import device_key
+
+        path = Path(folder) / "report.key"
+        path.write_text(device_key(self.repo.report_secret(), device_id).hex() + "\n")
+        return path
+
     def publish(self, name: str, version: int, model: Path, samples: Path | None = None):
         with tempfile.TemporaryDirectory() as tmp:
             config, samples_out = make_release_samples(model, None, samples, Path(tmp))
@@ -105,12 +113,14 @@ def make_device(data_dir: Path, fleet: Fleet, model_file: Path, *, device_id: st
         repo.add("identity", model_file, version=1)
     repo.close()
     label_lines = "".join(f'{k} = "{v}"\n' for k, v in (labels or {}).items())
+    key_file = fleet.device_key_file(device_id, data_dir)
     config = data_dir / "outpost.toml"
     config.write_text(
         f'data_dir = "{data_dir}"\n'
         f'[logging]\nlevel = "info"\n'
         f'[updater]\nfleet_url = "{fleet.url}"\ntrusted_root = "{fleet.root}"\n'
-        f'device_id = "{device_id}"\npoll_interval_s = {poll_s}\npoll_jitter_s = 0.0\n'
+        f'device_id = "{device_id}"\nreport_key_file = "{key_file}"\n'
+        f'poll_interval_s = {poll_s}\npoll_jitter_s = 0.0\n'
         f'health_window_s = {window_s}\ndownload_chunk_bytes = 4096\n{extra}'
         f'[updater.labels]\n{label_lines}')
     return config

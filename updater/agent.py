@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from appliance.errors import OutpostError
+from updater import report_auth
 from updater.cohort import Release, desired_version
-from updater.config import UpdaterConfig, trusted_root_bytes
+from updater.config import UpdaterConfig, report_key, trusted_root_bytes
 from updater.errors import FetchError, HealthError, ReleaseError, TrustError, UpdaterError
 from updater.fetcher import Fetcher
 from updater.fleet_repo import releases_from_targets, target_url_path
@@ -61,6 +62,9 @@ class Agent:
         self.fault = fault
         self.device_id = config.device
         self.base_url = config.fleet_url.rstrip("/")
+        key = report_key(config)
+        self._sign = (None if key is None else
+                      lambda data: report_auth.sign(key, self.device_id, data))
         self._tuf = None
 
     def close(self) -> None:
@@ -361,7 +365,7 @@ class Agent:
         while queued := self.journal.queued_reports():
             try:
                 await asyncio.to_thread(self.fetcher.post_json, self.config.reports_endpoint,
-                                        {"reports": [r for _, r in queued]})
+                                        {"reports": [r for _, r in queued]}, self._sign)
             except FetchError as exc:
                 log.info("reports queued", extra={"queued": len(queued), "error": str(exc)})
                 return sent

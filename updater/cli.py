@@ -104,6 +104,13 @@ def register_fleet(sub) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_clean(fleet_status))
 
+    dk = fs.add_parser("device-key", help="a device's report key (its updater.report_key_file)")
+    dk.add_argument("dir", type=Path)
+    dk.add_argument("device_id")
+    dk.add_argument("--out", type=Path, help="write it to this file (mode 0600) instead of "
+                                             "printing it")
+    dk.set_defaults(func=_clean(fleet_device_key))
+
     sv = fs.add_parser("serve", help="serve the repository and take device reports")
     sv.add_argument("dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1")
@@ -214,6 +221,25 @@ def fleet_status(args) -> int:
             else "published, not rolled out")
         devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
         print(head + (f"; devices: {devices}" if devices else ""))
+    return 0
+
+
+def fleet_device_key(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.report_auth import device_key  # noqa: PLC0415
+
+    if not args.device_id or args.device_id != args.device_id.strip():
+        raise UpdaterError("the device id must be the device's updater.device_id exactly "
+                           "(not empty, no surrounding spaces)")
+    key = device_key(FleetRepo(args.dir).ensure_report_secret(), args.device_id).hex()
+    if args.out is None:
+        print(key)
+        return 0
+    from engines.cache import atomic_write_bytes  # noqa: PLC0415
+
+    atomic_write_bytes(args.out, key.encode() + b"\n", 0o600)
+    print(f"report key of {args.device_id!r} in {args.out}: copy it to the device and set "
+          f"updater.report_key_file to its path")
     return 0
 
 

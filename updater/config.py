@@ -15,6 +15,7 @@ from pathlib import Path
 class UpdaterConfig:
     fleet_url: str = ""  # http(s)://host:port/ of the fleet server (or any static mirror)
     report_url: str = ""  # "": fleet_url; where POST /v1/reports goes
+    report_key_file: str = ""  # this device's report key ('outpost fleet device-key')
     trusted_root: str = ""  # the fleet's root.json, copied in on first start
     device_id: str = ""  # "": this host's name
     labels: dict[str, str] = field(default_factory=dict)
@@ -65,3 +66,22 @@ def trusted_root_bytes(config: UpdaterConfig) -> bytes:
         raise TrustError(f"updater.trusted_root {config.trusted_root}: can't be read "
                          f"({exc.strerror}); copy the fleet's metadata/1.root.json here"
                          ) from exc
+
+
+def report_key(config: UpdaterConfig) -> bytes | None:
+    """The device's report key, or None when none is configured (reports go unsigned)."""
+    from updater.errors import TrustError  # noqa: PLC0415
+    from updater.report_auth import parse_key  # noqa: PLC0415
+
+    if not config.report_key_file:
+        return None
+    path = Path(config.report_key_file).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TrustError(f"updater.report_key_file {path}: can't be read ({exc.strerror}); "
+                         f"write the key 'outpost fleet device-key' prints there") from exc
+    try:
+        return parse_key(text, f"updater.report_key_file {path}")
+    except ValueError as exc:
+        raise TrustError(str(exc)) from exc

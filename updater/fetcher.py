@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
@@ -66,10 +66,13 @@ class Fetcher(FetcherInterface):
         start = offset if resp.status == 206 else 0
         return start, self._chunks(resp, url)
 
-    def post_json(self, url: str, body: dict) -> dict:
+    def post_json(self, url: str, body: dict,
+                  sign: Callable[[bytes], dict] | None = None) -> dict:
+        """POST ``body`` as JSON; ``sign(data)`` gives headers that authenticate the bytes."""
         data = json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method="POST", headers={
-            "Content-Type": "application/json", "User-Agent": "outpost-updater"})
+            "Content-Type": "application/json", "User-Agent": "outpost-updater",
+            **(sign(data) if sign is not None else {})})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
                 return json.loads(resp.read() or b"{}")

@@ -11,6 +11,7 @@ Consistent snapshots: metadata and targets are never overwritten but added under
 names, so a device refreshing while the fleet re-signs still reads one consistent set.
     DIR/keys/targets.pem, snapshot.pem, timestamp.pem    online keys
     DIR/keys/root.pem      the root key: move it offline after `fleet init`
+    DIR/keys/report.key    the secret device report keys derive from (report_auth.py)
     DIR/fleet.db           device reports (the fleet server writes it)
 
 A release is one TUF target whose ``custom`` holds ``model``, ``version`` and ``rollout``
@@ -114,6 +115,7 @@ def init_repo(directory: Path, *, expiry: Expiry = Expiry(),
     (directory / "targets").mkdir(exist_ok=True)
     _atomic_write(directory / "expiry.json", json.dumps(expiry.__dict__).encode())
     repo = FleetRepo(directory)
+    repo.ensure_report_secret()
     with repo.locked():
         repo._write_targets({}, bump=False)
     return root_key_path
@@ -174,6 +176,41 @@ class FleetRepo:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- device report keys ---------------------------------------------------------------
+
+    @property
+    def report_secret_path(self) -> Path:
+        return self.keys_dir / "report.key"
+
+    def report_secret(self) -> bytes | None:
+        """The secret device report keys derive from; None for a fleet made before it."""
+        from updater.report_auth import parse_key  # noqa: PLC0415
+
+        path = self.report_secret_path
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FleetRepoError(f"{path}: can't be read ({exc.strerror})") from exc
+        try:
+            return parse_key(text, str(path))
+        except ValueError as exc:
+            raise FleetRepoError(f"{exc}; restore it from a backup (devices hold keys "
+                                 f"derived from it)") from exc
+
+    def ensure_report_secret(self) -> bytes:
+        """The secret, made (once, under the lock) for a fleet that has none yet."""
+        from updater.report_auth import new_secret  # noqa: PLC0415
+
+        with self.locked():
+            secret = self.report_secret()
+            if secret is None:
+                secret = new_secret()
+                self.keys_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self.report_secret_path, secret.hex().encode() + b"\n", 0o600)
+            return secret
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -1,15 +1,17 @@
 """`outpost fleet serve`: the repository's static files, and device reports.
 
 Any HTTP server, object store or CDN could serve ``metadata/`` and ``targets/``; this one
-also takes reports (POST /v1/reports) and halts a rollout on its own when the failure
-share among reporting cohort devices passes the rollout's threshold, re-signing the
-metadata. Nothing but those two folders is served: the keys stay private.
+also takes reports (POST /v1/reports, signed by each device: report_auth.py) and halts a
+rollout on its own when the failure share among reporting cohort devices passes the
+rollout's threshold, re-signing the metadata. Nothing but those two folders is served:
+the keys stay private.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -22,6 +24,7 @@ from updater.cohort import should_halt
 from updater.errors import UpdaterError
 from updater.fleet_db import REPORT_STATES, FleetDB
 from updater.fleet_repo import FleetRepo
+from updater.report_auth import ReportAuthError, Verifier
 
 log = logging.getLogger("outpost.fleet")
 MAX_REPORTS_A_POST = 1000
@@ -57,6 +60,10 @@ class FleetServer:
         self.repo = FleetRepo(directory)
         self.db = FleetDB(self.repo.dir / "fleet.db")
         self.timestamp_check_s = timestamp_check_s
+        secret = self.repo.report_secret()
+        # A fleet made before reports were signed has no secret: it takes them unsigned
+        # until 'outpost fleet device-key' makes one (logged at start).
+        self.verifier = Verifier(secret) if secret is not None else None
         self.halts: list[tuple[str, int, str, float]] = []  # (model, version, why, unix ts)
         self.on_halt = None  # called (model, version, why) after an auto-halt
         self._lock = asyncio.Lock()
@@ -73,6 +80,9 @@ class FleetServer:
         return app
 
     async def _start(self, _app) -> None:
+        if self.verifier is None:
+            log.warning("device reports are not authenticated: this fleet has no "
+                        "keys/report.key; 'outpost fleet device-key' makes it")
         if self.timestamp_check_s > 0:
             self._refresher = asyncio.create_task(self._refresh_timestamp())
 
@@ -93,8 +103,15 @@ class FleetServer:
             await asyncio.sleep(self.timestamp_check_s)
 
     async def reports(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        signer = None
+        if self.verifier is not None:
+            try:
+                signer = self.verifier.verify(request.headers, raw)
+            except ReportAuthError as exc:
+                return web.json_response({"error": str(exc)}, status=exc.status)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return web.json_response({"error": "the body must be JSON: {\"reports\": [...]}"},
                                      status=400)
@@ -107,6 +124,12 @@ class FleetServer:
             reports = [check_report(r, i) for i, r in enumerate(items)]
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        if signer is not None:
+            other = next((r["device_id"] for r in reports if r["device_id"] != signer), None)
+            if other is not None:
+                return web.json_response({"error": f"a POST signed by {signer!r} carries a "
+                                                   f"report of {other!r}; a device reports "
+                                                   f"for itself only"}, status=403)
         async with self._lock:
             touched = self.db.add(reports)
             for rollout_id in touched:

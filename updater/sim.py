@@ -30,6 +30,7 @@ from updater.errors import ReleaseError, UpdaterError
 from updater.fleet_repo import FleetRepo, init_repo
 from updater.fleet_server import start_fleet_server
 from updater.health import Health
+from updater.report_auth import device_key
 from updater.validation import compare, make_release_samples, read_samples, run_session
 
 TRAFFIC_ROWS = 8  # requests a device serves between two health readings
@@ -201,6 +202,7 @@ class Simulation:
         good = identity_model(self.work / "identity.onnx")
         self.publish(1, good)
         self.repo.set_rollout("identity", 1, new=True, fraction=1.0)
+        secret = self.repo.report_secret()  # each device signs its reports with its key
         self.hosts, self.agents = [], []
         rng = np.random.default_rng(7)
         thermal_count = 0
@@ -210,13 +212,17 @@ class Simulation:
             host = SimHost(cache, thermal, rng=np.random.default_rng(i))
             host.versions[1] = good
             host.current = 1
+            device_id = f"sim-{i:04d}"
+            home = self.work / "devices" / f"{i:04d}"
+            home.mkdir(parents=True, exist_ok=True)
+            (home / "report.key").write_text(device_key(secret, device_id).hex())
             cfg = UpdaterConfig(
                 fleet_url=url, trusted_root=str(self.repo.metadata_dir / "1.root.json"),
-                device_id=f"sim-{i:04d}",
+                device_id=device_id, report_key_file=str(home / "report.key"),
                 labels={"sensor": "thermal" if thermal else "camera"},
                 health_window_s=0.0, health_max_error_rate_increase=0.05)
             self.hosts.append(host)
-            self.agents.append(Agent(cfg, self.work / "devices" / f"{i:04d}", host))
+            self.agents.append(Agent(cfg, home, host))
         self.note(f"fleet server on {url}; {self.n} devices on v1 "
                   f"({thermal_count} labelled sensor=thermal)")
         try:
