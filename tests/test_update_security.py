@@ -209,3 +209,80 @@ def test_a_device_with_the_wrong_report_key_keeps_its_reports_until_it_has_the_r
     key_file.write_text("not a key\n")
     out = _check(config)
     assert "report_key_file" in out and "hex digits" in out and out.count("\n") <= 2
+
+
+def _publish_and_roll(fleet, version, model):
+    fleet.publish("identity", version, model)
+    fleet.repo.set_rollout("identity", version, new=True, fraction=1.0)
+
+
+def test_rotated_online_keys_are_followed_and_the_old_key_is_refused(fleet, device,
+                                                                     tmp_path, demo_files):
+    """Rotating the timestamp and targets keys: root 2 and 3 name the new keys, the device
+    follows them to the next release, and metadata the old key signs is refused."""
+    data, config = device
+    assert "identity 1 -> 2: committed" in _check(config, expect_rc=0)
+    old_keys = tmp_path / "old-keys"
+    shutil.copytree(fleet.dir / "keys", old_keys)
+    for role in ("timestamp", "targets"):
+        out = run_outpost("fleet", "rotate-key", str(fleet.dir), role)
+        assert out.returncode == 0, out.stderr
+    root = Metadata.from_file(str(fleet.dir / "metadata" / "root.json")).signed
+    assert root.version == 3 and (fleet.dir / "metadata" / "3.root.json").exists()
+    assert (fleet.dir / "keys" / "timestamp.pem").read_bytes() != \
+        (old_keys / "timestamp.pem").read_bytes()
+
+    _publish_and_roll(fleet, 3, demo_files["identity"])
+    assert "identity 2 -> 3: committed" in _check(config, expect_rc=0)
+    assert active_version(data) == 3
+    assert len(list((data / "tuf" / "root_history").glob("*.root.json"))) >= 3
+
+    def bump(signed):
+        signed.version += 1
+    _resign(fleet, "timestamp", bump, key_dir=old_keys)  # a stolen, retired key
+    assert "UnsignedMetadataError" in _check(config)
+    assert active_version(data) == 3
+
+
+def test_root_rotation_is_followed_and_a_killed_rotation_finishes_when_run_again(
+        fleet, device, tmp_path, demo_files, monkeypatch):
+    import os
+
+    from updater import fleet_repo
+
+    data, config = device
+    offline = tmp_path / "offline-root.pem"
+    shutil.move(fleet.dir / "keys" / "root.pem", offline)
+    out = run_outpost("fleet", "rotate-key", str(fleet.dir), "root")
+    assert out.returncode == 1 and "root.pem: no such key file" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_outpost("fleet", "rotate-key", str(fleet.dir), "root", "--root-key",
+                      str(fleet.dir / "keys" / "targets.pem"))
+    assert out.returncode == 1 and "not this fleet's root key" in out.stderr
+    before = offline.read_bytes()
+    out = run_outpost("fleet", "rotate-key", str(fleet.dir), "root", "--root-key", str(offline))
+    assert out.returncode == 0, out.stderr
+    assert offline.read_bytes() != before
+    root_md = Metadata.from_file(str(fleet.dir / "metadata" / "2.root.json"))
+    assert len(root_md.signatures) == 2  # the old root key and the new one
+
+    # Killed between root 3 and moving the new snapshot key into place.
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if str(src).endswith("snapshot.pem.new"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+    monkeypatch.setattr(fleet_repo.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fleet.repo.rotate_key("snapshot", root_key=offline)
+    monkeypatch.setattr(fleet_repo.os, "replace", real_replace)
+    assert (fleet.dir / "keys" / "snapshot.pem.new").exists()
+    out = run_outpost("fleet", "rotate-key", str(fleet.dir), "snapshot", "--root-key",
+                      str(offline))
+    assert out.returncode == 0, out.stderr
+    assert not (fleet.dir / "keys" / "snapshot.pem.new").exists()
+    assert Metadata.from_file(str(fleet.dir / "metadata" / "root.json")).signed.version == 3
+
+    _publish_and_roll(fleet, 3, demo_files["identity"])
+    assert "identity 1 -> 3: committed" in _check(config, expect_rc=0)

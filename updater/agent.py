@@ -140,6 +140,7 @@ class Agent:
 
     def _refresh(self) -> list[Release]:
         from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+        from tuf.api.metadata import Metadata  # noqa: PLC0415
         from tuf.ngclient import Updater  # noqa: PLC0415
 
         self.tuf_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,9 @@ class Agent:
                               target_base_url=f"{self.base_url}/targets/",
                               fetcher=self.fetcher, bootstrap=bootstrap)
             updater.refresh()
-            # The verified top-level targets; ngclient has no public listing of them.
-            targets = updater._trusted_set.targets  # noqa: SLF001
+            # ngclient has no public listing of the targets; the top-level targets it just
+            # verified are the copy it keeps in metadata_dir (what it trusts on start too).
+            targets = Metadata.from_file(str(self.tuf_dir / "targets.json")).signed
         except tuf_exc.DownloadError as exc:
             raise FetchError(f"fleet {self.base_url} unreachable: {exc}") from exc
         except tuf_exc.RepositoryError as exc:

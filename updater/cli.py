@@ -104,6 +104,15 @@ def register_fleet(sub) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_clean(fleet_status))
 
+    rk = fs.add_parser("rotate-key", help="give a role a new key (root N+1; devices follow)")
+    rk.add_argument("dir", type=Path)
+    rk.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    rk.add_argument("--root-key", type=Path,
+                    help="the current root key (default DIR/keys/root.pem)")
+    rk.add_argument("--new-root-key", type=Path,
+                    help="role root: write the new root key here (default: over --root-key)")
+    rk.set_defaults(func=_clean(fleet_rotate_key))
+
     dk = fs.add_parser("device-key", help="a device's report key (its updater.report_key_file)")
     dk.add_argument("dir", type=Path)
     dk.add_argument("device_id")
@@ -221,6 +230,17 @@ def fleet_status(args) -> int:
             else "published, not rolled out")
         devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
         print(head + (f"; devices: {devices}" if devices else ""))
+    return 0
+
+
+def fleet_rotate_key(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    version = FleetRepo(args.dir).rotate_key(args.role, args.root_key, args.new_root_key)
+    where = (args.new_root_key or args.root_key or args.dir / "keys" / "root.pem"
+             if args.role == "root" else args.dir / "keys" / f"{args.role}.pem")
+    print(f"{args.role} has a new key ({where}); root is now version {version} and the "
+          f"metadata is re-signed. Devices take it on their next refresh.")
     return 0
 
 

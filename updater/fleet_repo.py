@@ -296,6 +296,61 @@ class FleetRepo:
             self._write_targets(targets)
         return new
 
+    def rotate_key(self, role: str, root_key: Path | None = None,
+                   new_root_key: Path | None = None) -> int:
+        """Give ``role`` a new key; returns the new root version.
+
+        Root N+1 names the new key instead of the old ones and is signed by the current
+        root key (for ``root`` itself, by the new root key too, as TUF requires); then
+        targets, snapshot and timestamp are re-signed with the keys now in force. Devices
+        fetch N+1.root.json on their next refresh and trust only the new key from then on.
+        Safe to kill: the new private key is written beside the old (``.new``) before root
+        N+1 and moved into place after it; run again, it finishes what was started.
+        """
+        from tuf.api.metadata import Metadata  # noqa: PLC0415
+
+        if role not in ("root", *ONLINE_ROLES):
+            raise FleetRepoError(f"role {role!r}: one of root, {', '.join(ONLINE_ROLES)}")
+        root_key = Path(root_key or self.keys_dir / "root.pem")
+        if role == "root":
+            target = Path(new_root_key or root_key)
+        else:
+            target = self.keys_dir / f"{role}.pem"
+        pending = target.with_name(target.name + ".new")
+        with self.locked():
+            root = self._load("root").signed
+            if pending.exists():
+                if load_signer(pending).public_key.keyid in root.roles[role].keyids:
+                    self._finish_rotation(pending, target)  # root N+1 was written
+                    return root.version
+                pending.unlink()  # killed before root N+1: start again
+            signer = load_signer(root_key)
+            if signer.public_key.keyid not in root.roles["root"].keyids:
+                raise FleetRepoError(f"{root_key} is not this fleet's root key; pass the "
+                                     f"offline root key with --root-key")
+            new = _generate_signer()
+            _atomic_write(pending, new.private_bytes, 0o600)
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(new.public_key, role)
+            root.version += 1
+            root.expires = _now() + self.expiry.of("root")
+            md = Metadata(root)
+            md.sign(signer)
+            if role == "root":
+                md.sign(new, append=True)
+            raw = md.to_bytes(_serializer())
+            _atomic_write(self.metadata_dir / f"{root.version}.root.json", raw)
+            _atomic_write(self.metadata_dir / "root.json", raw)
+            self._finish_rotation(pending, target)
+            return root.version
+
+    def _finish_rotation(self, pending: Path, target: Path) -> None:
+        os.replace(pending, target)
+        os.chmod(target, 0o600)
+        targets = dict(self._load("targets").signed.targets)
+        self._write_targets(targets)  # signed again with the keys root now names
+
     def refresh_timestamp(self, min_left: timedelta) -> bool:
         """Re-sign snapshot and timestamp if the timestamp expires within ``min_left``."""
         with self.locked():
