@@ -211,6 +211,34 @@ class ServedVersion:
         raise NotImplementedError
 
 
+class StoredVersion(ServedVersion):
+    """A servable version not loaded now, described from its stored config: what metadata
+    and readiness probes see, so that asking about a lazy or evicted model does not load
+    it (as in Triton, such a model is simply not ready)."""
+
+    def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
+        self.name = record.model
+        self.version = record.version
+        self.config = config
+        self.engine_kind = engine_kind
+        self.inputs = config.input_specs()
+        self.outputs = config.output_specs()
+        self.output_names = frozenset(s.name for s in self.outputs)
+        self.max_batch_size = config.max_batch_size or 0
+        self.preferred_batch_sizes = tuple(config.dynamic_batching.preferred_batch_sizes)
+        self.stats = VersionStats()
+        self.state = VersionState.UNLOADED
+        self.error = ""
+        self.last_used = 0.0
+        self.memory_bytes = 0
+
+    def submit(self, request: InferRequest) -> None:
+        raise Unavailable(f"model '{self.name}' version {self.version} is not loaded")
+
+    def inflight_count(self) -> int:
+        return 0
+
+
 class LoadedVersion(ServedVersion):
     """An ONNX model version served by an engine through a dynamic batcher."""
 

@@ -27,6 +27,7 @@ from appliance.errors import (
 from appliance.lifecycle import (  # noqa: F401 - re-exported for callers of this module
     LoadedVersion,
     ServedVersion,
+    StoredVersion,
     VersionState,
     build_options,
 )
@@ -242,13 +243,25 @@ class ModelManager:
 
     # -- routing -------------------------------------------------------------------------
 
-    def get(self, name: object, version: object = None) -> ServedVersion:
-        """A version by name (the active one when ``version`` is None)."""
+    def get(self, name: object, version: object = None, *, load: bool = True
+            ) -> ServedVersion:
+        """A version by name (the active one when ``version`` is None). ``load=False``:
+        a servable version that is not loaded is described from its stored config
+        (``StoredVersion``, not ready) instead of being loaded: metadata and readiness
+        probes must not load a lazy model. Ensembles describe themselves once loaded."""
         name = _valid_name(name)
         version = _valid_version(version)
         if name not in self.active:
             raise NotFound(f"model '{name}' is not served here; the 'models' op lists what is")
-        return self.lookup(name, self.active[name] if version is None else version)
+        v = self.active[name] if version is None else version
+        if not load:
+            lv = self.loaded.get((name, v))
+            if lv is None or lv.state in (VersionState.UNLOADING, VersionState.UNLOADED):
+                record = self._servable(name, v)
+                config = record.config()
+                if config.ensemble is None:
+                    return StoredVersion(record, config, self.engine.kind)
+        return self.lookup(name, v)
 
     def member(self, name: str, version: int | None) -> ServedVersion:
         """A version an ensemble runs: loaded on demand, whatever the version policy."""

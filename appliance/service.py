@@ -65,7 +65,7 @@ class Service:
         return {"models": out}
 
     def metadata(self, msg: dict) -> dict:
-        lv = self.manager.get(msg.get("model"), msg.get("version"))
+        lv = self.manager.get(msg.get("model"), msg.get("version"), load=False)
         return {"name": lv.name, "version": lv.version,
                 "inputs": [s.as_dict() for s in lv.inputs],
                 "outputs": [s.as_dict() for s in lv.outputs],

@@ -102,3 +102,44 @@ def test_instances_scale_up_with_queue_depth_and_back_down(short_tmp):
                 time.sleep(0.2)
             assert c.stats("slow")["models"][0]["instances"] == 1
             assert c.infer("slow", {"x": x})["y"].shape == (1, 64)
+
+
+def test_probes_and_metadata_describe_a_lazy_model_without_loading_it(short_tmp):
+    """As in Triton, a model not loaded is not ready; asking must not load it (a probe
+    every few seconds would otherwise keep a lazy or evicted model resident)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.http_server import http_url
+
+    lazy = short_tmp / "lazy.toml"
+    lazy.write_text("load = 'lazy'\n")
+    Repository(short_tmp).add("c", wide_add(short_tmp / "c.onnx", 3), config_path=lazy)
+    x = np.zeros((1, WIDE), np.float32)
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with ServerProcess(short_tmp, extra_args=["--http", "127.0.0.1:0"]) as server, \
+            Client(server.socket_path) as c:
+        base = http_url(server)
+        for _ in range(3):
+            assert status(f"{base}/v2/models/c/ready") == 400
+            assert status(f"{base}/v2/models/c/versions/1/ready") == 400
+            with urllib.request.urlopen(f"{base}/v2/models/c", timeout=30) as resp:
+                meta = json.loads(resp.read())
+            assert meta["inputs"][0]["name"] == "x" and meta["versions"] == ["1"]
+            assert status(f"{base}/v2/models/c/config") == 200
+            md = c.metadata("c")
+            assert md["inputs"][0]["shape"] == [-1, WIDE]
+        time.sleep(0.5)  # a load, had one started, would be under way by now
+        assert _states(c) == {"c": "unloaded"}
+        assert status(f"{base}/v2/models/d/ready") == 404
+        assert c.infer("c", {"x": x})["y"][0, 0] == 3.0  # a request does load it
+        assert _states(c) == {"c": "ready"}
+        assert status(f"{base}/v2/models/c/ready") == 200

@@ -106,8 +106,10 @@ class Routes:
             raise InvalidArgument(f"version {text!r} in the URL must be a positive integer")
         return int(text)
 
-    def lookup(self, request: web.Request) -> ServedVersion:
-        return self.manager.get(request.match_info["model"], self.url_version(request))
+    def lookup(self, request: web.Request, load: bool = False) -> ServedVersion:
+        """The URL's model version; a probe (load=False) never starts a load."""
+        return self.manager.get(request.match_info["model"], self.url_version(request),
+                                load=load)
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -128,7 +130,7 @@ class Routes:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         lv = self.lookup(request)
-        versions = sorted(v for (n, v) in self.manager.loaded if n == lv.name)
+        versions = sorted(self.manager.resident_versions(lv.name))
         inputs, outputs = getattr(lv, "inputs", ()), getattr(lv, "outputs", ())
         return json_response({
             "name": lv.name,
@@ -158,7 +160,7 @@ class Routes:
     # -- infer ------------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        lv = self.lookup(request)  # NOT_FOUND before the body is read or looked at
+        lv = self.lookup(request, load=True)  # NOT_FOUND before the body is read
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 raw = await self.read_body(request)
