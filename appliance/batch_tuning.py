@@ -1,9 +1,9 @@
 """Which batch size a model should prefer on this device, measured rather than guessed.
 
 Opt-in per model (``dynamic_batching.auto_preferred_batch = true``). At load, one warm
-instance runs batches of 1, 2, 4, ... up to ``max_batch_size`` and the batcher then
-prefers the smallest size within ``TOLERANCE`` of the best rows/s: larger batches only add
-latency there. Whether batching pays depends on the device and engine, not the model
+instance runs batches of 1, 2, 4, ... up to ``max_batch_size`` (in rounds through all the
+sizes, each size's best run counting) and the batcher then prefers the smallest size
+within ``TOLERANCE`` of the best rows/s: larger batches only add latency there. Whether batching pays depends on the device and engine, not the model
 alone: on a GPU, or for a model whose per-call overhead dominates (a small MLP), rows/s
 grows with the batch; a convolutional model on one CPU core runs no faster per image in
 large batches and loses its cache to them (on the 2-core benchmark machine the demo CNN
@@ -31,8 +31,9 @@ log = logging.getLogger("outpost.batching")
 
 TOLERANCE = 0.10  # a size within 10% of the best rows/s counts as good as the best
 BUDGET_S = 3.0  # measuring stops starting new sizes after this long
-MIN_RUNS = 3
-MIN_SIZE_S = 0.05  # each size runs at least this long (and MIN_RUNS times)
+ROUNDS = 3  # passes over the sizes, interleaved against the machine's drift
+MIN_RUNS = 2  # runs of a size in each round, at the least
+MIN_SIZE_S = 0.06  # each size runs at least this long, over all the rounds
 
 
 def candidate_sizes(max_batch_size: int) -> list[int]:
@@ -58,38 +59,47 @@ def tunable(session: Session) -> bool:
 
 def measure(session: Session, sizes: list[int], budget_s: float = BUDGET_S,
             clock=time.perf_counter) -> dict[int, float]:
-    """Rows/s of ``session`` at each size (its best run), smallest first, while the
-    budget lasts: a size whose runs would not fit in it is not started, so a slow model
-    is measured at batch 1 alone. A size the engine fails on ends the measuring: larger
-    ones would fail too (device memory, the engine's own batch limit)."""
-    rates: dict[int, float] = {}
+    """Rows/s of ``session`` at each size: its best run over ``ROUNDS`` rounds that go
+    through all the sizes in turn, so a machine that slows down for a while slows every
+    size alike. The first round stops before a size whose runs would not fit in the
+    budget (a slow model is measured at batch 1 alone), and before a size the engine
+    fails on: larger ones would fail too (device memory, the engine's own limit)."""
+    best: dict[int, float] = {}
+    feeds: dict[int, dict] = {}
     started = clock()
-    last_s = last_size = 0
-    for size in sizes:
-        if rates and clock() - started + 2 * last_s * size / last_size > budget_s:
+    for rnd in range(ROUNDS):
+        for size in sizes:
+            if rnd == 0:
+                if best:
+                    last = max(best)
+                    if clock() - started + 2 * ROUNDS * best[last] * size / last > budget_s:
+                        break
+                feeds[size] = {s.name: np.zeros((size, *s.shape[1:]), dtype=s.dtype)
+                               for s in session.inputs}
+            elif size not in best:
+                continue
+            try:
+                if rnd == 0:
+                    session.run(feeds[size])  # a new shape: the engine may set itself up
+                runs, t_size = 0, clock()
+                while True:
+                    t0 = clock()
+                    session.run(feeds[size])
+                    best[size] = min(best.get(size, float("inf")), max(clock() - t0, 1e-9))
+                    runs += 1
+                    if runs >= MIN_RUNS and clock() - t_size >= MIN_SIZE_S / ROUNDS:
+                        break
+                    if clock() - started > budget_s:
+                        break
+            except Exception as exc:  # the engine's own errors: this size and larger out
+                log.warning("batch size measuring stopped", extra={"size": size,
+                                                                   "error": str(exc)})
+                sizes = [k for k in sizes if k < size]
+                best = {k: t for k, t in best.items() if k < size}
+                break
+        if clock() - started > budget_s:
             break
-        feeds = {s.name: np.zeros((size, *s.shape[1:]), dtype=s.dtype)
-                 for s in session.inputs}
-        try:
-            session.run(feeds)  # a new shape: the engine may set itself up for it
-            best, runs, t_size = float("inf"), 0, clock()
-            while True:
-                t0 = clock()
-                session.run(feeds)
-                best = min(best, clock() - t0)
-                runs += 1
-                if runs >= MIN_RUNS and clock() - t_size >= MIN_SIZE_S:
-                    break
-                if clock() - started > budget_s:
-                    break
-        except Exception as exc:  # the engine's own errors: stop, keep what was measured
-            log.warning("batch size measuring stopped", extra={"size": size,
-                                                               "error": str(exc)})
-            break
-        best = max(best, 1e-9)
-        rates[size] = size / best
-        last_s, last_size = best, size
-    return rates
+    return {size: size / t for size, t in best.items()}
 
 
 def tuning_path(cache_dir: Path, cache_key: str, runtime: RuntimeOptions) -> Path:
