@@ -3,14 +3,16 @@
 Opt-in per model (``dynamic_batching.auto_preferred_batch = true``). At load, one warm
 instance runs batches of 1, 2, 4, ... up to ``max_batch_size`` (in rounds through all the
 sizes, each size's best run counting) and the batcher then prefers the smallest size
-within ``TOLERANCE`` of the best rows/s: larger batches only add latency there. Whether batching pays depends on the device and engine, not the model
-alone: on a GPU, or for a model whose per-call overhead dominates (a small MLP), rows/s
-grows with the batch; a convolutional model on one CPU core runs no faster per image in
-large batches and loses its cache to them (on the 2-core benchmark machine the demo CNN
-served 91% of the raw engine's best preferring batch 1 and 76% forming batches of 32).
+within ``TOLERANCE`` of the best rows/s: larger batches only add latency there.
+
+Whether batching pays depends on the device and engine, not the model alone: on a GPU, or
+for a model whose per-call overhead dominates (a small MLP), rows/s grows with the batch;
+a convolutional model on one CPU core runs no faster per image in large batches and loses
+its cache to them (on the 2-core benchmark machine the demo CNN served 91% of the raw
+engine's best preferring batch 1 and 76% forming batches of 32).
 
 The figures are cached beside the engine artifact, keyed by the artifact and the thread
-counts, so a restart reuses them (delete ``<data_dir>/engines/*.batch.json`` to measure
+counts, so a restart reuses them (delete ``<data_dir>/engines/*.batch-*.json`` to measure
 again).
 """
 
