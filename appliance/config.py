@@ -109,6 +109,8 @@ class BatchingConfig:
     max_queue_size: int = 1024
     default_timeout_ms: int = 0  # 0: no timeout
     instances: int = 1
+    # Measure each batched model's preferred batch size at load (appliance/batch_tuning.py)
+    auto_preferred_batch: bool = False
 
     def check(self) -> None:
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.default_timeout_ms < 0:

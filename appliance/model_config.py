@@ -27,8 +27,9 @@ class DynamicBatching:
     default_timeout_ms: int | None = None  # 0: no timeout
     priority_levels: int = 1  # priorities 0 .. priority_levels-1, lower runs first
     default_priority_level: int = 0
-    # Measure at load which batch size to prefer on this device (appliance/batch_tuning.py)
-    auto_preferred_batch: bool = False
+    # Measure at load which batch size to prefer on this device (appliance/batch_tuning.py);
+    # None: the appliance default ([batching] auto_preferred_batch)
+    auto_preferred_batch: bool | None = None
 
     def check(self) -> None:
         if self.auto_preferred_batch and self.preferred_batch_sizes:
@@ -270,6 +271,9 @@ def complete(config: ModelConfig, model_path: Path, defaults: BatchingConfig,
         raise ConfigError(
             f"{where}: auto_preferred_batch needs a batch dimension, but max_batch_size is "
             f"0; drop auto_preferred_batch or let the model batch")
+    if db.auto_preferred_batch is None:  # the default applies where it can
+        db = dataclasses.replace(db, auto_preferred_batch=bool(
+            defaults.auto_preferred_batch and batched and not db.preferred_batch_sizes))
     if batched and any(s > mbs for s in db.preferred_batch_sizes):
         raise ConfigError(
             f"{where}: preferred_batch_sizes {list(db.preferred_batch_sizes)} go past "

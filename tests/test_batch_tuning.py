@@ -166,3 +166,31 @@ def test_the_server_measures_at_load_and_reuses_the_figures_after_a_restart(shor
             first = figures.stat().st_mtime_ns
         else:
             assert figures.stat().st_mtime_ns == first  # reused, not measured again
+
+
+def test_the_appliance_default_applies_where_a_model_config_is_silent(short_tmp, demo_files):
+    from appliance.config import BatchingConfig
+
+    repo = Repository(short_tmp / "data")
+    on = BatchingConfig(auto_preferred_batch=True)
+    preferred = short_tmp / "preferred.toml"
+    preferred.write_text("[dynamic_batching]\npreferred_batch_sizes = [4]\n")
+    opt_out = short_tmp / "off.toml"
+    opt_out.write_text("[dynamic_batching]\nauto_preferred_batch = false\n")
+    unbatched = short_tmp / "unbatched.toml"
+    unbatched.write_text("max_batch_size = 0\n")
+    repo.add("silent", demo_files["mlp"], defaults=on)
+    repo.add("preferred", demo_files["mlp"], config_path=preferred, defaults=on)
+    repo.add("off", demo_files["mlp"], config_path=opt_out, defaults=on)
+    repo.add("unbatched", demo_files["mlp"], config_path=unbatched, defaults=on)
+    repo.add("default_off", demo_files["mlp"])
+
+    def auto(name: str) -> bool:
+        return repo.version(name, 1).config().dynamic_batching.auto_preferred_batch
+
+    assert auto("silent") is True
+    assert auto("preferred") is False  # its own sizes win, no error
+    assert auto("off") is False
+    assert auto("unbatched") is False  # nothing to measure, no error
+    assert auto("default_off") is False
+    repo.close()
