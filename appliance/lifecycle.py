@@ -170,6 +170,7 @@ class ServedVersion:
     outputs: tuple[TensorSpec, ...]
     output_names: frozenset[str]
     max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]  # in effect (an ensemble has none: getattr)
     stats: VersionStats
     state: VersionState
     error: str
@@ -211,24 +212,32 @@ class ServedVersion:
         raise NotImplementedError
 
 
+def _describe(version: ServedVersion, record: VersionRecord, config: ModelConfig,
+              engine_kind: str) -> None:
+    """What a model version's stored config says of it, loaded or not."""
+    version.name = record.model
+    version.version = record.version
+    version.config = config
+    version.engine_kind = engine_kind
+    version.inputs = config.input_specs()
+    version.outputs = config.output_specs()
+    version.output_names = frozenset(s.name for s in version.outputs)
+    version.max_batch_size = config.max_batch_size or 0
+    # What the batcher prefers: config.toml's, until a load measures them
+    # (auto_preferred_batch)
+    version.preferred_batch_sizes = tuple(config.dynamic_batching.preferred_batch_sizes)
+    version.stats = VersionStats()
+    version.error = ""
+
+
 class StoredVersion(ServedVersion):
     """A servable version not loaded now, described from its stored config: what metadata
     and readiness probes see, so that asking about a lazy or evicted model does not load
     it (as in Triton, such a model is simply not ready)."""
 
     def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
-        self.name = record.model
-        self.version = record.version
-        self.config = config
-        self.engine_kind = engine_kind
-        self.inputs = config.input_specs()
-        self.outputs = config.output_specs()
-        self.output_names = frozenset(s.name for s in self.outputs)
-        self.max_batch_size = config.max_batch_size or 0
-        self.preferred_batch_sizes = tuple(config.dynamic_batching.preferred_batch_sizes)
-        self.stats = VersionStats()
+        _describe(self, record, config, engine_kind)
         self.state = VersionState.UNLOADED
-        self.error = ""
         self.last_used = 0.0
         self.memory_bytes = 0
 
@@ -243,23 +252,12 @@ class LoadedVersion(ServedVersion):
     """An ONNX model version served by an engine through a dynamic batcher."""
 
     def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
-        self.name = record.model
-        self.version = record.version
+        _describe(self, record, config, engine_kind)
         self.record = record
-        self.config = config
-        self.engine_kind = engine_kind
-        self.inputs = config.input_specs()
-        self.outputs = config.output_specs()
-        self.output_names = frozenset(s.name for s in self.outputs)
-        self.max_batch_size = config.max_batch_size or 0
-        self.stats = VersionStats()
         self.state = VersionState.LOADING
-        self.error = ""
         self.batcher: DynamicBatcher | None = None
         self.last_used = time.monotonic()
         self.memory_bytes = estimate_memory(record, config)
-        # What the batcher prefers: config.toml's, or measured at load (auto_preferred_batch)
-        self.preferred_batch_sizes = tuple(config.dynamic_batching.preferred_batch_sizes)
         self._parked: list[InferRequest] = []  # requests that came while loading
         self._min_instances = config.instances or 1
         self._max_instances = max(config.max_instances or 0, self._min_instances)
