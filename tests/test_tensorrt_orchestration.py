@@ -453,3 +453,26 @@ def test_dims_fixed_in_config_toml_close_the_graphs_open_dims(trt, cuda, tmp_pat
     assert trt.builds[-1]["shapes"] == {"a": [[1, 16], [2, 16], [4, 16]]}
     a = np.linspace(-1, 1, 48, dtype=np.float32).reshape(3, 16)
     np.testing.assert_array_equal(session.run({"a": a})["y"], np.maximum(a, 0))
+
+
+def test_batch_size_measuring_runs_through_the_tensorrt_session_off_its_thread(
+        trt, cuda, demo_files, tmp_path):
+    """auto_preferred_batch measures from a worker thread, as a load does: every size up to
+    the profile's maximum goes through set_input_shape and the session's own context."""
+    import threading
+
+    from appliance.batch_tuning import preferred_batch_size
+
+    eng = engine(trt, cuda)
+    session = eng.load(eng.prepare(demo_files["mlp"], OPTS, tmp_path), OPTS, RuntimeOptions())
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(
+        preferred_batch_size(session, OPTS.max_batch_size, tmp_path / "figures.json")))
+    worker.start()
+    worker.join(60)
+    assert got and got[0] in (1, 2, 4)
+    shapes = {s for _, s in trt_ctx(eng).shape_calls[1:]}
+    assert shapes == {(1, 32), (2, 32), (4, 32)}
+    record = json.loads((tmp_path / "figures.json").read_text())
+    assert set(record["rows_per_s"]) == {"1", "2", "4"} and record["preferred"] == got[0]
+    session.close()
