@@ -86,13 +86,16 @@ class BatchWindow:
     """While a window is open, enqueued requests wait for it to close and then go out as
     batches: the server opens one around each read, so the frames one read brings form
     one batch instead of a run each (quick models otherwise run at once, one at a time).
-    One window per event loop (``window_for``); loop thread only."""
+    It also counts the batches out on worker threads, for the busy poller (which must not
+    hold the GIL while a worker needs it). One per event loop (``window_for``); loop thread
+    only."""
 
-    __slots__ = ("depth", "pending")
+    __slots__ = ("depth", "pending", "on_workers")
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: list[DynamicBatcher] = []
+        self.on_workers = 0  # batches handed to worker threads, not yet finished
 
     def open(self) -> None:
         self.depth += 1
@@ -497,6 +500,7 @@ class DynamicBatcher:
             loop.call_soon_threadsafe(self._finished, instance, batch, result,
                                       time.monotonic() - t0)
 
+        self._window.on_workers += 1
         instance.submit(job)
 
     def _inline_ok(self, instance: ModelInstance) -> bool:
@@ -507,6 +511,7 @@ class DynamicBatcher:
 
     def _finished(self, instance: ModelInstance, batch: list[InferRequest],
                   result, compute_s: float) -> None:
+        self._window.on_workers -= 1
         self._complete(instance, batch, result, compute_s)
         if self._queued:
             self._schedule()

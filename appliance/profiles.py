@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.config import BatchingConfig, ThreadsConfig
+from appliance.config import MAX_BUSY_POLL_US, BatchingConfig, ThreadsConfig
 from appliance.errors import ConfigError
 from appliance.settings import from_mapping, read_toml
 
@@ -81,6 +81,17 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    # The default of the appliance's server.busy_poll_us on this device class: CPU spent
+    # for latency, right on mains-powered hosts, wrong on power-budgeted boards.
+    busy_poll_us: int = 0
+
+    def check(self) -> None:
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ValueError(f"busy_poll_us must lie in 0..{MAX_BUSY_POLL_US} (0: off)")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     device: DeviceMatch = field(default_factory=DeviceMatch)
@@ -89,6 +100,7 @@ class Profile:
     # The appliance config's own sections: a profile supplies their defaults.
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
+    server: ServerSettings = field(default_factory=ServerSettings)
     path: str = ""  # the file it came from (not a key of the file)
 
     def check(self) -> None:
@@ -141,7 +153,7 @@ def read_profile(path: Path) -> Profile:
                           f"a profile's name is its file name: rename one to match")
     if "path" in data:
         raise ConfigError(f"{path}: unknown key 'path'; allowed here: "
-                          f"batching, device, engine, memory, name, threads")
+                          f"batching, device, engine, memory, name, server, threads")
     return from_mapping(Profile, {**data, "name": name, "path": str(path)}, str(path))
 
 

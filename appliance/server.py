@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from appliance.batcher import window_for
+from appliance.busy_poll import BusyPoller
 from appliance.config import Config, parse_host_port
 from appliance.errors import (
     ConfigError,
@@ -107,6 +108,8 @@ class Connection(asyncio.BufferedProtocol):
             self.fatal(None, str(broken))
         elif self._out:
             self._flush()
+        if not self.inflight and self.server.poller is not None:
+            self.server.poller.extend()  # all answered: the next request may come soon
 
     def _on_body(self, body) -> None:
         if not self.closed:
@@ -301,6 +304,7 @@ class SocketServer:
                          *self.async_ops)
         self.socket_path = Path(config.server.socket_path)
         self.tcp_address: tuple[str, int] | None = None
+        self.poller: BusyPoller | None = None  # made in start(), on the serving loop
 
     def extra_op(self, name: str, handler) -> None:
         """Register another map-in, map-out op (admin ops of other features)."""
@@ -309,6 +313,8 @@ class SocketServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.server.busy_poll_us:
+            self.poller = BusyPoller(loop, self.config.server.busy_poll_us, window_for(loop))
         if self.config.server.tcp and not self.token:  # refuse before listening at all
             raise ConfigError(
                 "server.tcp is set but no token is configured: TCP connections must "

@@ -63,6 +63,9 @@ def profile_dir(tmp_path, monkeypatch):
      ["bad.toml", "has no DLA", "use -1"]),
     ("[engine]\nkind = \"tvm\"\n", ["bad.toml", "kind 'tvm'", "tensorrt, onnxruntime"]),
     ("[batching]\ninstances = 0\n", ["bad.toml", "batching.", "instances must be >= 1"]),
+    ("[server]\nbusy_poll_us = -1\n", ["bad.toml", "server.", "busy_poll_us must lie in"]),
+    ("[server]\nsocket_path = \"/x\"\n", ["bad.toml", "unknown key 'server.socket_path'",
+                                             "busy_poll_us"]),
     ("name = \"other\"\n", ["bad.toml", "'name' is 'other'", "rename"]),
     ("[engine\n", ["bad.toml", "not valid TOML"]),
 ])
@@ -142,6 +145,25 @@ def test_profile_defaults_feed_the_config_where_it_is_silent(tmp_path):
     assert config.residency.memory_budget_mb == 32768  # the profile's model budget
     path.write_text("profile = \"jetson-agx-orin-64gb\"\n[residency]\nmemory_budget_mb = 100\n")
     assert load_config(path).residency.memory_budget_mb == 100
+
+
+def test_busy_polling_is_on_for_mains_powered_x86_and_off_on_jetson(tmp_path):
+    """The profile sets server.busy_poll_us where the config is silent; the config wins."""
+    loaded = {p.name: p for p in profiles.all_profiles()}
+    assert {n for n, p in loaded.items() if p.server.busy_poll_us} == {
+        "x86-cpu", "x86-gpu-workstation"}
+    path = tmp_path / "outpost.toml"
+    path.write_text("profile = \"x86-cpu\"\n")
+    assert load_config(path).server.busy_poll_us == loaded["x86-cpu"].server.busy_poll_us
+    path.write_text("profile = \"jetson-orin-nano-8gb\"\n")
+    assert load_config(path).server.busy_poll_us == 0
+    path.write_text("profile = \"x86-cpu\"\n[server]\nbusy_poll_us = 0\n")
+    assert load_config(path).server.busy_poll_us == 0
+    assert load_config(path, {"server.busy_poll_us": 200}).server.busy_poll_us == 200
+    path.write_text("[server]\nbusy_poll_us = 20000\n")
+    with pytest.raises(ConfigError, match=r"outpost.toml: server.busy_poll_us must lie in "
+                                          r"0..10000"):
+        load_config(path)
 
 
 def test_unknown_profile_in_config_names_the_file(tmp_path):
