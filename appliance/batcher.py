@@ -184,6 +184,7 @@ class ModelInstance:
             if job is None:
                 return
             job()
+            job = None  # idle, it would still hold the last batch's requests and inputs
 
 
 def _gather(arrays: list[np.ndarray], staging: dict, name: str) -> np.ndarray:

@@ -81,7 +81,7 @@ def _pump(reader, stream: bytes, chunk: int) -> list[dict]:
         buf = reader.get_buffer(chunk)
         n = min(chunk, len(buf), len(stream) - pos)
         buf[:n] = stream[pos:pos + n]
-        reader.buffer_updated(n, lambda body: got.append(decode_body(body)))
+        reader.buffer_updated(n, lambda body, owned: got.append(decode_body(body, owned)))
         pos += n
     return got
 
@@ -92,8 +92,9 @@ def test_buffered_reader_small_and_large_frames_split_anywhere():
     from appliance.protocol import BufferedFrameReader, FrameError
 
     def big(i):
-        """0.4 to 1.2 MB, over the small buffer: the large buffer kept between frames is
-        outgrown, then reused for a shorter frame."""
+        """0.4 to 1.2 MB, over the small buffer: each gets a buffer of its own, and the
+        tensors decoded from it (views, not copies) must stay intact while later frames
+        arrive."""
         return np.arange(100_000 * (1 + i % 3), dtype=np.float32) + i
 
     msgs = []
@@ -117,7 +118,7 @@ def test_buffered_reader_small_and_large_frames_split_anywhere():
         buf = reader.get_buffer(64)
         data = encode_frame({"op": "health", "id": 5}) + b"\x00\x00\x00\x00"
         buf[:len(data)] = data
-        reader.buffer_updated(len(data), lambda body: seen.append(decode_body(body)))
+        reader.buffer_updated(len(data), lambda body, owned: seen.append(decode_body(body)))
     assert [m["id"] for m in seen] == [5]  # the good frame before the bad one was served
 
 
@@ -165,3 +166,92 @@ def test_the_kept_packer_survives_a_failed_encode_and_threads():
     for t in threads:
         t.join()
     assert not wrong
+
+
+def _random_value(rng, depth: int):
+    """Any plain msgpack value, nested, with every width of int, str, bin and container."""
+    kinds = ["int", "neg", "big", "float", "str", "bin", "nil", "bool"]
+    if depth < 4:
+        kinds += ["list", "map"]
+    def pick(values: list):
+        return values[rng.integers(len(values))]
+
+    kind = pick(kinds)
+    if kind == "int":
+        return pick([0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
+    if kind == "neg":
+        return pick([-1, -32, -33, -128, -129, -32768, -32769, -2**31 - 1, -2**63])
+    if kind == "big":
+        return int(rng.integers(-2**62, 2**62))
+    if kind == "float":
+        return float(rng.standard_normal())
+    if kind == "str":
+        return "é" * pick([0, 5, 31, 32, 255, 256, 70_000])
+    if kind == "bin":
+        return bytes(pick([0, 1, 255, 256, 65535, 65536, 200_000]))
+    if kind == "nil":
+        return None
+    if kind == "bool":
+        return bool(rng.integers(2))
+    n = pick([0, 1, 15, 16, 17])
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(n)]
+    return {f"k{i}": _random_value(rng, depth + 1) for i in range(n)}
+
+
+def test_borrowing_decode_gives_msgpacks_map_with_large_bins_as_views():
+    """decode_body(borrow=True) must equal msgpack's result for every plain value, decoded
+    by the short parser itself (not its fallback); bins of 64 KiB or more come back as
+    read-only views of the frame, smaller ones as bytes."""
+    import msgpack
+
+    from appliance.protocol import _borrowing_parse
+
+    rng = np.random.default_rng(5)
+    for i in range(300):
+        msg = {"id": 1, "v": _random_value(rng, 0)}
+        packed = msgpack.packb(msg, use_bin_type=True, use_single_float=bool(i % 2))
+        body = np.frombuffer(packed, np.uint8).copy()
+        assert _borrowing_parse(memoryview(body)) == decode_body(packed)  # no fallback
+
+    big = np.arange(50_000, dtype=np.float32)  # 200 KB
+    body = np.frombuffer(encode_frame({"op": "infer", "id": 7, "inputs": {
+        "x": encode_tensor(big), "s": encode_tensor(big[:4])}})[4:], np.uint8).copy()
+    got = decode_body(memoryview(body), borrow=True)
+    data = got["inputs"]["x"]["data"]
+    assert type(data) is memoryview and data.readonly
+    x = decode_tensor(got["inputs"]["x"], "x")
+    assert np.shares_memory(x, body) and not x.flags.writeable  # no copy was made
+    np.testing.assert_array_equal(x, big)
+    assert type(got["inputs"]["s"]["data"]) is bytes
+    plain = decode_body(bytes(body))  # without borrow: msgpack's copies
+    assert type(plain["inputs"]["x"]["data"]) is bytes
+
+
+def test_borrowing_decode_refuses_bad_bytes_exactly_as_msgpack_does():
+    import msgpack
+    import pytest
+
+    from appliance.protocol import FrameError
+
+    ok = msgpack.packb({"id": 1, "d": b"x" * 70_000}, use_bin_type=True)
+    cases = [
+        ok[:-1],  # a bin cut short
+        ok + b"\x01",  # extra bytes after the map
+        msgpack.packb([1, 2]),  # not a map
+        msgpack.packb({1: 2}),  # a key that is not a string
+        msgpack.packb({"e": msgpack.ExtType(1, b"ab")}),  # an ext type
+        b"\x81\xa1k\xa2\xff\xfe",  # a str that is not UTF-8
+        b"\xc1",  # the never-used byte
+        b"\xdf\xff\xff\xff\xff",  # a map claiming 4 billion entries
+        b"\x81\xa1k" + b"\x91" * 100 + b"\x01",  # deeper than the short parser goes
+    ]
+    for bad in cases:
+        try:
+            expected = decode_body(bad)
+        except FrameError as exc:
+            with pytest.raises(FrameError) as info:
+                decode_body(memoryview(bad), borrow=True)
+            assert str(info.value) == str(exc)
+        else:
+            assert decode_body(memoryview(bad), borrow=True) == expected
