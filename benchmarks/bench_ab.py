@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from appliance.client import Client  # noqa: E402
 from appliance.demo import BUILDERS  # noqa: E402
 from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
@@ -78,6 +79,9 @@ def main() -> int:
                 servers[name] = ServerProcess(
                     home / "data", home / "s.sock", env={"PYTHONPATH": str(tree)},
                     extra_args=["--threads", "1", "--log-level", "warning"]).start()
+                with Client(servers[name].socket_path) as client:
+                    sizes = client.stats("cnn")["models"][0].get("preferred_batch_sizes")
+                print(f"{name}: cnn preferred batch sizes {sizes or 'none'}", flush=True)
             cnn = raw_session(files["cnn"], 1)
             ident = raw_session(files["identity"], 1)
             rounds = []
@@ -106,8 +110,9 @@ def main() -> int:
             got = [r[(name, model, c)] for r in rounds]
             rps = med(g["rps"] for g in got)
             if model == "cnn":
-                ratio = med(g["rps"] / r["raw_best"] for g, r in zip(got, rounds))
-                extra = f"{ratio:.1%} of raw best"
+                ratios = [g["rps"] / r["raw_best"] for g, r in zip(got, rounds)]
+                extra = (f"{med(ratios):.1%} of raw best (rounds: "
+                         f"{', '.join(f'{x:.0%}' for x in ratios)})")
             elif c == 1:
                 over = med(g["p50"] * 1e3 - r["raw_us"] for g, r in zip(got, rounds))
                 extra = f"+{over:.0f} us p50 over the raw call"

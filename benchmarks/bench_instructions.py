@@ -77,7 +77,7 @@ async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     from appliance.models import ModelManager
     from appliance.protocol import decode_body, encode_frame, encode_tensor
     from appliance.repository import Repository
-    from appliance.server import Connection
+    from appliance.server import Connection, SocketServer
     from appliance.service import Service
     from engines.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -100,7 +100,7 @@ async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     checked = decode_inputs(decode_body(body)["inputs"])
 
     if path_name == "server":
-        conn = Connection(_StandInServer(service), needs_hello=False)
+        conn = Connection(SocketServer(service, config), needs_hello=False)  # not started
         conn.connection_made(_DroppingTransport())
         n = len(frame)
 
@@ -129,22 +129,6 @@ class _DroppingTransport:
 
     def is_closing(self) -> bool:
         return False
-
-
-class _StandInServer:
-    """What a Connection reads from its server, without listening anywhere."""
-
-    def __init__(self, service) -> None:
-        self.service = service
-        self.max_frame_bytes = 1 << 26
-        self.max_inflight = 256
-        self.max_connections = 100
-        self.connections: set = set()
-        self.simple_ops: dict = {}
-        self.async_ops: dict = {}
-        self.op_names = ()
-        self.stopping = False
-        self.token = None
 
 
 def _loop_thread_instructions(tree: Path, path_name: str, count: int, model_dir: Path) -> int:

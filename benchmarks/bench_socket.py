@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.client import Client  # noqa: E402
+from appliance.config import load_config  # noqa: E402
 from appliance.demo import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
 from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
@@ -92,6 +93,8 @@ def main() -> int:
                     help="on: the demo's cnn config, which measures its preferred batch "
                          "size at load; off: batches formed by the plain defaults")
     ap.add_argument("--instances", type=int, default=1, help="cnn instances")
+    ap.add_argument("--busy-poll-us", type=int, default=None,
+                    help="the server's server.busy_poll_us (default: this host's profile's)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (raw engine, then server); figures are medians")
     args = ap.parse_args()
@@ -107,14 +110,20 @@ def main() -> int:
         for name, path in files.items():
             repo.add(name, path, config_path=cnn_cfg if name == "cnn" else None)
         repo.close()
+        server_cfg = tmp / "outpost.toml"
+        server_cfg.write_text("" if args.busy_poll_us is None else
+                              f"[server]\nbusy_poll_us = {args.busy_poll_us}\n")
+        busy_poll_us = load_config(server_cfg).server.busy_poll_us
         print(f"# outpost socket benchmark: {os.cpu_count()} CPUs, intra-op threads "
               f"{args.threads}, loop {args.loop}, {args.seconds:g} s per point, cnn "
               f"max_batch_size {args.cnn_max_batch or 'default'}, preferred batch size "
-              f"measured at load: {args.cnn_tuning}, instances {args.instances}")
+              f"measured at load: {args.cnn_tuning}, instances {args.instances}, busy poll "
+              f"{f'{busy_poll_us} us' if busy_poll_us else 'off'}")
 
         server = ServerProcess(tmp / "data", tmp / "s.sock",
                                extra_args=["--threads", str(args.threads), "--loop",
-                                           args.loop, "--log-level", "warning"])
+                                           args.loop, "--log-level", "warning",
+                                           "--config", str(server_cfg)])
         server.start()
         with Client(tmp / "s.sock") as c:
             row = c.stats("cnn")["models"][0]
