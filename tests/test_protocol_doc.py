@@ -215,15 +215,24 @@ def test_borrowing_decode_gives_msgpacks_map_with_large_bins_as_views():
         assert _borrowing_parse(memoryview(body)) == decode_body(packed)  # no fallback
 
     big = np.arange(50_000, dtype=np.float32)  # 200 KB
-    body = np.frombuffer(encode_frame({"op": "infer", "id": 7, "inputs": {
-        "x": encode_tensor(big), "s": encode_tensor(big[:4])}})[4:], np.uint8).copy()
-    got = decode_body(memoryview(body), borrow=True)
-    data = got["inputs"]["x"]["data"]
-    assert type(data) is memoryview and data.readonly
-    x = decode_tensor(got["inputs"]["x"], "x")
-    assert np.shares_memory(x, body) and not x.flags.writeable  # no copy was made
-    np.testing.assert_array_equal(x, big)
-    assert type(got["inputs"]["s"]["data"]) is bytes
+    shared = []
+    for pad in range(4):  # the tensor's bytes at each offset modulo 4 of the frame
+        body = np.frombuffer(encode_frame({"op": "infer", "id": 7, "model": "m" * pad,
+                                           "inputs": {"x": encode_tensor(big),
+                                                      "s": encode_tensor(big[:4])}})[4:],
+                             np.uint8).copy()
+        got = decode_body(memoryview(body), borrow=True)
+        data = got["inputs"]["x"]["data"]
+        assert type(data) is memoryview and data.readonly
+        x = decode_tensor(got["inputs"]["x"], "x")
+        np.testing.assert_array_equal(x, big)
+        assert x.flags.aligned and not x.flags.writeable
+        # No copy where the bytes are aligned for float32; a copy where they are not.
+        aligned = np.frombuffer(data, np.float32).flags.aligned
+        assert np.shares_memory(x, body) == aligned
+        shared.append(aligned)
+        assert type(got["inputs"]["s"]["data"]) is bytes
+    assert shared.count(True) == 1
     plain = decode_body(bytes(body))  # without borrow: msgpack's copies
     assert type(plain["inputs"]["x"]["data"]) is bytes
 
