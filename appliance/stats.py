@@ -22,7 +22,7 @@ class VersionStats:
     __slots__ = (
         "request_success", "request_failure", "failures_by_code", "inference_count",
         "execution_count", "request_s_total", "queue_s_total", "compute_s_total",
-        "_recent", "_recent_n", "observers", "request_hist", "queue_hist", "compute_hist",
+        "_recent", "_recent_n", "request_hist", "queue_hist", "compute_hist",
     )
 
     def __init__(self) -> None:
@@ -40,8 +40,6 @@ class VersionStats:
         self.request_hist = [0] * (len(DURATION_BOUNDS_S) + 1)
         self.queue_hist = [0] * (len(DURATION_BOUNDS_S) + 1)
         self.compute_hist = [0] * (len(DURATION_BOUNDS_S) + 1)
-        # Callables (kind, value) told of each figure as it is recorded: the metrics exporter.
-        self.observers: list = []
 
     def request_done(self, request_s: float, queue_s: float, compute_s: float) -> None:
         self.request_success += 1
@@ -53,14 +51,10 @@ class VersionStats:
         self.request_hist[bisect_left(DURATION_BOUNDS_S, request_s)] += 1
         self.queue_hist[bisect_left(DURATION_BOUNDS_S, queue_s)] += 1
         self.compute_hist[bisect_left(DURATION_BOUNDS_S, compute_s)] += 1
-        for observe in self.observers:
-            observe("success", request_s, queue_s, compute_s)
 
     def request_failed(self, code: str) -> None:
         self.request_failure += 1
         self.failures_by_code[code] = self.failures_by_code.get(code, 0) + 1
-        for observe in self.observers:
-            observe("failure", code, 0.0, 0.0)
 
     def batch_done(self, rows: int) -> None:
         self.execution_count += 1
