@@ -11,6 +11,7 @@ not match is refused then, naming them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -246,48 +247,7 @@ class EnsembleVersion(ServedVersion):
         return None
 
     def _run_pipeline(self, request: InferRequest) -> None:
-        tensors = dict(request.inputs)
-        steps = self.spec.steps
-        started = [False] * len(steps)
-        remaining = [len(steps)]
-        failed = [False]
-
-        def launch_ready() -> None:
-            for i, step in enumerate(steps):
-                if started[i] or failed[0]:
-                    continue
-                if not all(t in tensors for t in self._in_maps[i].values()):
-                    continue
-                started[i] = True
-                feeds = {m_in: tensors[t] for m_in, t in self._in_maps[i].items()}
-                label = f"ensemble '{self.name}' step {i + 1} (model '{step.model}')"
-                err = self._member_request(step.model, step.version, feeds, request,
-                                           lambda out, e, i=i, label=label:
-                                           step_done(i, out, e, label), label)
-                if err is not None:
-                    fail(err)
-                    return
-
-        def fail(err: OutpostError) -> None:
-            if not failed[0]:
-                failed[0] = True
-                self._finish(request, None, err)
-
-        def step_done(i: int, outputs, error, label: str) -> None:
-            if failed[0]:
-                return
-            if error is not None:
-                fail(_wrap(error, label))
-                return
-            for m_out, t in self._out_maps[i].items():
-                tensors[t] = outputs[m_out]
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                self._finish(request, {n: tensors[n] for n in self.output_names}, None)
-            else:
-                launch_ready()
-
-        launch_ready()
+        _PipelineRun(self, request).launch_ready()
 
     def _run_combine(self, request: InferRequest) -> None:
         members = self.spec.members
@@ -328,6 +288,60 @@ class EnsembleVersion(ServedVersion):
             except TimeoutError:
                 pass
         self.state = VersionState.UNLOADED
+
+
+class _PipelineRun:
+    """One request through a pipeline's steps: a step starts once its inputs exist.
+
+    An object, not closures that call each other: closures would form a reference cycle
+    holding the request and every intermediate tensor until the cyclic collector ran.
+    The member requests hold it through their done callbacks; it holds none of them."""
+
+    __slots__ = ("ensemble", "request", "tensors", "started", "remaining", "failed")
+
+    def __init__(self, ensemble: EnsembleVersion, request: InferRequest):
+        self.ensemble = ensemble
+        self.request = request
+        self.tensors = dict(request.inputs)
+        self.started = [False] * len(ensemble.spec.steps)
+        self.remaining = len(ensemble.spec.steps)
+        self.failed = False
+
+    def launch_ready(self) -> None:
+        e = self.ensemble
+        for i, step in enumerate(e.spec.steps):
+            if self.started[i] or self.failed:
+                continue
+            if not all(t in self.tensors for t in e._in_maps[i].values()):
+                continue
+            self.started[i] = True
+            feeds = {m_in: self.tensors[t] for m_in, t in e._in_maps[i].items()}
+            label = f"ensemble '{e.name}' step {i + 1} (model '{step.model}')"
+            err = e._member_request(step.model, step.version, feeds, self.request,
+                                    functools.partial(self.step_done, i, label), label)
+            if err is not None:
+                self.fail(err)
+                return
+
+    def fail(self, err: OutpostError) -> None:
+        if not self.failed:
+            self.failed = True
+            self.ensemble._finish(self.request, None, err)
+
+    def step_done(self, i: int, label: str, outputs, error) -> None:
+        if self.failed:
+            return
+        if error is not None:
+            self.fail(_wrap(error, label))
+            return
+        for m_out, t in self.ensemble._out_maps[i].items():
+            self.tensors[t] = outputs[m_out]
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.ensemble._finish(self.request, {n: self.tensors[n]
+                                                 for n in self.ensemble.output_names}, None)
+        else:
+            self.launch_ready()
 
 
 def combine(kind: str, arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:

@@ -12,12 +12,35 @@ import numpy as np
 from appliance.batcher import InferRequest
 from appliance.config import load_config
 from appliance.demo import sample_inputs
+from appliance.ensemble import _PipelineRun
 from appliance.models import ModelManager
 from appliance.protocol import FrameReader, decode_body, encode_frame, encode_tensor
 from appliance.repository import Repository
 from appliance.server import Connection, SocketServer
 from appliance.service import Service
 from engines.onnxruntime_engine import OnnxRuntimeEngine
+from tests import tiny_models as tm
+
+PIPELINE = """
+[ensemble]
+kind = "pipeline"
+[[ensemble.steps]]
+model = "add"
+inputs = { x = "x" }
+outputs = { y = "shifted" }
+[[ensemble.steps]]
+model = "head_a"
+inputs = { y = "shifted" }
+"""
+COMBINE = """
+[ensemble]
+kind = "combine"
+combiner = "mean"
+[[ensemble.members]]
+model = "head_a"
+[[ensemble.members]]
+model = "head_b"
+"""
 
 
 class CollectingTransport:
@@ -36,54 +59,77 @@ class CollectingTransport:
 
 
 def live_requests() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, InferRequest))
+    """Requests, and the objects that run an ensemble's steps for one, still alive."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, (InferRequest, _PipelineRun)))
+
+
+async def _serve_frames(data_dir, requests: list[tuple[str, dict]]):
+    """Send the requests through a real connection, service and models, in one process,
+    with the cyclic collector off; returns (objects left over, the bytes written back)."""
+    config = load_config(None, {"data_dir": str(data_dir)})
+    repo = Repository(data_dir)
+    manager = ModelManager(repo, OnnxRuntimeEngine(), config)
+    await manager.load_all()
+    try:
+        conn = Connection(SocketServer(Service(manager, 1 << 26), config),
+                          needs_hello=False)
+        transport = CollectingTransport()
+        conn.connection_made(transport)
+        frames = b"".join(
+            encode_frame({"op": "infer", "id": i, "model": model, "inputs": {
+                k: encode_tensor(v) for k, v in inputs.items()}})
+            for i, (model, inputs) in enumerate(requests))
+        gc.collect()
+        gc.disable()
+        try:
+            before = live_requests()
+            pos = 0
+            while pos < len(frames):  # as the kernel would, in pieces
+                buf = conn.get_buffer(-1)
+                n = min(len(buf), len(frames) - pos, 200_000)
+                buf[:n] = frames[pos:pos + n]
+                conn.buffer_updated(n)
+                pos += n
+            for _ in range(1000):  # models not yet timed as quick run on worker threads
+                if not conn.inflight:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # the last answers' write
+            left = live_requests() - before
+        finally:
+            gc.enable()
+    finally:
+        await manager.unload_all()
+        repo.close()
+    return left, [decode_body(b) for b in FrameReader().feed(bytes(transport.written))]
 
 
 def test_answered_requests_are_freed_without_the_cyclic_collector(short_tmp, demo_files):
-    async def go():
-        repo = Repository(short_tmp)
-        repo.add("identity", demo_files["identity"])
-        repo.add("cnn", demo_files["cnn"])
-        config = load_config(None, {"data_dir": str(short_tmp)})
-        manager = ModelManager(repo, OnnxRuntimeEngine(), config)
-        await manager.load_all()
-        try:
-            conn = Connection(SocketServer(Service(manager, 1 << 26), config),
-                              needs_hello=False)
-            transport = CollectingTransport()
-            conn.connection_made(transport)
-            frames = b"".join(
-                encode_frame({"op": "infer", "id": i, "model": model, "inputs": {
-                    k: encode_tensor(v) for k, v in sample_inputs(model).items()}})
-                for i, model in enumerate(["identity", "cnn"] * 10))
-            gc.collect()
-            gc.disable()
-            try:
-                before = live_requests()
-                pos = 0
-                while pos < len(frames):  # as the kernel would, in pieces
-                    buf = conn.get_buffer(-1)
-                    n = min(len(buf), len(frames) - pos, 200_000)
-                    buf[:n] = frames[pos:pos + n]
-                    conn.buffer_updated(n)
-                    pos += n
-                for _ in range(1000):  # the cnn runs on a worker thread
-                    if not conn.inflight:
-                        break
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0)  # the last answers' write
-                left = live_requests() - before
-            finally:
-                gc.enable()
-        finally:
-            await manager.unload_all()
-            repo.close()
-        return left, transport.written
-
-    left, written = asyncio.run(go())
-    answers = [decode_body(b) for b in FrameReader().feed(bytes(written))]
+    repo = Repository(short_tmp)
+    repo.add("identity", demo_files["identity"])
+    repo.add("cnn", demo_files["cnn"])
+    repo.close()
+    left, answers = asyncio.run(_serve_frames(short_tmp, [
+        (model, sample_inputs(model)) for model in ["identity", "cnn"] * 10]))
     assert sorted(a["id"] for a in answers) == list(range(20))
     assert all(a["ok"] for a in answers), answers
     ident = next(a for a in answers if a["model"] == "identity")["outputs"]["y"]
     assert np.frombuffer(ident["data"], np.float32).shape == (16,)
     assert left == 0  # every answered request is gone, with the collector off
+
+
+def test_ensemble_requests_are_freed_without_the_cyclic_collector(short_tmp):
+    repo = Repository(short_tmp)
+    repo.add("add", tm.add_const(short_tmp / "add.onnx", 1.0))
+    for i, name in enumerate(("head_a", "head_b")):
+        repo.add(name, tm.head(short_tmp / f"{name}.onnx", seed=i))
+    for name, text in (("pipe", PIPELINE), ("vote", COMBINE)):
+        (short_tmp / f"{name}.toml").write_text(text)
+        repo.add(name, short_tmp / f"{name}.toml")
+    repo.close()
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    left, answers = asyncio.run(_serve_frames(short_tmp, [
+        request for _ in range(5) for request in (("pipe", {"x": x}), ("vote", {"y": x}))]))
+    assert sorted(a["id"] for a in answers) == list(range(10))
+    assert all(a["ok"] for a in answers), answers
+    assert left == 0
