@@ -21,6 +21,12 @@ LOG_FORMATS = ("auto", "json", "text")
 MAX_BUSY_POLL_US = 10_000
 
 
+def check_busy_poll_us(value: int) -> None:
+    """server.busy_poll_us, in the appliance config or a firmware profile."""
+    if not 0 <= value <= MAX_BUSY_POLL_US:
+        raise ValueError(f"busy_poll_us must lie in 0..{MAX_BUSY_POLL_US} (0: off)")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     socket_path: str = ""  # "": $XDG_RUNTIME_DIR/outpost/outpost.sock, else <data_dir>/outpost.sock
@@ -54,8 +60,7 @@ class ServerConfig:
             raise ValueError("max_connections and max_inflight_per_connection must be >= 1")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
-        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
-            raise ValueError(f"busy_poll_us must lie in 0..{MAX_BUSY_POLL_US} (0: off)")
+        check_busy_poll_us(self.busy_poll_us)
 
 
 @dataclass(frozen=True)

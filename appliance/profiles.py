@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.config import MAX_BUSY_POLL_US, BatchingConfig, ThreadsConfig
+from appliance.config import BatchingConfig, ThreadsConfig, check_busy_poll_us
 from appliance.errors import ConfigError
 from appliance.settings import from_mapping, read_toml
 
@@ -87,8 +87,7 @@ class ServerSettings:
     busy_poll_us: int = 0
 
     def check(self) -> None:
-        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
-            raise ValueError(f"busy_poll_us must lie in 0..{MAX_BUSY_POLL_US} (0: off)")
+        check_busy_poll_us(self.busy_poll_us)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def encode_frame(message: dict) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-_BIG_BIN = 1 << 16
+_BIG_BIN = 1 << 16  # a bin this large travels as a view of its buffer, both ways
 _BIN32 = struct.Struct(">BI")
 
 
@@ -253,7 +253,6 @@ def decode_body(body, borrow: bool = False) -> dict:
     return message
 
 
-_BORROW_MIN = 1 << 16
 _DEPTH_LIMIT = 32
 
 
@@ -319,7 +318,7 @@ def _parse(view: memoryview, pos: int, depth: int):
         if pos + n > len(view):
             raise IndexError
         data = view[pos:pos + n]
-        return (data if n >= _BORROW_MIN else data.tobytes()), pos + n
+        return (data if n >= _BIG_BIN else data.tobytes()), pos + n
     if b <= 0xDB:
         return _str(view, pos, n)
     if b <= 0xDD:

@@ -20,27 +20,7 @@ from appliance.server import Connection, SocketServer
 from appliance.service import Service
 from engines.onnxruntime_engine import OnnxRuntimeEngine
 from tests import tiny_models as tm
-
-PIPELINE = """
-[ensemble]
-kind = "pipeline"
-[[ensemble.steps]]
-model = "add"
-inputs = { x = "x" }
-outputs = { y = "shifted" }
-[[ensemble.steps]]
-model = "head_a"
-inputs = { y = "shifted" }
-"""
-COMBINE = """
-[ensemble]
-kind = "combine"
-combiner = "mean"
-[[ensemble.members]]
-model = "head_a"
-[[ensemble.members]]
-model = "head_b"
-"""
+from tests.test_ensembles import COMBINE, PIPELINE
 
 
 class CollectingTransport:
@@ -121,15 +101,15 @@ def test_answered_requests_are_freed_without_the_cyclic_collector(short_tmp, dem
 def test_ensemble_requests_are_freed_without_the_cyclic_collector(short_tmp):
     repo = Repository(short_tmp)
     repo.add("add", tm.add_const(short_tmp / "add.onnx", 1.0))
-    for i, name in enumerate(("head_a", "head_b")):
+    for i, name in enumerate(("head_a", "head_b", "head_c")):
         repo.add(name, tm.head(short_tmp / f"{name}.onnx", seed=i))
-    for name, text in (("pipe", PIPELINE), ("vote", COMBINE)):
+    for name, text in (("pipe", PIPELINE), ("vote", COMBINE.format(combiner="mean"))):
         (short_tmp / f"{name}.toml").write_text(text)
         repo.add(name, short_tmp / f"{name}.toml")
     repo.close()
     x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
     left, answers = asyncio.run(_serve_frames(short_tmp, [
-        request for _ in range(5) for request in (("pipe", {"x": x}), ("vote", {"y": x}))]))
+        request for _ in range(5) for request in (("pipe", {"pixels": x}), ("vote", {"y": x}))]))
     assert sorted(a["id"] for a in answers) == list(range(10))
     assert all(a["ok"] for a in answers), answers
     assert left == 0
