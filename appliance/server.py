@@ -57,6 +57,9 @@ class Connection(asyncio.BufferedProtocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
+        # Set by a framing error: nothing more is read, and the one error (then the close)
+        # waits until every request read before it has been answered.
+        self.broken: str | None = None
         # Responses finished in one loop iteration leave in one write (one syscall); those
         # answered while a read is handled leave at its end, without another iteration.
         self._out: list[bytes] = []
@@ -104,8 +107,8 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._window.close()  # quick models answer here, inside the read
             self._reading = False
-        if broken is not None:  # after the answers to the good frames before it
-            self.fatal(None, str(broken))
+        if broken is not None:
+            self._break(str(broken))
         elif self._out:
             self._flush()
         if not self.inflight and self.server.poller is not None:
@@ -114,6 +117,18 @@ class Connection(asyncio.BufferedProtocol):
     def _on_body(self, body, owned: bool) -> None:
         if not self.closed:  # FrameError: up to buffer_updated
             self.handle(decode_body(body, borrow=owned))
+
+    def _break(self, message: str) -> None:
+        """The stream can't be trusted after a framing error: read no more of it, answer
+        every request read before it (some may be on worker threads), then send the one
+        error with id nil and close."""
+        if self.closed:
+            return
+        self.broken = message
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._update_reading()
 
     def eof_received(self):
         # The peer finished sending; keep the socket open to answer what is in flight.
@@ -270,6 +285,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
+            return
+        if self.broken is not None:  # reading stays paused; close once all are answered
+            if not self.inflight:
+                self.fatal(None, self.broken)
             return
         should_pause = self.write_paused or self.inflight >= self.max_inflight
         if should_pause and not self.read_paused:

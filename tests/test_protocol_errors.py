@@ -73,18 +73,21 @@ def test_not_exactly_one_map(module_server, body):
 
 
 @pytest.mark.parametrize("bad", [frame(b"\xc1"), struct.pack(">I", 0)])
-def test_good_frames_before_a_broken_one_are_answered_first(module_server, bad):
-    """One write: two requests, then a frame that breaks the stream. Both answers come
-    back, then the one error with id nil, then the close."""
-    with connect(module_server.socket_path) as s:
-        for _ in range(200):  # the identity model runs on the loop once it is known quick
-            assert call(s, op="infer", id=1, model="identity", inputs={"x": tensor(X)})["ok"]
+@pytest.mark.parametrize("slow", [False, True], ids=["identity", "cnn-on-a-worker"])
+def test_good_frames_before_a_broken_one_are_answered_first(module_server, bad, slow):
+    """One write: requests, then a frame that breaks the stream. Every answer comes back,
+    then the one error with id nil, then the close. The CNN runs on a worker thread, so
+    its answer comes after the broken frame has been read; it must still be sent."""
+    image = {"image": tensor(np.ones((1, 3, 224, 224), np.float32))}
     with connect(module_server.socket_path) as s:
         s.sendall(frame({"op": "infer", "id": 7, "model": "identity",
                          "inputs": {"x": tensor(X)}})
+                  + (frame({"op": "infer", "id": 9, "model": "cnn", "inputs": image})
+                     if slow else b"")
                   + frame({"op": "health", "id": 8}) + bad)
-        answers = {recv(s)["id"] for _ in range(2)}
-        assert answers == {7, 8}
+        want = {7, 8, 9} if slow else {7, 8}
+        answers = [recv(s) for _ in want]
+        assert {a["id"] for a in answers} == want and all(a["ok"] for a in answers), answers
         assert_fatal(s)
     ok_infer(module_server.socket_path)
 
