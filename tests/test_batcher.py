@@ -370,3 +370,50 @@ def test_a_batch_that_fails_before_the_engine_is_not_timed_as_a_quick_run():
     timed, ewma, errors = _run(go())
     assert len(errors) == 20 and all(e.code == "INTERNAL" for e in errors)
     assert timed == 0 and ewma == 1.0  # untouched: nothing was measured
+
+
+class ThreadNotingSession(Session):
+    """y = x, noting the thread of each run; ``cost_s``: how long a run takes."""
+    inline_ok = True
+
+    def __init__(self, cost_s: float) -> None:
+        self.inputs = (TensorSpec("x", "float32", (-1, 4)),)
+        self.outputs = (TensorSpec("y", "float32", (-1, 4)),)
+        self.max_batch_size = 8
+        self.cost_s = cost_s
+        self.threads: list[int] = []
+
+    def run(self, feeds):
+        self.threads.append(threading.get_ident())
+        if self.cost_s:
+            time.sleep(self.cost_s)
+        return {"y": feeds["x"]}
+
+
+@pytest.mark.parametrize("cost_s", [0.0, 0.002])
+def test_only_a_model_timed_as_quick_runs_on_the_event_loop(cost_s):
+    """After INLINE_MIN_SAMPLES batches on worker threads, a model far quicker than a
+    thread hand-off runs on the loop itself; a slow one stays on the workers."""
+    from appliance.batcher import INLINE_MIN_SAMPLES
+
+    async def go():
+        session = ThreadNotingSession(cost_s)
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8), [ModelInstance(session, "t")],
+                           VersionStats())
+        loop = asyncio.get_running_loop()
+        for _ in range(INLINE_MIN_SAMPLES + 40):  # one at a time: the instance is idle
+            done = loop.create_future()
+            b.enqueue(_request(np.ones((1, 4), np.float32),
+                               lambda o, e, f=done: f.set_result(e)))
+            assert await done is None
+        await b.stop()
+        return session.threads
+
+    threads = _run(go())
+    on_loop = [t == threading.get_ident() for t in threads]
+    assert on_loop[:INLINE_MIN_SAMPLES] == [False] * INLINE_MIN_SAMPLES
+    # Quick: on the loop from the 17th batch, unless a stall on this shared machine made
+    # a run look slow for a while (then the average has to come down again).
+    assert any(on_loop) == (cost_s == 0.0)
+    if cost_s == 0.0:
+        assert sum(on_loop[INLINE_MIN_SAMPLES:]) >= 20, on_loop
