@@ -96,39 +96,35 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
                  feeds: dict[str, np.ndarray]) -> tuple[int, tuple]:
     """Dtypes and shapes of ``feeds`` against ``specs``; returns (rows, signature).
 
-    Plain loops rather than generators: this runs for every request."""
-    if len(feeds) != len(specs) or not _has_all(feeds, specs):
-        names = {s.name for s in specs}
-        missing = sorted(names - feeds.keys())
-        if missing:
-            raise InvalidArgument(
-                f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
-                f"takes {', '.join(sorted(names))}")
-        extra = sorted(str(k) for k in feeds.keys() - names)
-        raise InvalidArgument(
-            f"input '{extra[0]}' is not an input of model '{name}'; it takes "
-            f"{', '.join(sorted(names))}")
+    Plain inline loops rather than generators or helpers: this runs for every request."""
+    if len(feeds) != len(specs):
+        raise _names_error(name, specs, feeds)
     signature = []
     rows = None
     for spec in specs:
-        arr = feeds[spec.name]
-        if arr.dtype != DTYPE_OF_NAME[spec.dtype]:
+        arr = feeds.get(spec.name)
+        if arr is None:
+            raise _names_error(name, specs, feeds)
+        want = DTYPE_OF_NAME[spec.dtype]
+        if arr.dtype is not want and arr.dtype != want:
             raise InvalidArgument(
                 f"inputs.{spec.name} is {arr.dtype.name} but model '{name}' takes {spec.dtype}; "
                 f"outpost does not cast: send {spec.dtype}")
-        if arr.ndim != len(spec.shape) or not _dims_fit(spec.shape, arr.shape):
-            raise InvalidArgument(
-                f"inputs.{spec.name} has shape {list(arr.shape)} but model '{name}' takes "
-                f"{list(spec.shape)} (-1: any size)")
+        shape = arr.shape
+        if len(shape) != len(spec.shape):
+            raise _shape_error(name, spec, shape)
+        for w, g in zip(spec.shape, shape):
+            if w != g and w != -1:
+                raise _shape_error(name, spec, shape)
         if max_batch_size:
-            n = arr.shape[0]
+            n = shape[0]
             if rows is None:
                 rows = n
             elif n != rows:
                 raise InvalidArgument(
                     f"inputs.{spec.name} has {n} rows in dim 0 but other inputs have {rows}; "
                     f"every input of a request carries the same batch")
-            signature.append(arr.shape[1:])
+            signature.append(shape[1:])
     if max_batch_size:
         if not 1 <= rows <= max_batch_size:
             raise InvalidArgument(
@@ -139,18 +135,23 @@ def check_arrays(name: str, specs: tuple[TensorSpec, ...], max_batch_size: int,
     return rows, tuple(signature)
 
 
-def _has_all(feeds: dict, specs: tuple[TensorSpec, ...]) -> bool:
-    for s in specs:
-        if s.name not in feeds:
-            return False
-    return True
+def _names_error(name: str, specs: tuple[TensorSpec, ...], feeds: dict) -> InvalidArgument:
+    names = {s.name for s in specs}
+    missing = sorted(names - feeds.keys())
+    if missing:
+        return InvalidArgument(
+            f"inputs lacks {', '.join(repr(m) for m in missing)}; model '{name}' "
+            f"takes {', '.join(sorted(names))}")
+    extra = sorted(str(k) for k in feeds.keys() - names)
+    return InvalidArgument(
+        f"input '{extra[0]}' is not an input of model '{name}'; it takes "
+        f"{', '.join(sorted(names))}")
 
 
-def _dims_fit(want: tuple, got: tuple) -> bool:
-    for w, g in zip(want, got):
-        if w != -1 and w != g:
-            return False
-    return True
+def _shape_error(name: str, spec: TensorSpec, shape: tuple) -> InvalidArgument:
+    return InvalidArgument(
+        f"inputs.{spec.name} has shape {list(shape)} but model '{name}' takes "
+        f"{list(spec.shape)} (-1: any size)")
 
 
 def decode_inputs(inputs: object) -> dict[str, np.ndarray]:

@@ -417,3 +417,58 @@ def test_only_a_model_timed_as_quick_runs_on_the_event_loop(cost_s):
     assert any(on_loop) == (cost_s == 0.0)
     if cost_s == 0.0:
         assert sum(on_loop[INLINE_MIN_SAMPLES:]) >= 20, on_loop
+
+
+@pytest.mark.parametrize("delay_us", [0, 30_000])
+def test_a_lone_request_waits_the_queue_delay_and_only_then(delay_us):
+    """One request alone goes at once without a queue delay, and only after it with one
+    (Triton's max_queue_delay_us: a batch may still grow meanwhile)."""
+    async def go():
+        session = GatedSession()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8, max_queue_delay_us=delay_us),
+                           [ModelInstance(session, "t")], VersionStats())
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        t0 = time.monotonic()
+        b.enqueue(_request(np.ones((1, 4), np.float32),
+                           lambda o, e: done.set_result(time.monotonic() - t0)))
+        waited = await done
+        await b.stop()
+        return waited, session.batches
+
+    waited, batches = _run(go())
+    assert batches == [1]
+    if delay_us:
+        assert waited >= delay_us / 1e6 * 0.9
+    else:
+        assert waited < 0.02  # 30 ms would mean it waited for a delay it doesn't have
+
+
+def test_a_lone_request_behind_cancelled_ones_at_any_priority_runs_once():
+    async def go():
+        session = GatedSession()
+        inst = ModelInstance(session, "t")
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8, priority_levels=3), [inst],
+                           VersionStats())
+        loop = asyncio.get_running_loop()
+        session.gate.clear()  # the first request holds the instance
+        first = loop.create_future()
+        b.enqueue(_request(np.ones((1, 4), np.float32), lambda o, e: first.set_result(e)))
+        await asyncio.sleep(0.05)
+        answers = []
+        gone = _request(np.zeros((1, 4), np.float32), lambda o, e: answers.append("gone"),
+                        priority=0)
+        b.enqueue(gone)
+        b.enqueue(_request(np.full((1, 4), 3, np.float32),
+                           lambda o, e: answers.append(o["y"].tolist()), priority=2))
+        b.cancel(gone)  # now dead at the head of the priority-0 deque, the other one live
+        session.gate.set()
+        assert await first is None
+        while not answers:
+            await asyncio.sleep(0.01)
+        await b.stop()
+        return answers, session.batches
+
+    answers, batches = _run(go())
+    assert answers == [[[6.0] * 4]]
+    assert batches == [1, 1]
