@@ -12,6 +12,8 @@ import asyncio
 import itertools
 import os
 import socket
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,17 @@ from appliance.protocol import (
 # A send buffer that holds a whole image request: one write, not a ping-pong of wake-ups
 # between the two processes (the kernel caps it at net.core.wmem_max).
 SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Leave the timeout to the kernel (SO_RCVTIMEO, SO_SNDTIMEO): with a Python socket
+    timeout, every send and receive is a poll() and then the call, and a non-blocking
+    receive (busy polling) would wait in that poll."""
+    seconds = int(timeout_s)
+    timeval = struct.pack("@ll", seconds, int((timeout_s - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.settimeout(None)
 
 
 def _widen(sock: socket.socket) -> None:
@@ -88,13 +101,25 @@ def _infer_result(response: dict) -> InferResult:
 
 
 class Client:
-    """A blocking client: one request at a time on one connection."""
+    """A blocking client: one request at a time on one connection.
+
+    ``busy_poll_us``: after sending a request, keep checking the socket without sleeping
+    for up to this long before blocking on it. The answer of a quick model is then taken
+    without a wake-up of this process (on the demo identity model here, a round trip
+    about 14 us shorter), at the cost of this process's CPU while it waits. 0 (the
+    default): block at once.
+    """
 
     def __init__(self, path: str | os.PathLike | None = None, *, tcp: str | None = None,
-                 token: str | None = None, timeout_s: float = 30.0):
+                 token: str | None = None, timeout_s: float = 30.0,
+                 busy_poll_us: int = 0):
+        if busy_poll_us < 0:
+            raise InvalidArgument(f"busy_poll_us is {busy_poll_us}; use 0 (off) or more")
         self._ids = itertools.count(1)
         self._reader = FrameReader(1 << 31)
         self._pending: list[bytes] = []
+        self._busy_poll_s = busy_poll_us / 1e6
+        self._timeout_s = timeout_s
         try:
             if tcp:
                 host, port = parse_host_port(tcp, "tcp")
@@ -105,6 +130,7 @@ class Client:
                 _widen(self._sock)
                 self._sock.settimeout(timeout_s)
                 self._sock.connect(str(path or default_socket()))
+            _kernel_timeouts(self._sock, timeout_s)
         except OSError as exc:
             where = tcp or str(path or default_socket())
             raise Unavailable(f"can't connect to the outpost server at {where}: "
@@ -139,24 +165,42 @@ class Client:
         return _result(self._roundtrip(parts, rid))
 
     def _roundtrip(self, parts: list, rid: int) -> dict:
+        sock = self._sock
         try:
             for part in parts:
-                self._sock.sendall(part)
+                sock.sendall(part)
             while True:
                 while not self._pending:
-                    # 64 KiB: a larger request size costs a fresh mmap per call
-                    # (measured 16 us against 1.3 us for a small answer).
-                    data = self._sock.recv(1 << 16)
+                    data = self._poll() if self._busy_poll_s else None
+                    if data is None:
+                        # 64 KiB: a larger request size costs a fresh mmap per call
+                        # (measured 16 us against 1.3 us for a small answer).
+                        data = sock.recv(1 << 16)
                     if not data:
                         raise Unavailable("the server closed the connection")
                     self._pending.extend(self._reader.feed(data))
                 response = decode_body(self._pending.pop(0))
                 if response.get("id") in (rid, None):
                     return response
+        except BlockingIOError as exc:  # the kernel's SO_RCVTIMEO / SO_SNDTIMEO passed
+            raise Unavailable(f"no answer from the server within {self._timeout_s} s; "
+                              f"it may be overloaded, or raise timeout_s") from exc
         except OSError as exc:
             raise Unavailable(f"connection to the server failed: {exc}") from exc
         except FrameError as exc:
             raise Unavailable(f"the server sent a broken frame: {exc}") from exc
+
+    def _poll(self) -> bytes | None:
+        """What arrives within the busy-poll window, taken without sleeping; None if
+        nothing did."""
+        sock = self._sock
+        end = time.perf_counter() + self._busy_poll_s
+        while True:
+            try:
+                return sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter() >= end:
+                    return None
 
     def hello(self, token: str | None = None) -> dict:
         fields = {"v": PROTOCOL_VERSION}

@@ -3,7 +3,9 @@
     python -m benchmarks.bench_socket [--seconds 3] [--threads 1] [--loop auto]
 
 The server is a real `outpost serve` process; the load comes from a separate client
-process over the Unix socket (batch-1 requests, closed loop). The raw engine is the same
+process over the Unix socket (batch-1 requests, closed loop): AsyncClient, and at
+concurrency 1 on the identity model also the blocking Client, without and with its busy
+polling (``--client-busy-poll-us``). The raw engine is the same
 ONNX model in an in-process ONNX Runtime session with the same thread count, at its best
 batch size (the one with the highest median over the run), measured right before and
 right after each server point: each ratio is against the mean of the two, so the shared
@@ -64,12 +66,16 @@ def raw_latency_us(sess, model: str, count: int = 3000) -> float:
 
 
 def _client(args) -> dict:
-    """Runs in a separate process: the closed-loop load over the socket."""
+    """Runs in a separate process: the closed-loop load over the socket. ``client``:
+    "async" (AsyncClient, ``concurrency`` in flight), or "blocking" (Client, one at a
+    time) with ``busy_poll_us``."""
     import asyncio
 
     from appliance.workload import closed_loop
 
-    socket_path, model, concurrency, seconds, loop_kind = args
+    socket_path, model, concurrency, seconds, loop_kind, client, busy_poll_us = args
+    if client == "blocking":
+        return _blocking_client(socket_path, model, seconds, busy_poll_us)
     if loop_kind != "asyncio":
         try:
             import uvloop
@@ -81,6 +87,31 @@ def _client(args) -> dict:
                                 path=socket_path, warmup_s=0.5))
     return {"rps": r.throughput, "p50": r.percentile_ms(50), "p99": r.percentile_ms(99),
             "ok": r.requests, "failed": sum(r.errors.values())}
+
+
+def _blocking_client(socket_path: str, model: str, seconds: float, busy_poll_us: int) -> dict:
+    inputs = sample_inputs(model)
+    latencies = []
+    failed = 0
+    with Client(socket_path, busy_poll_us=busy_poll_us) as c:
+        start = time.perf_counter()
+        measure_from = start + 0.5
+        stop_at = measure_from + seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            try:
+                c.infer(model, inputs)
+            except Exception:
+                failed += t0 >= measure_from
+                continue
+            if t0 >= measure_from:
+                latencies.append(time.perf_counter() - t0)
+    ms = sorted(x * 1e3 for x in latencies)
+    return {"rps": len(ms) / seconds, "p50": statistics.median(ms),
+            "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))], "ok": len(ms),
+            "failed": failed}
 
 
 def main() -> int:
@@ -96,6 +127,8 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=1, help="cnn instances")
     ap.add_argument("--busy-poll-us", type=int, default=None,
                     help="the server's server.busy_poll_us (default: this host's profile's)")
+    ap.add_argument("--client-busy-poll-us", type=int, default=200,
+                    help="the blocking Client's busy_poll_us in the row that sets it")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (raw engine, then server); figures are medians")
     args = ap.parse_args()
@@ -135,7 +168,12 @@ def main() -> int:
         cnn = raw_session(files["cnn"], raw_threads)
         ident = raw_session(files["identity"], args.threads)
         ctx = multiprocessing.get_context("spawn")
-        points = [("cnn", 1), ("cnn", 16), ("cnn", 64), ("identity", 1), ("identity", 64)]
+        # (model, concurrency, client): AsyncClient on uvloop, or the blocking Client
+        # (busy_poll_us 0, or the flag's), what a one-request-at-a-time app would use.
+        poll_us = args.client_busy_poll_us
+        points = [("cnn", 1, "async"), ("cnn", 16, "async"), ("cnn", 64, "async"),
+                  ("identity", 1, "blocking"), ("identity", 1, f"blocking, poll {poll_us} us"),
+                  ("identity", 1, "async"), ("identity", 64, "async")]
         rounds: list[dict] = []
         try:
             with ctx.Pool(1) as pool:
@@ -149,15 +187,17 @@ def main() -> int:
                     raws = [raw_now()]
                     ident_us = [raw_latency_us(ident, "identity")]
                     row: dict = {}
-                    for model, c in points:
-                        row[(model, c)] = pool.apply(_client, ((
-                            str(server.socket_path), model, c, args.seconds, args.loop),))
+                    for point in points:
+                        model, c, client = point
+                        row[point] = pool.apply(_client, ((
+                            str(server.socket_path), model, c, args.seconds, args.loop,
+                            client.split(",")[0], poll_us if "poll" in client else 0),))
                         if model == "cnn":
                             raws.append(raw_now())
-                            row[(model, c)]["raw_beside"] = raws[-2:]
+                            row[point]["raw_beside"] = raws[-2:]
                         else:
                             ident_us.append(raw_latency_us(ident, "identity"))
-                            row[(model, c)]["raw_us"] = statistics.mean(ident_us[-2:])
+                            row[point]["raw_us"] = statistics.mean(ident_us[-2:])
                     row["raw"] = {b: statistics.median(r[b] for r in raws) for b in raws[0]}
                     row["raw_ident_us"] = statistics.median(ident_us)
                     rounds.append(row)
@@ -173,43 +213,45 @@ def main() -> int:
         print(f"raw onnxruntime cnn, {raw_threads} intra-op thread(s) (median img/s): " + ", ".join(
             f"b{b} {v:.0f}" for b, v in raw_by_batch.items()) + f"  (best: batch {best_b})")
         print(f"raw onnxruntime identity batch-1 run: p50 {raw_ident_us:.1f} us")
-        print(f"\nmodel     conc   req/s      p50 ms   p99 ms   vs raw (median of "
-              f"{len(rounds)} round{'s' if len(rounds) > 1 else ''})")
+        print(f"\nmodel     conc  client                  req/s    p50 ms   p99 ms   vs raw "
+              f"(median of {len(rounds)} round{'s' if len(rounds) > 1 else ''})")
         summary = {}
-        for model, c in points:
-            rps = med([r[(model, c)]["rps"] for r in rounds])
-            p50 = med([r[(model, c)]["p50"] for r in rounds])
-            p99 = med([r[(model, c)]["p99"] for r in rounds])
-            failed = sum(r[(model, c)]["failed"] for r in rounds)
+        for point in points:
+            model, c, client = point
+            rps = med([r[point]["rps"] for r in rounds])
+            p50 = med([r[point]["p50"] for r in rounds])
+            p99 = med([r[point]["p99"] for r in rounds])
+            failed = sum(r[point]["failed"] for r in rounds)
             extra = ""
             if model == "cnn":
                 # Against the best batch size's throughput measured right before and after
                 # the point. The best size is chosen once, from the medians of the whole
                 # run: the largest of six noisy sizes at each point would be the luckiest
                 # sample, a few percent above the engine's real best.
-                beside = [statistics.mean(raw[best_b] for raw in r[(model, c)]["raw_beside"])
+                beside = [statistics.mean(raw[best_b] for raw in r[point]["raw_beside"])
                           for r in rounds]
-                ratio = med([r[(model, c)]["rps"] / ref for r, ref in zip(rounds, beside)])
-                luckiest = med([r[(model, c)]["rps"] / statistics.mean(
-                    max(raw.values()) for raw in r[(model, c)]["raw_beside"])
+                ratio = med([r[point]["rps"] / ref for r, ref in zip(rounds, beside)])
+                luckiest = med([r[point]["rps"] / statistics.mean(
+                    max(raw.values()) for raw in r[point]["raw_beside"])
                     for r in rounds])
-                summary[(model, c)] = ratio
+                summary[point] = ratio
                 extra = (f"   {ratio:6.1%} of raw best (b{best_b} beside it: "
                          f"{med(beside):.0f} img/s; {luckiest:.1%} of the fastest size at "
                          f"each point)")
             elif c == 1:
-                over = med([r[(model, c)]["p50"] * 1e3 - r[(model, c)]["raw_us"]
-                            for r in rounds])
-                summary[(model, c)] = over
+                over = med([r[point]["p50"] * 1e3 - r[point]["raw_us"] for r in rounds])
+                summary[point] = over
                 extra = f"   round trip adds {over:.0f} us p50 over the raw call"
             else:
-                summary[(model, c)] = rps
-            print(f"{model:9} {c:<4} {rps:8.0f}  {p50:8.2f} {p99:8.2f}{extra}"
+                summary[point] = rps
+            print(f"{model:9} {c:<4}  {client:22} {rps:8.0f}  {p50:8.2f} {p99:8.2f}{extra}"
                   f"{f'  {failed} failed' if failed else ''}")
         print(f"\nserver exit code {code}")
-        print(f"targets: cnn c=64 >= 90% of raw best: {summary[('cnn', 64)]:.1%}; identity c=1 "
-              f"overhead <= 100 us: {summary[('identity', 1)]:.0f} us; identity c=64 >= "
-              f"20000 req/s: {summary[('identity', 64)]:.0f}")
+        print(f"targets: cnn c=64 >= 90% of raw best: {summary[points[2]]:.1%}; identity c=1 "
+              f"overhead <= 100 us: {summary[points[3]]:.0f} us (Client; "
+              f"{summary[points[4]]:.0f} us with busy_poll_us={poll_us}, "
+              f"{summary[points[5]]:.0f} us AsyncClient); identity c=64 >= 20000 req/s: "
+              f"{summary[points[6]]:.0f}")
     return 0
 
 
