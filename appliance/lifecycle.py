@@ -378,7 +378,8 @@ class LoadedVersion(ServedVersion):
         except OutpostError as exc:
             self.stats.request_failed(exc.code)
             raise
-        if (self._max_instances > self.batcher.instance_count and not self._scaling
+        if (self._max_instances > 1 and not self._scaling
+                and self._max_instances > self.batcher.instance_count
                 and self.batcher.queued_rows > max(self.max_batch_size, 1)):
             self._scaling = True
             asyncio.get_running_loop().create_task(self._scale_up())

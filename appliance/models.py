@@ -52,6 +52,10 @@ def _valid_version(version: object) -> int | None:
     return version
 
 
+# States in which a version in ``loaded`` no longer takes requests: routing loads it anew.
+_NOT_SERVING = frozenset((VersionState.UNLOADING, VersionState.UNLOADED))
+
+
 class ModelManager:
     def __init__(self, repo: Repository, engine: Engine, config: Config):
         self.repo = repo
@@ -140,8 +144,7 @@ class ModelManager:
         """The version's server-side object, starting its load if it is servable but not
         loaded (lazy loading, or unloaded to stay within the memory budget)."""
         lv = self.loaded.get((name, version))
-        if lv is not None and lv.state not in (VersionState.UNLOADING,
-                                               VersionState.UNLOADED):
+        if lv is not None and lv.state not in _NOT_SERVING:
             return lv
         record = self._servable(name, version)
         return self._start_load(record)
@@ -277,17 +280,23 @@ class ModelManager:
     def route(self, name: object, version: object, routing_key: object
               ) -> tuple[ServedVersion, ServedVersion | None]:
         """The version that answers a request, and the version that shadows it (or None)."""
-        name = _valid_name(name)
-        version = _valid_version(version)
+        if type(name) is not str:
+            name = _valid_name(name)  # raises, unless a str subclass
+        if version is not None:
+            version = _valid_version(version)
         if routing_key is not None and not isinstance(routing_key, str):
             raise InvalidArgument("'routing_key' must be a string")
-        if name not in self.active:
+        active = self.active.get(name)
+        if active is None:
+            _valid_name(name)  # an empty name gets its own error
             raise NotFound(f"model '{name}' is not served here; the 'models' op lists what is")
         policy = self.traffic.get(name)
         if version is None:
-            version = (pick(policy, routing_key, self._rng) if policy else None) \
-                or self.active[name]
-        lv = self.lookup(name, version)
+            version = active if policy is None else (
+                pick(policy, routing_key, self._rng) or active)
+        lv = self.loaded.get((name, version))
+        if lv is None or lv.state in _NOT_SERVING:
+            lv = self.lookup(name, version)
         counts = self.routed.setdefault(name, {})
         counts[version] = counts.get(version, 0) + 1
         shadow = None

@@ -129,27 +129,30 @@ class BufferedFrameReader:
                 body, self._big = self._big, None
                 on_body(body, True)
             return
-        self._end += nbytes
+        end = self._end = self._end + nbytes
         buf = self._buf
         view = memoryview(buf)  # never resized, so views handed out stay valid
-        while self._end - self._start >= 4:
-            start = self._start
+        limit = self.max_frame_bytes
+        start = self._start
+        while end - start >= 4:
             (n,) = HEADER.unpack_from(buf, start)
-            check_frame_length(n, self.max_frame_bytes)
-            have = self._end - start - 4
-            if have >= n:
-                self._start = start + 4 + n
-                on_body(view[start + 4:start + 4 + n], False)
+            if n == 0 or n > limit:
+                check_frame_length(n, limit)
+            body = start + 4
+            if end - body >= n:
+                start = self._start = body + n  # first: on_body may raise FrameError
+                on_body(view[body:start], False)
                 continue
             if 4 + n > len(buf):  # too big for the small buffer: a buffer of its own
                 # Not zero-filled (the kernel fills it): a bytearray's memset was 4% of
                 # the loop's time on 600 KB requests.
                 big = memoryview(np.empty(n, np.uint8)).cast("B")
-                big[:have] = view[start + 4:self._end]
-                self._big, self._big_fill = big, have
+                big[:end - body] = view[body:end]
+                self._big, self._big_fill = big, end - body
                 self._start = self._end = 0
+                return
             break
-        if self._start == self._end:
+        if start == end:
             self._start = self._end = 0
 
 
