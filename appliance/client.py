@@ -38,15 +38,17 @@ from appliance.protocol import (
 SOCKET_BUFFER_BYTES = 4 << 20
 
 
-def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+def _kernel_timeouts(sock: socket.socket, timeout_s: float | None) -> None:
     """Leave the timeout to the kernel (SO_RCVTIMEO, SO_SNDTIMEO): with a Python socket
     timeout, every send and receive is a poll() and then the call, and a non-blocking
-    receive (busy polling) would wait in that poll."""
+    receive (busy polling) would wait in that poll. None: no timeout."""
+    sock.settimeout(None)
+    if timeout_s is None:
+        return
     seconds = int(timeout_s)
     timeval = struct.pack("@ll", seconds, int((timeout_s - seconds) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    sock.settimeout(None)
 
 
 def _widen(sock: socket.socket) -> None:
@@ -111,7 +113,7 @@ class Client:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, tcp: str | None = None,
-                 token: str | None = None, timeout_s: float = 30.0,
+                 token: str | None = None, timeout_s: float | None = 30.0,
                  busy_poll_us: int = 0):
         if busy_poll_us < 0:
             raise InvalidArgument(f"busy_poll_us is {busy_poll_us}; use 0 (off) or more")
