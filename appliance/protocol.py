@@ -28,7 +28,9 @@ _NATIVE_LITTLE = np.little_endian
 # dtype -> wire name. ``dtype.name`` costs microseconds; a dict lookup costs nanoseconds.
 NAME_OF_DTYPE = {np.dtype(name): name for name in DTYPES}
 DTYPE_OF_NAME = {name: np.dtype(name) for name in DTYPES}
-_INLINE_BYTES = 1 << 16  # smaller tensors are copied out; larger ones go as a view
+# A bin this large travels as a view of its buffer, both ways: encoded from the array's
+# own bytes and written as a part of its own; decoded from a frame as a view of it.
+_BIG_BIN = 1 << 16
 # What the wire's little-endian bytes are read as: native dtypes on little-endian hosts.
 _READ_DTYPES = DTYPE_OF_NAME if _NATIVE_LITTLE else DTYPES
 
@@ -174,7 +176,6 @@ def encode_frame(message: dict) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-_BIG_BIN = 1 << 16  # a bin this large travels as a view of its buffer, both ways
 _BIN32 = struct.Struct(">BI")
 
 
@@ -371,7 +372,7 @@ def encode_tensor(array: np.ndarray) -> dict:
         array = array.astype(DTYPES[name])
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    if array.nbytes <= _INLINE_BYTES:
+    if array.nbytes < _BIG_BIN:
         data = array.tobytes()
     else:  # a view of the array's own bytes: msgpack copies them into the frame once
         data = memoryview(array.reshape(-1)).cast("B")

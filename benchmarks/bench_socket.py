@@ -129,7 +129,7 @@ def main() -> int:
                     help="the server's server.busy_poll_us (default: this host's profile's)")
     ap.add_argument("--client-busy-poll-us", type=int, default=200,
                     help="the blocking Client's busy_poll_us in the row that sets it")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=int, default=5,
                     help="rounds of (raw engine, then server); figures are medians")
     args = ap.parse_args()
 

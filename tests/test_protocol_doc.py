@@ -264,3 +264,22 @@ def test_borrowing_decode_refuses_bad_bytes_exactly_as_msgpack_does():
             assert str(info.value) == str(exc)
         else:
             assert decode_body(memoryview(bad), borrow=True) == expected
+
+
+def test_tensors_at_the_big_bin_threshold_frame_alike_both_ways():
+    """Under 64 KiB a tensor is copied into the frame; from 64 KiB it travels as a view
+    (a part of its own) and is decoded as a view of its frame: the bytes are the same."""
+    from appliance.protocol import _BIG_BIN, encode_frame_parts, has_big_tensor
+
+    for nbytes in (_BIG_BIN - 4, _BIG_BIN, _BIG_BIN + 4):
+        arr = np.arange(nbytes // 4, dtype=np.float32)
+        msg = {"id": 1, "ok": True, "outputs": {"y": encode_tensor(arr)}}
+        big = has_big_tensor(msg["outputs"])
+        assert big == (nbytes >= _BIG_BIN)
+        frame = encode_frame(msg)
+        assert b"".join(bytes(p) for p in encode_frame_parts(msg)) == frame
+        body = np.frombuffer(frame[4:], np.uint8).copy()  # a frame buffer of its own
+        data = decode_body(memoryview(body), borrow=True)["outputs"]["y"]["data"]
+        assert isinstance(data, memoryview) == big
+        np.testing.assert_array_equal(decode_tensor(
+            {"dtype": "float32", "shape": [nbytes // 4], "data": data}, "y"), arr)
