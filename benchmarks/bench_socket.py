@@ -66,14 +66,15 @@ def raw_latency_us(sess, model: str, count: int = 3000) -> float:
 
 
 def _client(args) -> dict:
-    """Runs in a separate process: the closed-loop load over the socket. ``client``:
-    "async" (AsyncClient, ``concurrency`` in flight), or "blocking" (Client, one at a
-    time) with ``busy_poll_us``."""
+    """Runs in a separate process: the closed-loop load over the socket. ``client`` (an
+    optional sixth field, with ``busy_poll_us`` the seventh): "async" (AsyncClient,
+    ``concurrency`` in flight, the default), or "blocking" (Client, one at a time)."""
     import asyncio
 
     from appliance.workload import closed_loop
 
-    socket_path, model, concurrency, seconds, loop_kind, client, busy_poll_us = args
+    socket_path, model, concurrency, seconds, loop_kind, *how = args
+    client, busy_poll_us = how or ("async", 0)
     if client == "blocking":
         return _blocking_client(socket_path, model, seconds, busy_poll_us)
     if loop_kind != "asyncio":
