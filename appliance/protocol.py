@@ -100,10 +100,11 @@ class BufferedFrameReader:
 
     SMALL = 256 << 10
 
-    __slots__ = ("_buf", "_start", "_end", "_big", "_big_fill", "max_frame_bytes")
+    __slots__ = ("_buf", "_view", "_start", "_end", "_big", "_big_fill", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self._buf = bytearray(self.SMALL)
+        self._view = memoryview(self._buf)  # never resized, so views handed out stay valid
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of the bytes received in _buf
         self._big: memoryview | None = None
@@ -117,7 +118,7 @@ class BufferedFrameReader:
             pending = self._end - self._start
             self._buf[:pending] = self._buf[self._start:self._end]
             self._start, self._end = 0, pending
-        return memoryview(self._buf)[self._end:]
+        return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int, on_body) -> None:
         """Account for ``nbytes`` received; call ``on_body(body, owned)`` for each whole
@@ -133,7 +134,7 @@ class BufferedFrameReader:
             return
         end = self._end = self._end + nbytes
         buf = self._buf
-        view = memoryview(buf)  # never resized, so views handed out stay valid
+        view = self._view
         limit = self.max_frame_bytes
         start = self._start
         while end - start >= 4:
