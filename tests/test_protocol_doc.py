@@ -283,3 +283,16 @@ def test_tensors_at_the_big_bin_threshold_frame_alike_both_ways():
         assert isinstance(data, memoryview) == big
         np.testing.assert_array_equal(decode_tensor(
             {"dtype": "float32", "shape": [nbytes // 4], "data": data}, "y"), arr)
+
+
+def test_decode_body_takes_str_keys_and_values_and_refuses_other_keys():
+    """What decode_body relies on msgpack's defaults for (raw=False, strict_map_key)."""
+    import msgpack
+    import pytest
+
+    from appliance.protocol import FrameError
+
+    msg = decode_body(msgpack.packb({"op": "health", "id": 3}))
+    assert msg == {"op": "health", "id": 3} and type(msg["op"]) is str
+    with pytest.raises(FrameError):  # strict_map_key: str (or bytes) keys only
+        decode_body(msgpack.packb({1: 2}))
