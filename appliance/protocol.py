@@ -373,11 +373,11 @@ def encode_tensor(array: np.ndarray) -> dict:
         array = array.astype(native)
     if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts
         array = array.astype(DTYPES[name])
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
     if array.nbytes < _BIG_BIN:
-        data = array.tobytes()
+        data = array.tobytes()  # C order, whatever the array's layout
     else:  # a view of the array's own bytes: msgpack copies them into the frame once
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
         data = memoryview(array.reshape(-1)).cast("B")
     return {"dtype": name, "shape": list(array.shape), "data": data}
 

@@ -52,6 +52,10 @@ def test_tensors_roundtrip_every_dtype_and_layout():
     assert isinstance(encode_tensor(big)["data"], memoryview)
     np.testing.assert_array_equal(decode_tensor(
         {**encode_tensor(big), "data": bytes(encode_tensor(big)["data"])}, "t"), big)
+    for view in (big.reshape(256, 256).T, big[::2]):  # large and not C-contiguous
+        t = encode_tensor(view)
+        np.testing.assert_array_equal(decode_tensor({**t, "data": bytes(t["data"])}, "t"),
+                                      view)
 
 
 def test_frame_reader_reassembles_frames_split_anywhere():
