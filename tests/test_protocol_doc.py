@@ -300,3 +300,54 @@ def test_decode_body_takes_str_keys_and_values_and_refuses_other_keys():
     assert msg == {"op": "health", "id": 3} and type(msg["op"]) is str
     with pytest.raises(FrameError):  # strict_map_key: str (or bytes) keys only
         decode_body(msgpack.packb({1: 2}))
+
+
+def test_a_large_tensor_is_placed_aligned_in_its_frame_buffer_and_never_copied():
+    """Whatever precedes it in the frame, the first large tensor's data lands on a 64-byte
+    boundary of the frame's own buffer, and is decoded there without a copy."""
+    from appliance.protocol import BufferedFrameReader, _big_bin_offset
+
+    image = np.arange(3 * 224 * 224, dtype=np.float32).reshape(1, 3, 224, 224)
+    for pad in range(8):
+        msg = {"model": "m" * pad, "inputs": {"image": encode_tensor(image),
+                                              "small": encode_tensor(image[0, 0, 0])},
+               "op": "infer", "id": pad}
+        frame = encode_frame(msg)
+        offset = _big_bin_offset(memoryview(frame)[4:200])
+        assert frame[4 + offset - 5] == 0xC6  # right after the bin32 header
+        assert _big_bin_offset(memoryview(frame)[4:4 + offset - 1]) is None  # cut short
+        for chunk in (4096, 1 << 20):
+            bodies: list = []
+            reader = BufferedFrameReader()
+            pos = 0
+            while pos < len(frame):
+                buf = reader.get_buffer(chunk)
+                n = min(chunk, len(buf), len(frame) - pos)
+                buf[:n] = frame[pos:pos + n]
+                reader.buffer_updated(n, lambda body, owned, into=bodies:
+                                      into.append((body, owned)))
+                pos += n
+            (body, owned), = bodies
+            assert owned
+            x = decode_tensor(decode_body(body, borrow=True)["inputs"]["image"], "image")
+            np.testing.assert_array_equal(x, image)
+            assert x.__array_interface__["data"][0] % 64 == 0
+            assert np.shares_memory(x, np.frombuffer(body, np.uint8))  # not a copy
+
+
+def test_big_bin_offset_skips_every_plain_type_and_stops_at_others():
+    import msgpack
+
+    from appliance.protocol import _big_bin_offset
+
+    head = {"n": None, "t": True, "f": False, "i": [0, -1, -33, 200, 70000, 1 << 40, -(1 << 40)],
+            "x": [1.5, 2.25], "s": "s" * 40, "u": "u" * 300, "b": b"b" * 300,
+            "m": {str(k): k for k in range(20)}, "a": list(range(20))}
+    for single in (False, True):
+        packed = msgpack.packb({**head, "data": b"\x00" * 70_000}, use_bin_type=True,
+                               use_single_float=single)
+        offset = _big_bin_offset(memoryview(packed))
+        assert packed[offset - 5] == 0xC6 and len(packed) - offset == 70_000
+    ext = msgpack.packb({"e": msgpack.ExtType(1, b"ab"), "data": b"\x00" * 70_000})
+    assert _big_bin_offset(memoryview(ext)) is None
+    assert _big_bin_offset(memoryview(msgpack.packb({"small": b"x" * 100}))) is None
