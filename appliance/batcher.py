@@ -427,13 +427,9 @@ class DynamicBatcher:
                 if not busy:
                     for q in self._queues:
                         if q:
-                            r = q.popleft()
+                            batch = [q.popleft()]
                             break
-                    r.state = RUNNING
-                    r.started = time.monotonic()
-                    self._queued = self._queued_rows = 0
-                    self._running += 1
-                    self._dispatch(instance, [r])
+                    self._dispatch(instance, self._start_running(batch, batch[0].rows))
                     return
         while self._queued:
             instance = self._pick()
@@ -477,12 +473,16 @@ class DynamicBatcher:
         if not batch:  # head alone is bigger than `rows` asked for: send it by itself
             self._queues[head.priority].remove(head)
             batch, total = [head], head.rows
+        return self._start_running(batch, total)
+
+    def _start_running(self, batch: list[InferRequest], rows: int) -> list[InferRequest]:
+        """Count ``batch`` (taken out of the deques, ``rows`` rows) as running."""
         now = time.monotonic()
         for r in batch:
             r.state = RUNNING
             r.started = now
         self._queued -= len(batch)
-        self._queued_rows -= total
+        self._queued_rows -= rows
         self._running += len(batch)
         return batch
 

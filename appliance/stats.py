@@ -19,6 +19,23 @@ DURATION_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 FOLD_AT = 512  # durations kept as they come, then folded into the figures together
 
 
+class _Folded:
+    """A figure of ``VersionStats`` read with every pending duration folded in: item
+    ``index`` (request, queue, compute) of its ``_sums`` or ``_hists``."""
+
+    __slots__ = ("field", "index")
+
+    def __init__(self, field: str, index: int):
+        self.field = field
+        self.index = index
+
+    def __get__(self, stats: VersionStats | None, owner=None):
+        if stats is None:  # looked up on the class
+            return self
+        stats._fold()
+        return getattr(stats, self.field)[self.index]
+
+
 class VersionStats:
     __slots__ = (
         "request_failure", "failures_by_code", "inference_count", "execution_count",
@@ -72,35 +89,12 @@ class VersionStats:
     def request_success(self) -> int:
         return self._success + len(self._pending)
 
-    @property
-    def request_s_total(self) -> float:
-        self._fold()
-        return self._sums[0]
-
-    @property
-    def queue_s_total(self) -> float:
-        self._fold()
-        return self._sums[1]
-
-    @property
-    def compute_s_total(self) -> float:
-        self._fold()
-        return self._sums[2]
-
-    @property
-    def request_hist(self) -> list[int]:
-        self._fold()
-        return self._hists[0]
-
-    @property
-    def queue_hist(self) -> list[int]:
-        self._fold()
-        return self._hists[1]
-
-    @property
-    def compute_hist(self) -> list[int]:
-        self._fold()
-        return self._hists[2]
+    request_s_total = _Folded("_sums", 0)
+    queue_s_total = _Folded("_sums", 1)
+    compute_s_total = _Folded("_sums", 2)
+    request_hist = _Folded("_hists", 0)
+    queue_hist = _Folded("_hists", 1)
+    compute_hist = _Folded("_hists", 2)
 
     def request_failed(self, code: str) -> None:
         self.request_failure += 1

@@ -28,9 +28,10 @@ from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
 from benchmarks.bench_socket import (  # noqa: E402
     _client,
+    best_batch,
+    raw_by_batch,
     raw_latency_us,
     raw_session,
-    raw_throughput,
 )
 
 
@@ -87,8 +88,7 @@ def main() -> int:
             rounds = []
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 for i in range(args.rounds):
-                    row = {"raw": {b: raw_throughput(cnn, "cnn", b, args.seconds / 4)
-                                   for b in (1, 2, 4, 8, 16, 32)},
+                    row = {"raw": raw_by_batch(cnn, "cnn", args.seconds / 4),
                            "raw_us": raw_latency_us(ident, "identity")}
                     for name, server in servers.items():
                         for model, c in points:
@@ -102,10 +102,7 @@ def main() -> int:
                 server.stop()
 
     med = statistics.median
-    # The raw engine's best batch size, chosen once from the medians of all rounds: the
-    # fastest of six noisy sizes in each round would be that round's luckiest sample.
-    by_size = {b: med(r["raw"][b] for r in rounds) for b in rounds[0]["raw"]}
-    best_b = max(by_size, key=by_size.get)
+    best_b, by_size = best_batch([r["raw"] for r in rounds])
     raw_us = med(r["raw_us"] for r in rounds)
     print(f"\nmedians of {len(rounds)} rounds (raw cnn best: batch {best_b}, "
           f"{by_size[best_b]:.0f} img/s; raw identity call {raw_us:.1f} us)")

@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 from appliance.client import Client  # noqa: E402
 from appliance.config import load_config  # noqa: E402
 from appliance.demo import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
+from appliance.errors import OutpostError  # noqa: E402
 from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
+from appliance.workload import LoadResult  # noqa: E402
 
 
 def raw_session(path: Path, threads: int):
@@ -55,6 +57,22 @@ def raw_throughput(sess, model: str, batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+RAW_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def raw_by_batch(sess, model: str, seconds: float) -> dict[int, float]:
+    """Rows per second of the raw session at each of ``RAW_BATCHES``, ``seconds`` each."""
+    return {b: raw_throughput(sess, model, b, seconds) for b in RAW_BATCHES}
+
+
+def best_batch(raws: list[dict[int, float]]) -> tuple[int, dict[int, float]]:
+    """The raw engine's best batch size, chosen once from the medians of ``raws`` (one
+    ``raw_by_batch`` each), and those medians: the fastest of six noisy sizes in each
+    measurement would be its luckiest sample."""
+    medians = {b: statistics.median(r[b] for r in raws) for b in raws[0]}
+    return max(medians, key=medians.get), medians
+
+
 def raw_latency_us(sess, model: str, count: int = 3000) -> float:
     feeds = sample_inputs(model, batch=1)
     times = []
@@ -76,27 +94,28 @@ def _client(args) -> dict:
     socket_path, model, concurrency, seconds, loop_kind, *how = args
     client, busy_poll_us = how or ("async", 0)
     if client == "blocking":
-        return _blocking_client(socket_path, model, seconds, busy_poll_us)
-    if loop_kind != "asyncio":
-        try:
-            import uvloop
+        r = _blocking_client(socket_path, model, seconds, busy_poll_us)
+    else:
+        if loop_kind != "asyncio":
+            try:
+                import uvloop
 
-            uvloop.install()
-        except ImportError:
-            pass
-    r = asyncio.run(closed_loop(model, sample_inputs(model), concurrency, seconds,
-                                path=socket_path, warmup_s=0.5))
+                uvloop.install()
+            except ImportError:
+                pass
+        r = asyncio.run(closed_loop(model, sample_inputs(model), concurrency, seconds,
+                                    path=socket_path, warmup_s=0.5))
     return {"rps": r.throughput, "p50": r.percentile_ms(50), "p99": r.percentile_ms(99),
             "ok": r.requests, "failed": sum(r.errors.values())}
 
 
-def _blocking_client(socket_path: str, model: str, seconds: float, busy_poll_us: int) -> dict:
+def _blocking_client(socket_path: str, model: str, seconds: float,
+                     busy_poll_us: int) -> LoadResult:
+    """``closed_loop`` at concurrency 1 with the blocking Client: one request at a time."""
     inputs = sample_inputs(model)
-    latencies = []
-    failed = 0
+    result = LoadResult(model, 1)
     with Client(socket_path, busy_poll_us=busy_poll_us) as c:
-        start = time.perf_counter()
-        measure_from = start + 0.5
+        measure_from = time.perf_counter() + 0.5
         stop_at = measure_from + seconds
         while True:
             t0 = time.perf_counter()
@@ -104,15 +123,15 @@ def _blocking_client(socket_path: str, model: str, seconds: float, busy_poll_us:
                 break
             try:
                 c.infer(model, inputs)
-            except Exception:
-                failed += t0 >= measure_from
+            except OutpostError as exc:
+                if t0 >= measure_from:
+                    result.errors[exc.code] = result.errors.get(exc.code, 0) + 1
                 continue
             if t0 >= measure_from:
-                latencies.append(time.perf_counter() - t0)
-    ms = sorted(x * 1e3 for x in latencies)
-    return {"rps": len(ms) / seconds, "p50": statistics.median(ms),
-            "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))], "ok": len(ms),
-            "failed": failed}
+                result.requests += 1
+                result.latencies_s.append(time.perf_counter() - t0)
+        result.elapsed_s = max(1e-9, time.perf_counter() - measure_from)
+    return result
 
 
 def main() -> int:
@@ -181,8 +200,7 @@ def main() -> int:
                 # Rounds interleave the raw engine and the server, so drift in this shared
                 # machine's speed falls on both alike; figures are medians over rounds.
                 def raw_now() -> dict:
-                    return {b: raw_throughput(cnn, "cnn", b, args.seconds / 4)
-                            for b in (1, 2, 4, 8, 16, 32)}
+                    return raw_by_batch(cnn, "cnn", args.seconds / 4)
 
                 for _ in range(args.repeats):
                     raws = [raw_now()]
@@ -208,11 +226,10 @@ def main() -> int:
         def med(values):
             return statistics.median(values)
 
-        raw_by_batch = {b: med([r["raw"][b] for r in rounds]) for b in rounds[0]["raw"]}
-        best_b = max(raw_by_batch, key=raw_by_batch.get)
+        best_b, raw_medians = best_batch([r["raw"] for r in rounds])
         raw_ident_us = med([r["raw_ident_us"] for r in rounds])
         print(f"raw onnxruntime cnn, {raw_threads} intra-op thread(s) (median img/s): " + ", ".join(
-            f"b{b} {v:.0f}" for b, v in raw_by_batch.items()) + f"  (best: batch {best_b})")
+            f"b{b} {v:.0f}" for b, v in raw_medians.items()) + f"  (best: batch {best_b})")
         print(f"raw onnxruntime identity batch-1 run: p50 {raw_ident_us:.1f} us")
         print(f"\nmodel     conc  client                  req/s    p50 ms   p99 ms   vs raw "
               f"(median of {len(rounds)} round{'s' if len(rounds) > 1 else ''})")
