@@ -130,7 +130,7 @@ def _blocking_client(socket_path: str, model: str, seconds: float,
             if t0 >= measure_from:
                 result.requests += 1
                 result.latencies_s.append(time.perf_counter() - t0)
-        result.elapsed_s = max(1e-9, time.perf_counter() - measure_from)
+        result.elapsed_s = max(1e-9, min(time.perf_counter(), stop_at) - measure_from)
     return result
 
 

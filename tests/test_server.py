@@ -115,6 +115,27 @@ def test_batching_forms_batches_under_concurrency(module_server):
     assert rows / runs > 2, (rows, runs)  # 16 in flight on one instance: real batches
 
 
+def test_closed_loop_throughput_is_over_the_window_requests_started_in(module_server):
+    """Requests are counted by start, so the drain of the 64 still in flight when the
+    window ends (about a quarter of a second of CNN runs here) is not time of the window."""
+    from appliance.workload import closed_loop
+
+    with Client(module_server.socket_path) as c:
+        before = c.stats("cnn")["models"][0]["inference_count"]
+    t0 = time.monotonic()
+    # The warm-up lets the first 64 (all started at once) pass: counted by start, they
+    # would be a burst on top of the steady rate.
+    r = asyncio.run(closed_loop("cnn", sample_inputs("cnn"), 64, 1.0,
+                                path=module_server.socket_path, warmup_s=0.5))
+    wall = time.monotonic() - t0
+    with Client(module_server.socket_path) as c:
+        served = c.stats("cnn")["models"][0]["inference_count"] - before
+    assert r.requests > 0 and not r.errors
+    assert r.elapsed_s <= 1.0 + 1e-6  # not the window plus the drain
+    # Against what the server itself ran over the whole call, drain included.
+    assert r.throughput == pytest.approx(served / wall, rel=0.25)
+
+
 def test_the_frames_of_one_read_run_as_one_batch(module_server):
     """A quick model (run on the loop itself) still batches: what one read brings."""
     x = sample_inputs("identity")["x"]
