@@ -254,8 +254,8 @@ class DynamicBatcher:
         self._drained: asyncio.Event | None = None
         self._timed = 0  # batches timed so far
         self._last_compute_s = 0.0  # engine time of the batch being answered
-        self._compute_ewma_s = 1.0  # moving average of a batch's engine time (slow
-        # until measured)
+        self._compute_ewma_s = 1.0  # moving average of a batch's engine time (until the
+        # first run: slow, so nothing runs on the loop unmeasured)
 
     # -- the scheduler's contract -----------------------------------------------------
 
@@ -423,14 +423,14 @@ class DynamicBatcher:
             # One request, nothing expired in the deques with it (the usual case at low
             # load): it goes alone, at once, to an idle instance, as decide and _take
             # would conclude at three times the cost.
-            for instance, busy in self._load.items():
-                if not busy:
-                    for q in self._queues:
-                        if q:
-                            batch = [q.popleft()]
-                            break
-                    self._dispatch(instance, self._start_running(batch, batch[0].rows))
-                    return
+            instance = self._pick()
+            if instance is not None and not self._load[instance]:
+                for q in self._queues:  # the one queued: nothing dead to skip
+                    if q:
+                        batch = [q.popleft()]
+                        break
+                self._dispatch(instance, self._start_running(batch, batch[0].rows))
+                return
         while self._queued:
             instance = self._pick()
             if instance is None:
