@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from appliance.client import AsyncClient
+from appliance.client import AsyncClient, Client
 from appliance.errors import OutpostError
 
 
@@ -39,6 +39,38 @@ class LoadResult:
                 f"({self.requests} ok, {errs} failed)")
 
 
+CLOCK = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
+
+
+class _Window:
+    """When a run measures, and how it counts: requests by the time they started, from
+    the end of the warm-up to the end of the run, and the throughput over that window.
+    Up to the last answer instead, the drain of the requests still in flight at its end
+    would count too: a latency, about 250 ms for the demo CNN at c=64, which put a 3 s
+    run's throughput some 7% low."""
+
+    __slots__ = ("result", "measure_from", "stop_at")
+
+    def __init__(self, result: LoadResult, duration_s: float, warmup_s: float):
+        self.result = result
+        self.measure_from = CLOCK() + warmup_s
+        self.stop_at = self.measure_from + duration_s
+
+    def answered(self, t0: float, t1: float) -> None:
+        if t0 >= self.measure_from:
+            self.result.requests += 1
+            self.result.latencies_s.append(t1 - t0)
+
+    def failed(self, t0: float, code: str) -> None:
+        if t0 >= self.measure_from:
+            errors = self.result.errors
+            errors[code] = errors.get(code, 0) + 1
+
+    def close(self) -> LoadResult:
+        self.result.elapsed_s = max(1e-9, min(CLOCK(), self.stop_at) - self.measure_from)
+        return self.result
+
+
 async def closed_loop(model: str, inputs: dict[str, np.ndarray], concurrency: int,
                       duration_s: float, *, path=None, tcp=None, token=None,
                       connections: int | None = None, warmup_s: float = 0.2) -> LoadResult:
@@ -46,39 +78,45 @@ async def closed_loop(model: str, inputs: dict[str, np.ndarray], concurrency: in
     connections = connections or min(concurrency, 8)
     clients = [await AsyncClient.connect(path, tcp=tcp, token=token)
                for _ in range(connections)]
-    result = LoadResult(model, concurrency)
-    clock = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
-    start = clock()
-    measure_from = start + warmup_s
-    stop_at = measure_from + duration_s
+    window = _Window(LoadResult(model, concurrency), duration_s, warmup_s)
 
     async def worker(client: AsyncClient) -> None:
         while True:
-            t0 = clock()
-            if t0 >= stop_at:
+            t0 = CLOCK()
+            if t0 >= window.stop_at:
                 return
             try:
                 await client.infer(model, inputs)
             except OutpostError as exc:
-                if t0 >= measure_from:
-                    result.errors[exc.code] = result.errors.get(exc.code, 0) + 1
+                window.failed(t0, exc.code)
                 continue
-            t1 = clock()
-            if t0 >= measure_from:
-                result.requests += 1
-                result.latencies_s.append(t1 - t0)
+            window.answered(t0, CLOCK())
 
     try:
         await asyncio.gather(*(worker(clients[i % connections]) for i in range(concurrency)))
     finally:
         for c in clients:
             await c.close()
-        # Requests are counted by when they started, so the throughput is over the window
-        # they started in. Up to the last answer instead, the drain of the requests still
-        # in flight at its end was counted too: a latency, about 250 ms for the demo CNN
-        # at c=64, which put a 3 s run's throughput some 7% low.
-        result.elapsed_s = max(1e-9, min(clock(), stop_at) - measure_from)
-    return result
+    return window.close()
+
+
+def blocking_loop(model: str, inputs: dict[str, np.ndarray], duration_s: float, *,
+                  path=None, busy_poll_us: int = 0, warmup_s: float = 0.2) -> LoadResult:
+    """``closed_loop`` at concurrency 1 with the blocking ``Client``: what an app sending
+    one request at a time sees, without an event loop's wake-ups."""
+    with Client(path, busy_poll_us=busy_poll_us) as client:
+        window = _Window(LoadResult(model, 1), duration_s, warmup_s)
+        while True:
+            t0 = CLOCK()
+            if t0 >= window.stop_at:
+                break
+            try:
+                client.infer(model, inputs)
+            except OutpostError as exc:
+                window.failed(t0, exc.code)
+                continue
+            window.answered(t0, CLOCK())
+    return window.close()
 
 
 def run_closed_loop(*args, **kwargs) -> LoadResult:

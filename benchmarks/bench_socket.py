@@ -36,10 +36,8 @@ sys.path.insert(0, str(ROOT))
 from appliance.client import Client  # noqa: E402
 from appliance.config import load_config  # noqa: E402
 from appliance.demo import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
-from appliance.errors import OutpostError  # noqa: E402
 from appliance.launcher import ServerProcess  # noqa: E402
 from appliance.repository import Repository  # noqa: E402
-from appliance.workload import LoadResult  # noqa: E402
 
 
 def raw_session(path: Path, threads: int):
@@ -95,12 +93,13 @@ def _client(args) -> dict:
     ``concurrency`` in flight, the default), or "blocking" (Client, one at a time)."""
     import asyncio
 
-    from appliance.workload import closed_loop
+    from appliance.workload import blocking_loop, closed_loop
 
     socket_path, model, concurrency, seconds, loop_kind, *how = args
     client, busy_poll_us = how or ("async", 0)
     if client == "blocking":
-        r = _blocking_client(socket_path, model, seconds, busy_poll_us)
+        r = blocking_loop(model, sample_inputs(model), seconds, path=socket_path,
+                          busy_poll_us=busy_poll_us, warmup_s=0.5)
     else:
         if loop_kind != "asyncio":
             try:
@@ -113,31 +112,6 @@ def _client(args) -> dict:
                                     path=socket_path, warmup_s=0.5))
     return {"rps": r.throughput, "p50": r.percentile_ms(50), "p99": r.percentile_ms(99),
             "ok": r.requests, "failed": sum(r.errors.values())}
-
-
-def _blocking_client(socket_path: str, model: str, seconds: float,
-                     busy_poll_us: int) -> LoadResult:
-    """``closed_loop`` at concurrency 1 with the blocking Client: one request at a time."""
-    inputs = sample_inputs(model)
-    result = LoadResult(model, 1)
-    with Client(socket_path, busy_poll_us=busy_poll_us) as c:
-        measure_from = time.perf_counter() + 0.5
-        stop_at = measure_from + seconds
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                break
-            try:
-                c.infer(model, inputs)
-            except OutpostError as exc:
-                if t0 >= measure_from:
-                    result.errors[exc.code] = result.errors.get(exc.code, 0) + 1
-                continue
-            if t0 >= measure_from:
-                result.requests += 1
-                result.latencies_s.append(time.perf_counter() - t0)
-        result.elapsed_s = max(1e-9, min(time.perf_counter(), stop_at) - measure_from)
-    return result
 
 
 def main() -> int:
@@ -194,17 +168,15 @@ def main() -> int:
         cnn = raw_session(files["cnn"], raw_threads)
         ident = raw_session(files["identity"], args.threads)
         ctx = multiprocessing.get_context("spawn")
-        # (model, concurrency, client): AsyncClient on uvloop, or the blocking Client
-        # (busy_poll_us 0, or the flag's), what a one-request-at-a-time app would use.
+        # (model, concurrency, client, its busy_poll_us): AsyncClient on uvloop, or the
+        # blocking Client, what a one-request-at-a-time app would use.
         poll_us = args.client_busy_poll_us
-        points = [("cnn", 1, "async"), ("cnn", 16, "async"), ("cnn", 64, "async"),
-                  ("identity", 1, "blocking"), ("identity", 1, f"blocking, poll {poll_us} us"),
-                  ("identity", 1, "async"), ("identity", 64, "async")]
+        points = [("cnn", 1, "async", 0), ("cnn", 16, "async", 0), ("cnn", 64, "async", 0),
+                  ("identity", 1, "blocking", 0), ("identity", 1, "blocking", poll_us),
+                  ("identity", 1, "async", 0), ("identity", 64, "async", 0)]
         rounds: list[dict] = []
         try:
             with ctx.Pool(1) as pool:
-                # Rounds interleave the raw engine and the server, so drift in this shared
-                # machine's speed falls on both alike; figures are medians over rounds.
                 calibration = [raw_by_batch(cnn, "cnn", args.seconds / 2) for _ in range(2)]
                 _, calibrated = best_batch(calibration)
                 candidates = sorted(calibrated, key=calibrated.get, reverse=True)[:2]
@@ -212,15 +184,17 @@ def main() -> int:
                 def raw_now() -> dict:
                     return {b: raw_throughput(cnn, "cnn", b, args.seconds) for b in candidates}
 
+                # Rounds interleave the raw engine and the server, so drift in this shared
+                # machine's speed falls on both alike; figures are medians over rounds.
                 for _ in range(args.repeats):
                     raws = [raw_now()]
                     ident_us = [raw_latency_us(ident, "identity")]
                     row: dict = {}
                     for point in points:
-                        model, c, client = point
+                        model, c, client, busy_poll_us = point
                         row[point] = pool.apply(_client, ((
                             str(server.socket_path), model, c, args.seconds, args.loop,
-                            client.split(",")[0], poll_us if "poll" in client else 0),))
+                            client, busy_poll_us),))
                         if model == "cnn":
                             raws.append(raw_now())
                             row[point]["raw_beside"] = raws[-2:]
@@ -248,7 +222,8 @@ def main() -> int:
               f"(median of {len(rounds)} round{'s' if len(rounds) > 1 else ''})")
         summary = {}
         for point in points:
-            model, c, client = point
+            model, c, client, busy_poll_us = point
+            label = f"{client}, poll {busy_poll_us} us" if busy_poll_us else client
             rps = med([r[point]["rps"] for r in rounds])
             p50 = med([r[point]["p50"] for r in rounds])
             p99 = med([r[point]["p99"] for r in rounds])
@@ -271,7 +246,7 @@ def main() -> int:
                 extra = f"   round trip adds {over:.0f} us p50 over the raw call"
             else:
                 summary[point] = rps
-            print(f"{model:9} {c:<4}  {client:22} {rps:8.0f}  {p50:8.2f} {p99:8.2f}{extra}"
+            print(f"{model:9} {c:<4}  {label:22} {rps:8.0f}  {p50:8.2f} {p99:8.2f}{extra}"
                   f"{f'  {failed} failed' if failed else ''}")
         print(f"\nserver exit code {code}")
         print(f"targets: cnn c=64 >= 90% of raw best: {summary[points[2]]:.1%}; identity c=1 "

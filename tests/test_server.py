@@ -136,6 +136,22 @@ def test_closed_loop_throughput_is_over_the_window_requests_started_in(module_se
     assert r.throughput == pytest.approx(served / wall, rel=0.25)
 
 
+def test_blocking_loop_counts_like_closed_loop(module_server):
+    """The blocking Client's loop measures over the same window, by the same rule."""
+    from appliance.workload import blocking_loop
+
+    with Client(module_server.socket_path) as c:
+        before = c.stats("identity")["models"][0]["request_success"]
+    r = blocking_loop("identity", sample_inputs("identity"), 0.3,
+                      path=module_server.socket_path, warmup_s=0.1)
+    with Client(module_server.socket_path) as c:
+        served = c.stats("identity")["models"][0]["request_success"] - before
+    assert r.concurrency == 1 and not r.errors
+    assert 0 < r.requests == len(r.latencies_s) < served  # the warm-up's are not counted
+    assert 0.29 <= r.elapsed_s <= 0.3 + 1e-6
+    assert 0 < r.percentile_ms(50) < 300
+
+
 def test_the_frames_of_one_read_run_as_one_batch(module_server):
     """A quick model (run on the loop itself) still batches: what one read brings."""
     x = sample_inputs("identity")["x"]
