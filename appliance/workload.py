@@ -42,7 +42,7 @@ class LoadResult:
 CLOCK = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
 
 
-class _Window:
+class MeasureWindow:
     """When a run measures, and how it counts: requests by the time they started, from
     the end of the warm-up to the end of the run, and the throughput over that window.
     Up to the last answer instead, the drain of the requests still in flight at its end
@@ -78,7 +78,7 @@ async def closed_loop(model: str, inputs: dict[str, np.ndarray], concurrency: in
     connections = connections or min(concurrency, 8)
     clients = [await AsyncClient.connect(path, tcp=tcp, token=token)
                for _ in range(connections)]
-    window = _Window(LoadResult(model, concurrency), duration_s, warmup_s)
+    window = MeasureWindow(LoadResult(model, concurrency), duration_s, warmup_s)
 
     async def worker(client: AsyncClient) -> None:
         while True:
@@ -105,7 +105,7 @@ def blocking_loop(model: str, inputs: dict[str, np.ndarray], duration_s: float, 
     """``closed_loop`` at concurrency 1 with the blocking ``Client``: what an app sending
     one request at a time sees, without an event loop's wake-ups."""
     with Client(path, busy_poll_us=busy_poll_us) as client:
-        window = _Window(LoadResult(model, 1), duration_s, warmup_s)
+        window = MeasureWindow(LoadResult(model, 1), duration_s, warmup_s)
         while True:
             t0 = CLOCK()
             if t0 >= window.stop_at:

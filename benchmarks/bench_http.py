@@ -83,11 +83,11 @@ def run_perf_analyzer(cmd: list[str], env: dict, csv_path: Path) -> dict:
 
 async def http_closed_loop(url: str, model: str, concurrency: int, seconds: float,
                            warmup_s: float = 0.5) -> dict:
-    """Like appliance.workload.closed_loop, over HTTP with binary tensors (aiohttp)."""
-    import time
-
+    """Like appliance.workload.closed_loop, over HTTP with binary tensors (aiohttp), and
+    measured over the same window."""
     import aiohttp
-    import numpy as np
+
+    from appliance.workload import CLOCK, LoadResult, MeasureWindow
 
     inputs = sample_inputs(model)
     head = json.dumps({
@@ -97,31 +97,24 @@ async def http_closed_loop(url: str, model: str, concurrency: int, seconds: floa
     body = head + b"".join(a.tobytes() for a in inputs.values())
     headers = {"Inference-Header-Content-Length": str(len(head)),
                "Content-Type": "application/octet-stream"}
-    latencies: list[float] = []
-    failed = 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    window = MeasureWindow(LoadResult(model, concurrency), seconds, warmup_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         async def worker() -> None:
-            nonlocal failed
-            while (t0 := time.perf_counter()) < stop_at:
+            while (t0 := CLOCK()) < window.stop_at:
                 async with session.post(f"{url}/v2/models/{model}/infer", data=body,
                                         headers=headers) as resp:
                     await resp.read()
-                    ok = resp.status == 200
-                if t0 >= measure_from:
-                    if ok:
-                        latencies.append(time.perf_counter() - t0)
-                    else:
-                        failed += 1
+                    status = resp.status
+                if status == 200:
+                    window.answered(t0, CLOCK())
+                else:
+                    window.failed(t0, f"HTTP {status}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - measure_from
-    lat = np.array(latencies) * 1e3
-    return {"rps": len(latencies) / elapsed,
-            "p50": float(np.percentile(lat, 50)) if len(lat) else 0.0,
-            "p99": float(np.percentile(lat, 99)) if len(lat) else 0.0, "failed": failed}
+    r = window.close()
+    return {"rps": r.throughput, "p50": r.percentile_ms(50), "p99": r.percentile_ms(99),
+            "failed": sum(r.errors.values())}
 
 
 def _python_client(args) -> dict:
