@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import time
 
-from appliance.config import Config
-from appliance.models import ModelManager
-from appliance.profiles import choose_engine, resolve
-from appliance.repository import Repository
-from appliance.server import SocketServer, install_stop_signals
-from appliance.service import Service
+from appliance.config.profiles import choose_engine, resolve
+from appliance.config.schema import Config
+from appliance.models.manager import ModelManager
+from appliance.models.repository import Repository
+from appliance.serving.service import Service
+from appliance.transport.socket_server import SocketServer
 
 log = logging.getLogger("outpost.app")
 
 
-async def serve(config: Config, ready_hook=None) -> int:
-    """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0."""
+async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
+    """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0.
+
+    ``make_agent(service, repo, engine)``: the OTA update agent to run beside the server
+    (or None), made by the caller: the CLI wires the updater, this module does not."""
     t0 = time.monotonic()
     stop = install_stop_signals()  # before anything listens: no window where TERM kills
     repo = Repository(config.data_path)
@@ -29,17 +33,13 @@ async def serve(config: Config, ready_hook=None) -> int:
     engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
-    agent = None
-    if config.updater:  # the OTA agent (updater package), wired here at the composition root
-        from updater.cli import make_agent  # noqa: PLC0415
-
-        agent = make_agent(config, manager=manager, repo=repo, engine=engine)
     await manager.load_all()
     _settle_gc()
-    service = Service(manager, config.server.max_frame_bytes)
+    service = Service(manager)
+    agent = make_agent(service, repo, engine) if make_agent is not None else None
     http = None
     if config.http.address:  # before the socket, so a socket that answers means both do
-        from appliance.http import HttpServer  # noqa: PLC0415  (off by default)
+        from appliance.transport.http.server import HttpServer  # noqa: PLC0415 (off by default)
 
         http = HttpServer(service, config)
         await http.start()
@@ -69,6 +69,15 @@ async def serve(config: Config, ready_hook=None) -> int:
     return 0
 
 
+def install_stop_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a graceful stop), from now on."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def _settle_gc() -> None:
     """What start-up loaded lives as long as the process: freeze it, so the collector's
     full passes stop walking every object of onnx, numpy and the models, and run the
@@ -79,7 +88,7 @@ def _settle_gc() -> None:
     gc.set_threshold(7000, 10, 10)
 
 
-def run(config: Config, loop_kind: str = "auto") -> int:
+def run(config: Config, loop_kind: str = "auto", make_agent=None) -> int:
     if loop_kind in ("auto", "uvloop"):
         try:
             import uvloop  # noqa: PLC0415
@@ -87,5 +96,5 @@ def run(config: Config, loop_kind: str = "auto") -> int:
             if loop_kind == "uvloop":
                 raise
         else:
-            return uvloop.run(serve(config))
-    return asyncio.run(serve(config))
+            return uvloop.run(serve(config, make_agent=make_agent))
+    return asyncio.run(serve(config, make_agent=make_agent))

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.client import Client  # noqa: E402
-from appliance.demo import BUILDERS  # noqa: E402
-from appliance.launcher import ServerProcess  # noqa: E402
-from appliance.repository import Repository  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import BUILDERS  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
 from benchmarks.bench_socket import (  # noqa: E402
     _client,
     best_batch,

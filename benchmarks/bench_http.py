@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.demo import BUILDERS, sample_inputs  # noqa: E402
-from appliance.launcher import ServerProcess  # noqa: E402
-from appliance.repository import Repository  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
 from benchmarks.bench_socket import raw_latency_us, raw_session  # noqa: E402
 
 PA_VENV = Path(os.environ.get("OUTPOST_PA_VENV", "/work/pa-venv"))
@@ -87,7 +87,7 @@ async def http_closed_loop(url: str, model: str, concurrency: int, seconds: floa
     measured over the same window."""
     import aiohttp
 
-    from appliance.workload import CLOCK, LoadResult, MeasureWindow
+    from appliance.demo.workload import CLOCK, LoadResult, MeasureWindow
 
     inputs = sample_inputs(model)
     head = json.dumps({
@@ -119,7 +119,7 @@ async def http_closed_loop(url: str, model: str, concurrency: int, seconds: floa
 
 def _python_client(args) -> dict:
     """Runs in its own process, so client and server don't share an interpreter."""
-    from appliance.workload import closed_loop
+    from appliance.demo.workload import closed_loop
 
     kind, target, model, concurrency, seconds = args
     try:

@@ -41,7 +41,7 @@ def _child(path_name: str, count: int, model_dir: str) -> None:
     """Runs under valgrind: ``count`` requests through one path, after a warm-up."""
     import gc
 
-    from appliance.demo import sample_inputs
+    from appliance.demo.models import sample_inputs
 
     model = "identity"
     feeds = sample_inputs(model)
@@ -70,15 +70,16 @@ def _child(path_name: str, count: int, model_dir: str) -> None:
 
 async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     """The callable that sends one request down the path, and the success count."""
-    from appliance import batcher as batching
-    from appliance.batcher import window_for
-    from appliance.config import load_config
-    from appliance.lifecycle import decode_inputs
-    from appliance.models import ModelManager
-    from appliance.protocol import decode_body, encode_frame, encode_tensor
-    from appliance.repository import Repository
-    from appliance.server import Connection, SocketServer
-    from appliance.service import Service
+    from appliance.scheduling import batcher as batching
+    from appliance.config.load import load_config
+    from appliance.models.manager import ModelManager
+    from appliance.models.repository import Repository
+    from appliance.protocol.frames import decode_body, encode_frame
+    from appliance.protocol.tensors import encode_tensor
+    from appliance.scheduling.window import window_for
+    from appliance.serving.service import Service
+    from appliance.transport.socket_ops import infer_request
+    from appliance.transport.socket_server import Connection, SocketServer
     from engines.onnxruntime_engine import OnnxRuntimeEngine
 
     batching.INLINE_MAX_S = 1.0  # the identity model runs on the loop, as when served
@@ -88,7 +89,7 @@ async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     config = load_config(None, {"data_dir": str(data)})
     manager = ModelManager(repo, OnnxRuntimeEngine(), config)
     await manager.load_all()
-    service = Service(manager, 1 << 26)
+    service = Service(manager)
     lv = manager.loaded[("identity", 1)]
     lv.batcher._timed = batching.INLINE_MIN_SAMPLES  # as if measured quick: runs inline
     lv.batcher._compute_ewma_s = 0.0
@@ -97,7 +98,7 @@ async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
                           "inputs": {k: encode_tensor(v) for k, v in feeds.items()}})
     body = frame[4:]
     window = window_for(asyncio.get_running_loop())
-    checked = decode_inputs(decode_body(body)["inputs"])
+    checked = infer_request(decode_body(body)).inputs
 
     if path_name == "server":
         conn = Connection(SocketServer(service, config), needs_hello=False)  # not started
@@ -110,7 +111,7 @@ async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     elif path_name == "service":
         def one() -> None:
             window.open()
-            service.infer(decode_body(body), lambda fields, err: encode_frame(fields))
+            service.infer(infer_request(decode_body(body)), lambda response, err: None)
             window.close()
     elif path_name == "batcher":
         def one() -> None:
@@ -182,7 +183,7 @@ def main() -> int:
         trees.append((name, path))
 
     sys.path.insert(0, str(ROOT))
-    from appliance.demo import identity_model
+    from appliance.demo.models import identity_model
 
     with tempfile.TemporaryDirectory(prefix="op-icount-model-") as model_dir:
         identity_model(Path(model_dir) / "m.onnx")

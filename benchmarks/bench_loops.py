@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.demo import identity_model  # noqa: E402
-from appliance.launcher import ServerProcess  # noqa: E402
-from appliance.repository import Repository  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import identity_model  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
 from benchmarks.bench_socket import _client  # noqa: E402
 
 

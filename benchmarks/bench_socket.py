@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.client import Client  # noqa: E402
-from appliance.config import load_config  # noqa: E402
-from appliance.demo import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
-from appliance.launcher import ServerProcess  # noqa: E402
-from appliance.repository import Repository  # noqa: E402
+from appliance.config.load import load_config  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
 
 
 def raw_session(path: Path, threads: int):
@@ -93,7 +93,8 @@ def _client(args) -> dict:
     ``concurrency`` in flight, the default), or "blocking" (Client, one at a time)."""
     import asyncio
 
-    from appliance.workload import blocking_loop, closed_loop
+    from appliance.demo.workload import closed_loop
+    from benchmarks.workload import blocking_loop
 
     socket_path, model, concurrency, seconds, loop_kind, *how = args
     client, busy_poll_us = how or ("async", 0)

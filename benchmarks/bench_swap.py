@@ -20,15 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.client import Client  # noqa: E402
-from appliance.demo import mlp_model, sample_inputs  # noqa: E402
-from appliance.launcher import ServerProcess  # noqa: E402
-from appliance.repository import Repository  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import mlp_model, sample_inputs  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
 
 
 def _client(args) -> dict:
     import asyncio
 
-    from appliance.workload import closed_loop
+    from appliance.demo.workload import closed_loop
 
     socket_path, concurrency, seconds = args
     r = asyncio.run(closed_loop("mlp", sample_inputs("mlp"), concurrency, seconds,

@@ -215,7 +215,7 @@ def check_tensorrt_import(load_trt):
 def check_demo_cnn(trt, api, gpu, max_batch, keep: Path | None):
     import onnxruntime as ort
 
-    from appliance.demo import cnn_model, sample_inputs
+    from appliance.demo.models import cnn_model, sample_inputs
     from engines import BuildOptions, RuntimeOptions
     from engines.tensorrt import TensorRTEngine
 

@@ -16,10 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-# The dtypes the wire protocol carries (DESIGN section 2); engines map theirs onto these.
-SUPPORTED_DTYPES = (
-    "float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+# The one table of the dtypes outpost serves (DESIGN section 2): the NumPy name (the
+# socket protocol's and the model config's), and the Open Inference Protocol's datatype
+# (HTTP, gRPC). Engines map theirs onto these; the transports derive their tables from it.
+DTYPE_TABLE = (
+    ("float32", "FP32"), ("float16", "FP16"), ("float64", "FP64"), ("int8", "INT8"),
+    ("uint8", "UINT8"), ("int16", "INT16"), ("int32", "INT32"), ("int64", "INT64"),
+    ("bool", "BOOL"),
 )
+SUPPORTED_DTYPES = tuple(name for name, _ in DTYPE_TABLE)
+V2_DATATYPES = dict(DTYPE_TABLE)  # NumPy name -> v2 datatype
+NUMPY_DTYPES = {name: np.dtype(name) for name in SUPPORTED_DTYPES}  # native byte order
 
 
 @dataclass(frozen=True)

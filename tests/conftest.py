@@ -18,7 +18,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory) -> dict[str, Path]:
     """The demo models as ONNX files (identity, cnn, mlp)."""
-    from appliance.demo import write_demo_models
+    from appliance.demo.models import write_demo_models
 
     return write_demo_models(tmp_path_factory.mktemp("demo-models"))
 
@@ -36,7 +36,7 @@ def short_tmp():
 
 def add_demo_models(data_dir: Path, demo_files: dict[str, Path], configs: dict | None = None):
     """Add the demo models to the repository in ``data_dir``; ``configs``: name -> TOML."""
-    from appliance.repository import Repository
+    from appliance.models.repository import Repository
 
     repo = Repository(data_dir)
     for name, path in demo_files.items():
@@ -56,7 +56,7 @@ def repo_with_demo(short_tmp, demo_files):
 
 
 def _serve(data_dir: Path, extra_args=None):
-    from appliance.launcher import ServerProcess
+    from appliance.demo.launcher import ServerProcess
 
     proc = ServerProcess(data_dir, extra_args=extra_args).start()
     yield proc

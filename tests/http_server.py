@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.launcher import ServerProcess
-from appliance.repository import Repository
+from appliance.demo.launcher import ServerProcess
+from appliance.models.repository import Repository
 
 
 def http_url(proc: ServerProcess, timeout_s: float = 10.0) -> str:

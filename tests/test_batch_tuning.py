@@ -7,15 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from appliance.batch_tuning import (
-    candidate_sizes,
-    choose,
-    measure,
-    preferred_batch_size,
-)
 from appliance.client import Client
 from appliance.errors import ConfigError
-from appliance.repository import Repository
+from appliance.models.repository import Repository
+from appliance.scheduling.batch_tuning import candidate_sizes, choose, measure, preferred_batch_size
 from engines.base import Session, TensorSpec
 from engines.errors import RunError
 
@@ -96,7 +91,7 @@ def test_figures_are_cached_per_batch_limit_and_remeasured_when_unusable(tmp_pat
     path = tmp_path / "key.batch-1x1.json"
     clock = Clock()
     session = CostedSession(clock, per_call_s=0.002, per_row_s=0.00001)
-    import appliance.batch_tuning as bt
+    import appliance.scheduling.batch_tuning as bt
 
     real_measure = bt.measure
     bt.measure = lambda s, sizes: real_measure(s, sizes, clock=clock)
@@ -143,7 +138,7 @@ def test_config_refuses_both_ways_of_preferring_and_a_model_without_batch(short_
 
 def test_the_server_measures_at_load_and_reuses_the_figures_after_a_restart(short_tmp,
                                                                             demo_files):
-    from appliance.launcher import ServerProcess
+    from appliance.demo.launcher import ServerProcess
     from tests.conftest import add_demo_models
 
     data = add_demo_models(short_tmp, {"mlp": demo_files["mlp"]}, configs={
@@ -169,7 +164,7 @@ def test_the_server_measures_at_load_and_reuses_the_figures_after_a_restart(shor
 
 
 def test_the_appliance_default_applies_where_a_model_config_is_silent(short_tmp, demo_files):
-    from appliance.config import BatchingConfig
+    from appliance.config.schema import BatchingConfig
 
     repo = Repository(short_tmp / "data")
     on = BatchingConfig(auto_preferred_batch=True)

@@ -9,9 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from appliance.batcher import BatchPolicy, DynamicBatcher, InferRequest, ModelInstance, decide
 from appliance.errors import DeadlineExceeded, ResourceExhausted
-from appliance.stats import VersionStats
+from appliance.observe.stats import VersionStats
+from appliance.scheduling.batcher import DynamicBatcher
+from appliance.scheduling.instance import ModelInstance
+from appliance.scheduling.policy import BatchPolicy, decide
+from appliance.scheduling.request import QueuedRequest
 from engines.base import Session, TensorSpec
 
 
@@ -73,7 +76,7 @@ class GatedSession(Session):
 
 
 def _request(x, done, priority=0, deadline=None):
-    return InferRequest({"x": x}, len(x), (x.shape[1:],), priority, deadline, done)
+    return QueuedRequest({"x": x}, len(x), (x.shape[1:],), priority, deadline, done)
 
 
 def _run(coro):
@@ -328,13 +331,13 @@ def test_a_batch_formed_ahead_never_overwrites_the_inputs_of_the_one_running():
 
 
 def test_a_window_that_fails_on_one_batcher_keeps_the_others_pending():
-    from appliance.batcher import BatchWindow
+    from appliance.scheduling.window import BatchWindow
 
     class Fake:
         def __init__(self, fail: bool):
             self.fail, self.runs = fail, 0
 
-        def _window_closed(self):
+        def window_closed(self):
             self.runs += 1
             if self.fail:
                 raise RuntimeError("a bug")
@@ -394,7 +397,7 @@ class ThreadNotingSession(Session):
 def test_only_a_model_timed_as_quick_runs_on_the_event_loop(cost_s):
     """After INLINE_MIN_SAMPLES batches on worker threads, a model far quicker than a
     thread hand-off runs on the loop itself; a slow one stays on the workers."""
-    from appliance.batcher import INLINE_MIN_SAMPLES
+    from appliance.scheduling.batcher import INLINE_MIN_SAMPLES
 
     async def go():
         session = ThreadNotingSession(cost_s)

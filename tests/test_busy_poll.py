@@ -9,12 +9,15 @@ import time
 
 import numpy as np
 
-from appliance.batcher import BatchPolicy, DynamicBatcher, ModelInstance, window_for
-from appliance.busy_poll import BusyPoller
 from appliance.client import Client
-from appliance.demo import sample_inputs
-from appliance.launcher import ServerProcess
-from appliance.stats import VersionStats
+from appliance.demo.launcher import ServerProcess
+from appliance.demo.models import sample_inputs
+from appliance.observe.stats import VersionStats
+from appliance.scheduling.batcher import DynamicBatcher
+from appliance.scheduling.instance import ModelInstance
+from appliance.scheduling.policy import BatchPolicy
+from appliance.scheduling.window import window_for
+from appliance.transport.busy_poll import BusyPoller
 from tests.test_batcher import GatedSession, _request
 
 

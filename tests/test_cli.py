@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from appliance.config import load_config
+from appliance.config.load import load_config
 from appliance.errors import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_models_add_list_remove_and_infer(short_tmp, demo_files):
     assert bad.returncode == 1 and "no such model file" in bad.stderr
     assert "Traceback" not in bad.stderr
 
-    from appliance.launcher import ServerProcess
+    from appliance.demo.launcher import ServerProcess
 
     with ServerProcess(d) as server:
         x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
@@ -97,7 +97,7 @@ def test_models_add_list_remove_and_infer(short_tmp, demo_files):
 
 
 def test_infer_errors_are_one_line(short_tmp, repo_with_demo):
-    from appliance.launcher import ServerProcess
+    from appliance.demo.launcher import ServerProcess
 
     with ServerProcess(repo_with_demo) as server:
         np.save(short_tmp / "x64.npy", np.zeros((1, 16), np.float64))

@@ -12,7 +12,7 @@ import pytest
 
 from appliance import errors
 from appliance.client import Client
-from appliance.demo import sample_inputs
+from appliance.demo.models import sample_inputs
 
 
 def _voluntary_switches() -> int:

@@ -7,9 +7,9 @@ import pytest
 
 from appliance import errors
 from appliance.client import Client
-from appliance.ensemble import combine
-from appliance.launcher import ServerProcess
-from appliance.repository import Repository
+from appliance.demo.launcher import ServerProcess
+from appliance.models.ensemble import combine
+from appliance.models.repository import Repository
 from tests import tiny_models as tm
 
 PIPELINE = """

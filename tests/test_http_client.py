@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from appliance.client import Client
-from appliance.demo import DEMO_MODELS, sample_inputs
+from appliance.demo.models import DEMO_MODELS, sample_inputs
 from tests.http_server import start_http_server
 
 TOKEN = "s3cret-admin"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from appliance.errors import InvalidArgument
-from appliance.http.codec import encode_infer_response, parse_infer_body
+from appliance.transport.http.codec import encode_infer_response, parse_infer_body
 
 
 def body_of(header: dict, *blobs: bytes) -> tuple[bytes, str | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.cli.main import main
-from appliance.config import load_config
+from appliance.config.load import load_config
 from appliance.errors import ConfigError
 
 

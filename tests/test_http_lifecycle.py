@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from appliance.client import Client
-from appliance.launcher import ServerProcess
+from appliance.demo.launcher import ServerProcess
 from tests.http_server import http_url
 
 

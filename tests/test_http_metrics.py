@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.client import Client
-from appliance.demo import sample_inputs
+from appliance.demo.models import sample_inputs
 from appliance.errors import InvalidArgument
 from tests.http_server import start_http_server
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
+from appliance.config.load import load_config
+from appliance.deploy.install import Options, check_can_apply, render_unit
 from appliance.errors import FailedPrecondition
-from appliance.install import Options, check_can_apply, render_unit
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from appliance.client import Client
-from appliance.launcher import ServerProcess
+from appliance.demo.launcher import ServerProcess
 from tests.conftest import add_demo_models
 from tests.wire import call, connect, frame, recv, tensor
 
@@ -51,7 +51,7 @@ max_queue_size = 2
 
 
 def test_timeouts_and_queue_limits_on_a_busy_model(short_tmp):
-    from appliance.repository import Repository
+    from appliance.models.repository import Repository
     from tests.slow_model import slow_model
 
     (short_tmp / "c.toml").write_text(ONE_AT_A_TIME)
@@ -100,7 +100,7 @@ def test_model_without_batch_dim_runs_one_request_at_a_time(short_tmp):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, str(short_tmp / "mul.onnx"))
-    from appliance.repository import Repository
+    from appliance.models.repository import Repository
 
     Repository(short_tmp).add("mul", short_tmp / "mul.onnx")
     with ServerProcess(short_tmp) as server, Client(server.socket_path) as c:

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from appliance.config import Config
+from appliance.config.schema import Config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import profiles
-from appliance.config import load_config
+from appliance.config import profiles
+from appliance.config.load import load_config
 from appliance.errors import ConfigError
-from appliance.model_config import ModelConfig
-from appliance.models import build_options
+from appliance.models.loaded import build_options
+from appliance.models.model_config import ModelConfig
 
 SHIPPED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
            "jetson-xavier-nx-8gb", "x86-gpu-workstation", "x86-cpu"}

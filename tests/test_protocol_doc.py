@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.protocol import FrameReader, decode_body, decode_tensor, encode_frame, encode_tensor
+from appliance.protocol.frames import FrameReader, decode_body, encode_frame
+from appliance.protocol.tensors import decode_tensor, encode_tensor
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -61,7 +62,7 @@ def test_tensors_roundtrip_every_dtype_and_layout():
 def test_frame_reader_reassembles_frames_split_anywhere():
     import pytest
 
-    from appliance.protocol import FrameError
+    from appliance.protocol.frames import FrameError
 
     frames = b"".join(encode_frame({"op": "health", "id": i}) for i in range(50))
     for step in (1, 3, 7, 64, len(frames)):
@@ -93,7 +94,7 @@ def _pump(reader, stream: bytes, chunk: int) -> list[dict]:
 def test_buffered_reader_small_and_large_frames_split_anywhere():
     import pytest
 
-    from appliance.protocol import BufferedFrameReader, FrameError
+    from appliance.protocol.frames import BufferedFrameReader, FrameError
 
     def big(i):
         """0.4 to 1.2 MB, over the small buffer: each gets a buffer of its own, and the
@@ -127,7 +128,7 @@ def test_buffered_reader_small_and_large_frames_split_anywhere():
 
 
 def test_frame_parts_are_the_same_bytes_without_copying_big_tensors():
-    from appliance.protocol import encode_frame_parts
+    from appliance.protocol.frames import encode_frame_parts
 
     big = np.arange(100_000, dtype=np.float32)
     for msg in ({"op": "health", "id": 1},
@@ -209,7 +210,7 @@ def test_borrowing_decode_gives_msgpacks_map_with_large_bins_as_views():
     read-only views of the frame, smaller ones as bytes."""
     import msgpack
 
-    from appliance.protocol import _borrowing_parse
+    from appliance.protocol.frames import _borrowing_parse
 
     rng = np.random.default_rng(5)
     for i in range(300):
@@ -245,7 +246,7 @@ def test_borrowing_decode_refuses_bad_bytes_exactly_as_msgpack_does():
     import msgpack
     import pytest
 
-    from appliance.protocol import FrameError
+    from appliance.protocol.frames import FrameError
 
     ok = msgpack.packb({"id": 1, "d": b"x" * 70_000}, use_bin_type=True)
     cases = [
@@ -273,7 +274,7 @@ def test_borrowing_decode_refuses_bad_bytes_exactly_as_msgpack_does():
 def test_tensors_at_the_big_bin_threshold_frame_alike_both_ways():
     """Under 64 KiB a tensor is copied into the frame; from 64 KiB it travels as a view
     (a part of its own) and is decoded as a view of its frame: the bytes are the same."""
-    from appliance.protocol import _BIG_BIN, encode_frame_parts, has_big_tensor
+    from appliance.protocol.frames import _BIG_BIN, encode_frame_parts, has_big_tensor
 
     for nbytes in (_BIG_BIN - 4, _BIG_BIN, _BIG_BIN + 4):
         arr = np.arange(nbytes // 4, dtype=np.float32)
@@ -294,7 +295,7 @@ def test_decode_body_takes_str_keys_and_values_and_refuses_other_keys():
     import msgpack
     import pytest
 
-    from appliance.protocol import FrameError
+    from appliance.protocol.frames import FrameError
 
     msg = decode_body(msgpack.packb({"op": "health", "id": 3}))
     assert msg == {"op": "health", "id": 3} and type(msg["op"]) is str
@@ -305,7 +306,7 @@ def test_decode_body_takes_str_keys_and_values_and_refuses_other_keys():
 def test_a_large_tensor_is_placed_aligned_in_its_frame_buffer_and_never_copied():
     """Whatever precedes it in the frame, the first large tensor's data lands on a 64-byte
     boundary of the frame's own buffer, and is decoded there without a copy."""
-    from appliance.protocol import BufferedFrameReader, _big_bin_offset
+    from appliance.protocol.frames import BufferedFrameReader, _big_bin_offset
 
     image = np.arange(3 * 224 * 224, dtype=np.float32).reshape(1, 3, 224, 224)
     for pad in range(8):
@@ -338,7 +339,7 @@ def test_a_large_tensor_is_placed_aligned_in_its_frame_buffer_and_never_copied()
 def test_big_bin_offset_skips_every_plain_type_and_stops_at_others():
     import msgpack
 
-    from appliance.protocol import _big_bin_offset
+    from appliance.protocol.frames import _big_bin_offset
 
     head = {"n": None, "t": True, "f": False, "i": [0, -1, -33, 200, 70000, 1 << 40, -(1 << 40)],
             "x": [1.5, 2.25], "s": "s" * 40, "u": "u" * 300, "b": b"b" * 300,

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
-from appliance.repository import Repository
+from appliance.models.repository import Repository
 
 
 def test_add_completes_config_from_graph(short_tmp, demo_files):

@@ -9,15 +9,16 @@ import gc
 
 import numpy as np
 
-from appliance.batcher import InferRequest
-from appliance.config import load_config
-from appliance.demo import sample_inputs
-from appliance.ensemble import _PipelineRun
-from appliance.models import ModelManager
-from appliance.protocol import FrameReader, decode_body, encode_frame, encode_tensor
-from appliance.repository import Repository
-from appliance.server import Connection, SocketServer
-from appliance.service import Service
+from appliance.config.load import load_config
+from appliance.demo.models import sample_inputs
+from appliance.models.ensemble import _PipelineRun
+from appliance.models.manager import ModelManager
+from appliance.models.repository import Repository
+from appliance.protocol.frames import FrameReader, decode_body, encode_frame
+from appliance.protocol.tensors import encode_tensor
+from appliance.scheduling.request import QueuedRequest
+from appliance.serving.service import Service
+from appliance.transport.socket_server import Connection, SocketServer
 from engines.onnxruntime_engine import OnnxRuntimeEngine
 from tests import tiny_models as tm
 from tests.test_ensembles import COMBINE, PIPELINE
@@ -40,7 +41,7 @@ class CollectingTransport:
 
 def live_requests() -> int:
     """Requests, and the objects that run an ensemble's steps for one, still alive."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, (InferRequest, _PipelineRun)))
+    return sum(1 for o in gc.get_objects() if isinstance(o, (QueuedRequest, _PipelineRun)))
 
 
 async def _serve_frames(data_dir, requests: list[tuple[str, dict]]):
@@ -51,8 +52,7 @@ async def _serve_frames(data_dir, requests: list[tuple[str, dict]]):
     manager = ModelManager(repo, OnnxRuntimeEngine(), config)
     await manager.load_all()
     try:
-        conn = Connection(SocketServer(Service(manager, 1 << 26), config),
-                          needs_hello=False)
+        conn = Connection(SocketServer(Service(manager), config), needs_hello=False)
         transport = CollectingTransport()
         conn.connection_made(transport)
         frames = b"".join(

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance import errors
 from appliance.client import AsyncClient, Client
-from appliance.launcher import ServerProcess
-from appliance.repository import Repository
+from appliance.demo.launcher import ServerProcess
+from appliance.models.repository import Repository
 
 WIDE = 100_000  # 400 KB of weights: a loaded version is estimated at 800 KB
 

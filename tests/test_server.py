@@ -13,8 +13,8 @@ import pytest
 
 from appliance import errors
 from appliance.client import AsyncClient, Client
-from appliance.demo import sample_inputs
-from appliance.launcher import ServerProcess
+from appliance.demo.launcher import ServerProcess
+from appliance.demo.models import sample_inputs
 from tests.wire import call, connect, frame, is_closed, recv, tensor
 
 
@@ -100,7 +100,7 @@ def test_typed_client_errors(module_server):
 
 
 def test_batching_forms_batches_under_concurrency(module_server):
-    from appliance.workload import closed_loop
+    from appliance.demo.workload import closed_loop
 
     with Client(module_server.socket_path) as c:
         before = c.stats("cnn")["models"][0]
@@ -118,7 +118,7 @@ def test_batching_forms_batches_under_concurrency(module_server):
 def test_closed_loop_throughput_is_over_the_window_requests_started_in(module_server):
     """Requests are counted by start, so the drain of the 64 still in flight when the
     window ends (about a quarter of a second of CNN runs here) is not time of the window."""
-    from appliance.workload import closed_loop
+    from appliance.demo.workload import closed_loop
 
     with Client(module_server.socket_path) as c:
         before = c.stats("cnn")["models"][0]["inference_count"]
@@ -138,7 +138,7 @@ def test_closed_loop_throughput_is_over_the_window_requests_started_in(module_se
 
 def test_blocking_loop_counts_like_closed_loop(module_server):
     """The blocking Client's loop measures over the same window, by the same rule."""
-    from appliance.workload import blocking_loop
+    from benchmarks.workload import blocking_loop
 
     with Client(module_server.socket_path) as c:
         before = c.stats("identity")["models"][0]["request_success"]
@@ -211,7 +211,7 @@ def test_thousand_connections_opened_and_dropped(module_server):
 
 
 def test_sigterm_finishes_in_flight_requests(short_tmp):
-    from appliance.repository import Repository
+    from appliance.models.repository import Repository
     from tests.slow_model import slow_model
 
     Repository(short_tmp).add("slow", slow_model(short_tmp / "slow.onnx"))
@@ -281,18 +281,18 @@ def test_tcp_without_token_is_refused_at_start(repo_with_demo):
 
 def test_stop_closes_idle_connections_only_after_their_answers_are_written(short_tmp):
     """An answer finished in the same loop pass as the stop still reaches the client."""
-    from appliance.config import load_config
-    from appliance.models import ModelManager
-    from appliance.repository import Repository
-    from appliance.server import Connection, SocketServer
-    from appliance.service import Service
+    from appliance.config.load import load_config
+    from appliance.models.manager import ModelManager
+    from appliance.models.repository import Repository
+    from appliance.serving.service import Service
+    from appliance.transport.socket_server import Connection, SocketServer
     from engines.onnxruntime_engine import OnnxRuntimeEngine
 
     async def go():
         config = load_config(None, {"data_dir": str(short_tmp),
                                     "server.socket_path": str(short_tmp / "s.sock")})
         repo = Repository(short_tmp)
-        service = Service(ModelManager(repo, OnnxRuntimeEngine(), config), 1 << 20)
+        service = Service(ModelManager(repo, OnnxRuntimeEngine(), config))
         server = SocketServer(service, config)
         ours, theirs = socket.socketpair()
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 import numpy as np
 
 from appliance.client import Client
-from appliance.demo import sample_inputs
+from appliance.demo.models import sample_inputs
 
 
 def test_infer_identity_roundtrip(server):

@@ -7,7 +7,7 @@ from bisect import bisect_left
 import numpy as np
 import pytest
 
-from appliance.stats import DURATION_BOUNDS_S, FOLD_AT, RECENT, VersionStats
+from appliance.observe.stats import DURATION_BOUNDS_S, FOLD_AT, RECENT, VersionStats
 
 
 def _reference(samples):

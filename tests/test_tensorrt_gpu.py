@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from appliance.demo import sample_inputs
+from appliance.demo.models import sample_inputs
 from engines import BuildOptions, RuntimeOptions
 from engines.tensorrt import TensorRTEngine, probe
 

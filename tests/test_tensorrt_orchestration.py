@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from trt_standin import StandinCuda, make_trt
 
-from appliance.demo import sample_inputs
+from appliance.demo.models import sample_inputs
 from engines import BuildOptions, RuntimeOptions, ShapeRange
 from engines.errors import EngineUnavailable, ModelInvalid, PrepareError, RunError
 from engines.tensorrt import TensorRTEngine, probe
@@ -350,9 +350,9 @@ def test_compile_without_tensorrt_says_where_to_build(demo_files, tmp_path):
 
 def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_files, tmp_path,
                                                                    monkeypatch, capsys):
-    from appliance import profiles
+    from appliance.config import profiles
     from appliance.cli.main import main
-    from appliance.repository import Repository
+    from appliance.models.repository import Repository
 
     trt = make_trt(cuda, unsupported_ops=("Softmax",))  # as if this TensorRT lacked it
     monkeypatch.setattr(profiles, "choose_engine",
@@ -371,7 +371,7 @@ def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_fi
 
 def test_models_add_builds_the_engine_for_the_profile(trt, cuda, demo_files, tmp_path,  # noqa: PLR0917
                                                       monkeypatch, capsys):
-    from appliance import profiles
+    from appliance.config import profiles
     from appliance.cli.main import main
 
     monkeypatch.setattr(profiles, "choose_engine",
@@ -434,9 +434,9 @@ def test_dims_fixed_in_config_toml_close_the_graphs_open_dims(trt, cuda, tmp_pat
     import onnx
     from onnx import TensorProto, helper
 
-    from appliance.config import BatchingConfig
-    from appliance.model_config import complete, load_model_config
-    from appliance.models import build_options
+    from appliance.config.schema import BatchingConfig
+    from appliance.models.loaded import build_options
+    from appliance.models.model_config import complete, load_model_config
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["a"], ["y"])], "g",
@@ -461,7 +461,7 @@ def test_batch_size_measuring_runs_through_the_tensorrt_session_off_its_thread(
     the profile's maximum goes through set_input_shape and the session's own context."""
     import threading
 
-    from appliance.batch_tuning import preferred_batch_size
+    from appliance.scheduling.batch_tuning import preferred_batch_size
 
     eng = engine(trt, cuda)
     session = eng.load(eng.prepare(demo_files["mlp"], OPTS, tmp_path), OPTS, RuntimeOptions())

@@ -10,9 +10,10 @@ import pytest
 
 from appliance import errors
 from appliance.client import AsyncClient, Client
-from appliance.launcher import ServerProcess
-from appliance.repository import Repository
-from appliance.traffic import TrafficPolicy, Variant, key_unit, pick
+from appliance.demo.launcher import ServerProcess
+from appliance.models.repository import Repository
+from appliance.models.traffic import TrafficPolicy, Variant
+from appliance.serving.router import key_unit, pick
 from tests import tiny_models as tm
 
 X = np.zeros((1, 16), np.float32)

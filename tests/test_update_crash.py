@@ -16,7 +16,7 @@ import pytest
 from updater_support import Fleet, active_version, journal_notes, make_device, wait_done
 
 from appliance.client import Client
-from appliance.launcher import ServerProcess
+from appliance.demo.launcher import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from updater_support import (
 )
 
 from appliance.client import Client
+from appliance.demo.launcher import ServerProcess
 from appliance.errors import OutpostError
-from appliance.launcher import ServerProcess
 from updater.validation import random_inputs, write_samples
 
 

@@ -22,7 +22,7 @@ from updater_support import (
 )
 
 from appliance.client import Client
-from appliance.launcher import ServerProcess
+from appliance.demo.launcher import ServerProcess
 from updater.errors import ReleaseError
 from updater.fleet_repo import _serializer, load_signer
 from updater.release import extract_release

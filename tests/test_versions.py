@@ -9,8 +9,8 @@ import pytest
 
 from appliance import errors
 from appliance.client import AsyncClient, Client
-from appliance.launcher import ServerProcess
-from appliance.repository import Repository
+from appliance.demo.launcher import ServerProcess
+from appliance.models.repository import Repository
 from tests import tiny_models as tm
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.demo import save_model
-from appliance.repository import Repository
+from appliance.demo.models import save_model
+from appliance.models.repository import Repository
 from updater.fleet_repo import FleetRepo, init_repo
 from updater.validation import make_release_samples
 

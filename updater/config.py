@@ -52,7 +52,7 @@ class UpdaterConfig:
 
 
 def from_table(table: dict, where: str = "config") -> UpdaterConfig:
-    from appliance.settings import from_mapping  # noqa: PLC0415
+    from appliance.config.settings import from_mapping  # noqa: PLC0415
 
     return from_mapping(UpdaterConfig, table, where, prefix="updater.")
 

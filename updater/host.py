@@ -1,9 +1,10 @@
 """What the agent needs of the device it updates: the appliance's repository and models.
 
 ``ApplianceHost`` stages versions with ``Repository.add``, prepares and validates them
-with the device's engine, activates through the ``ModelManager`` hot swap (or the
-repository pointer when no server runs), reads health from the version's stats, and
-marks bad versions. The fleet simulation supplies its own host with the same methods.
+with the device's engine, activates through the running server's service (its hot swap;
+or the repository pointer when no server runs), reads health from the version's
+statistics there, and marks bad versions. The fleet simulation supplies its own host
+with the same methods.
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.errors import NotFound
-from appliance.repository import Repository
+from appliance.models.repository import Repository
 from updater.errors import ReleaseError
 from updater.health import Health
 from updater.validation import compare, read_samples, run_session, tolerances
 
 
 class ApplianceHost:
-    def __init__(self, repo: Repository, engine, profile=None, manager=None,
+    def __init__(self, repo: Repository, engine, profile=None, service=None,
                  socket_path: Path | None = None):
         self.repo = repo
         self.engine = engine
         self.profile = profile  # the firmware profile whose build fields engines use
-        self.manager = manager  # None: no server in this process (`outpost update check`)
+        self.service = service  # None: no server in this process (`outpost update check`)
         self.socket_path = socket_path  # a server that may be running, for `update check`
 
     def active(self, model: str) -> int | None:
@@ -63,7 +64,7 @@ class ApplianceHost:
         The stored version's own samples.npz when it has one (a version added locally
         may not), else the release's.
         """
-        from appliance.lifecycle import build_options  # noqa: PLC0415
+        from appliance.models.loaded import build_options  # noqa: PLC0415
         from engines import EngineError, RuntimeOptions  # noqa: PLC0415
 
         where = f"release {model} {version}"
@@ -94,10 +95,13 @@ class ApplianceHost:
         compare(got, expected, rtol, atol, where)
 
     async def activate(self, model: str, version: int) -> None:
-        if self.manager is None:
+        if self.service is None:
             self._activate_offline(model, version)
             return
-        await activate_in_manager(self.manager, model, version)
+        # The hot swap: load and warm, switch between requests, drain and unload the old
+        # one. A version that fails to load raises FailedPrecondition and leaves the old
+        # one serving.
+        await self.service.activate(model, version)
 
     def _activate_offline(self, model: str, version: int) -> None:
         """No server here: tell a running one over its socket, else move the pointer."""
@@ -114,12 +118,16 @@ class ApplianceHost:
         self.repo.set_active(model, version)
 
     def health(self, model: str, version: int | None) -> Health | None:
-        if self.manager is None or version is None:
+        if self.service is None or version is None:
             return None
-        lv = self.manager.loaded.get((model, version))
-        if lv is None or getattr(lv, "stats", None) is None:
+        try:
+            infos = self.service.statistics(model)
+        except NotFound:  # not loaded here
             return None
-        snap = lv.stats.snapshot()
+        info = next((i for i in infos if i.version == version), None)
+        if info is None:
+            return None
+        snap = info.stats.snapshot()
         return Health(snap["request_success"], snap["request_failure"],
                       snap["latency_ms"]["p50"])
 
@@ -127,9 +135,3 @@ class ApplianceHost:
         if self.has_version(model, version):
             self.repo.mark(model, version, "bad", why)
 
-
-async def activate_in_manager(manager, model: str, version: int) -> None:
-    """Hot-swap ``model`` to ``version`` in a running server (``ModelManager.activate``:
-    load and warm, switch between requests, drain and unload the old one). A version
-    that fails to load raises FailedPrecondition and leaves the old one serving."""
-    await manager.activate(model, version)

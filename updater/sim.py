@@ -40,7 +40,7 @@ def log_guard_model(path: Path, width: int = 16) -> Path:
     """y = x + 0 * log(x + 10): equals x for x > -10, NaN below (the bad release)."""
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
-    from appliance.demo import save_model  # noqa: PLC0415
+    from appliance.demo.models import save_model  # noqa: PLC0415
 
     ten = numpy_helper.from_array(np.full((width,), 10.0, np.float32), "ten")
     zero = numpy_helper.from_array(np.zeros((width,), np.float32), "zero")
@@ -186,7 +186,7 @@ class Simulation:
         self.repo.publish("identity", version, model, config, samples)
 
     async def run(self) -> dict:
-        from appliance.demo import identity_model  # noqa: PLC0415
+        from appliance.demo.models import identity_model  # noqa: PLC0415
 
         loop = asyncio.get_running_loop()
         # Agents block a worker thread each while they wait on the fleet server, which

@@ -107,14 +107,10 @@ def make_release_samples(model: Path, config_path: Path | None, samples: Path | 
     Expected outputs given in ``samples`` are kept; missing ones come from running the
     model with ONNX Runtime on the CPU (the reference the devices are compared against).
     """
-    from appliance.config import BatchingConfig  # noqa: PLC0415
-    from appliance.lifecycle import build_options  # noqa: PLC0415
-    from appliance.model_config import (  # noqa: PLC0415
-        complete,
-        load_model_config,
-        model_config_to_toml,
-    )
-    from appliance.repository import check_onnx  # noqa: PLC0415
+    from appliance.config.schema import BatchingConfig  # noqa: PLC0415
+    from appliance.models.loaded import build_options  # noqa: PLC0415
+    from appliance.models.model_config import complete, load_model_config, model_config_to_toml
+    from appliance.models.repository import check_onnx  # noqa: PLC0415
     from engines import RuntimeOptions  # noqa: PLC0415
     from engines.onnxruntime_engine import OnnxRuntimeEngine  # noqa: PLC0415
 

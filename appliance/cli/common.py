@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from appliance.config import Config, load_config
+from appliance.config.load import load_config
+from appliance.config.schema import Config
 
 
 def add_config_options(p: argparse.ArgumentParser, flag: str = "--config") -> None:

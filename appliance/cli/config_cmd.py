@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from appliance.cli.common import add_config_options, config_from_args
-from appliance.settings import to_mapping
+from appliance.config.settings import to_mapping
 
 
 def register(sub) -> None:

@@ -25,11 +25,11 @@ def demo(args) -> int:
 
 
 def _demo(data_dir: Path, seconds: float) -> int:
-    from appliance.config import BatchingConfig  # noqa: PLC0415
-    from appliance.demo import ensure_demo_models, sample_inputs  # noqa: PLC0415
-    from appliance.launcher import ServerProcess  # noqa: PLC0415
-    from appliance.repository import Repository  # noqa: PLC0415
-    from appliance.workload import closed_loop  # noqa: PLC0415
+    from appliance.config.schema import BatchingConfig  # noqa: PLC0415
+    from appliance.demo.launcher import ServerProcess  # noqa: PLC0415
+    from appliance.demo.models import ensure_demo_models, sample_inputs  # noqa: PLC0415
+    from appliance.demo.workload import closed_loop  # noqa: PLC0415
+    from appliance.models.repository import Repository  # noqa: PLC0415
 
     data_dir.mkdir(parents=True, exist_ok=True)
     repo = Repository(data_dir)

@@ -1,9 +1,250 @@
-"""`outpost fleet ...`: the fleet side of OTA updates (the updater package)."""
+"""`outpost fleet ...`: the fleet manager's commands (the updater package's fleet side).
+
+Heavy imports happen inside the command functions; updater errors reach the one handler
+in main.py and become one line on stderr, exit status 1.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+from updater.errors import UpdaterError
+
+
+def _fraction(text: str) -> float:
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in 0..1") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..1 (0.05 means 5%)")
+    return value
+
+
+def _selector(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UpdaterError(f"--selector {item!r} must look like key=value")
+        out[key] = value
+    return out
+
 
 def register(sub) -> None:
-    from updater.cli import register_fleet  # noqa: PLC0415
+    p = sub.add_parser("fleet", help="publish model releases and roll them out (TUF)")
+    fs = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fs.required = True
 
-    register_fleet(sub)
+    init = fs.add_parser("init", help="make a fleet repository: keys and signed metadata")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--root-key", type=Path,
+                      help="write the root key here (default DIR/keys/root.pem); keep it "
+                           "offline")
+    for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
+        init.add_argument(f"--{role}-expiry-days", type=float, default=float(days))
+    init.set_defaults(func=fleet_init)
+
+    pub = fs.add_parser("publish", help="publish a release (not yet rolled out)")
+    pub.add_argument("dir", type=Path)
+    pub.add_argument("model", type=Path)
+    pub.add_argument("--name", required=True)
+    pub.add_argument("--version", type=int, required=True)
+    pub.add_argument("--config", type=Path, help="the model's config.toml")
+    pub.add_argument("--samples", type=Path,
+                     help="validation samples .npz (inputs/<name>, outputs/<name>); expected "
+                          "outputs are computed from the model when missing")
+    pub.set_defaults(func=fleet_publish)
+
+    ro = fs.add_parser("rollout", help="start a rollout to a fraction of the fleet")
+    ro.add_argument("dir", type=Path)
+    ro.add_argument("name")
+    ro.add_argument("version", type=int)
+    ro.add_argument("--fraction", type=_fraction, required=True)
+    ro.add_argument("--selector", action="append", metavar="KEY=VALUE",
+                    help="device labels that must match (repeat)")
+    ro.add_argument("--failure-threshold", type=_fraction, default=0.1)
+    ro.add_argument("--min-reports", type=int, default=5)
+    ro.set_defaults(func=fleet_rollout)
+
+    pr = fs.add_parser("promote", help="raise a rollout's fraction (keeps its cohort)")
+    pr.add_argument("dir", type=Path)
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--fraction", type=_fraction, required=True)
+    pr.set_defaults(func=fleet_promote)
+
+    for action, state in (("pause", "paused"), ("resume", "active"), ("halt", "halted")):
+        a = fs.add_parser(action, help=f"set a rollout {state}")
+        a.add_argument("dir", type=Path)
+        a.add_argument("name")
+        a.add_argument("version", type=int)
+        a.set_defaults(func=functools.partial(fleet_state, state=state))
+
+    st = fs.add_parser("status", help="per rollout, how many devices report each state")
+    st.add_argument("dir", type=Path)
+    st.add_argument("name", nargs="?")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=fleet_status)
+
+    rk = fs.add_parser("rotate-key", help="give a role a new key (root N+1; devices follow)")
+    rk.add_argument("dir", type=Path)
+    rk.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    rk.add_argument("--root-key", type=Path,
+                    help="the current root key (default DIR/keys/root.pem)")
+    rk.add_argument("--new-root-key", type=Path,
+                    help="role root: write the new root key here (default: over --root-key)")
+    rk.set_defaults(func=fleet_rotate_key)
+
+    dk = fs.add_parser("device-key", help="a device's report key (its updater.report_key_file)")
+    dk.add_argument("dir", type=Path)
+    dk.add_argument("device_id")
+    dk.add_argument("--out", type=Path, help="write it to this file (mode 0600) instead of "
+                                             "printing it")
+    dk.set_defaults(func=fleet_device_key)
+
+    sv = fs.add_parser("serve", help="serve the repository and take device reports")
+    sv.add_argument("dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8470)
+    sv.add_argument("--timestamp-check-s", type=float, default=60.0,
+                    help="how often to renew the timestamp when half its life is gone "
+                         "(0: never; devices then stop updating when it expires)")
+    sv.set_defaults(func=fleet_serve)
+
+
+def fleet_init(args) -> int:
+    from updater.fleet_repo import Expiry, init_repo  # noqa: PLC0415
+
+    expiry = Expiry(args.root_expiry_days, args.targets_expiry_days,
+                    args.snapshot_expiry_days, args.timestamp_expiry_days)
+    root_key = init_repo(args.dir, expiry=expiry, root_key_path=args.root_key)
+    print(f"fleet repository in {args.dir}\n"
+          f"  devices trust {args.dir / 'metadata' / '1.root.json'} (updater.trusted_root)\n"
+          f"  root key {root_key}: move it offline; it is needed only to rotate keys\n"
+          f"  online keys in {args.dir / 'keys'} sign targets, snapshot and timestamp")
+    return 0
+
+
+def fleet_publish(args) -> int:
+    from appliance.models.repository import check_model_name  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.validation import make_release_samples  # noqa: PLC0415
+
+    check_model_name(args.name)
+    if args.version < 1:
+        raise UpdaterError(f"--version {args.version} must be a positive integer")
+    repo = FleetRepo(args.dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        config, samples = make_release_samples(args.model, args.config, args.samples,
+                                               Path(tmp))
+        rel = repo.publish(args.name, args.version, args.model, config, samples)
+    print(f"published {rel.model} {rel.version} as {rel.target_path}; no device takes it "
+          f"until 'outpost fleet rollout'")
+    return 0
+
+
+def fleet_rollout(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    if args.min_reports < 1:
+        raise UpdaterError("--min-reports must be >= 1")
+    r = FleetRepo(args.dir).set_rollout(
+        args.name, args.version, new=True, fraction=args.fraction,
+        selector=_selector(args.selector), failure_threshold=args.failure_threshold,
+        min_reports=args.min_reports, state="active")
+    print(f"rollout {r.id}: {args.name} {args.version} to {r.fraction:.1%} of devices"
+          + (f" matching {r.selector}" if r.selector else ""))
+    return 0
+
+
+def fleet_promote(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    if repo.release(args.name, args.version).rollout is None:
+        raise UpdaterError(f"{args.name} {args.version} has no rollout; start one with "
+                           f"'outpost fleet rollout'")
+    r = repo.set_rollout(args.name, args.version, fraction=args.fraction)
+    print(f"rollout {r.id}: {args.name} {args.version} now {r.fraction:.1%} ({r.state})")
+    return 0
+
+
+def fleet_state(args, state: str) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    if repo.release(args.name, args.version).rollout is None:
+        raise UpdaterError(f"{args.name} {args.version} has no rollout to change")
+    r = repo.set_rollout(args.name, args.version, state=state)
+    print(f"rollout {r.id}: {args.name} {args.version} is {r.state}")
+    return 0
+
+
+def fleet_status(args) -> int:
+    from updater.fleet_db import FleetDB  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.fleet_server import status_report  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    db = FleetDB(repo.dir / "fleet.db")
+    rows = [r for r in status_report(repo, db) if args.name in (None, r["model"])]
+    db.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no releases" + (f" of {args.name}" if args.name else ""))
+    for r in rows:
+        ro = r["rollout"]
+        head = f"{r['model']} {r['version']}: " + (
+            f"{ro['state']} at {ro['fraction']:.1%} (rollout {ro['id']})" if ro
+            else "published, not rolled out")
+        devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
+        print(head + (f"; devices: {devices}" if devices else ""))
+    return 0
+
+
+def fleet_rotate_key(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    version = FleetRepo(args.dir).rotate_key(args.role, args.root_key, args.new_root_key)
+    where = (args.new_root_key or args.root_key or args.dir / "keys" / "root.pem"
+             if args.role == "root" else args.dir / "keys" / f"{args.role}.pem")
+    print(f"{args.role} has a new key ({where}); root is now version {version} and the "
+          f"metadata is re-signed. Devices take it on their next refresh.")
+    return 0
+
+
+def fleet_device_key(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.report_auth import device_key  # noqa: PLC0415
+
+    if not args.device_id or args.device_id != args.device_id.strip():
+        raise UpdaterError("the device id must be the device's updater.device_id exactly "
+                           "(not empty, no surrounding spaces)")
+    key = device_key(FleetRepo(args.dir).ensure_report_secret(), args.device_id).hex()
+    if args.out is None:
+        print(key)
+        return 0
+    from engines.cache import atomic_write_bytes  # noqa: PLC0415
+
+    atomic_write_bytes(args.out, key.encode() + b"\n", 0o600)
+    print(f"report key of {args.device_id!r} in {args.out}: copy it to the device and set "
+          f"updater.report_key_file to its path")
+    return 0
+
+
+def fleet_serve(args) -> int:
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.fleet_server import run_fleet_server  # noqa: PLC0415
+
+    FleetRepo(args.dir)  # a wrong directory fails here, in one line
+    return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s)
+
+

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def gather(config) -> dict:
-    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
+    from appliance.config.profiles import choose_engine, resolve  # noqa: PLC0415
 
     detection = resolve(config.profile)
     engine, reason = choose_engine(config.engine, detection)

@@ -33,7 +33,7 @@ def register(sub) -> None:
 
 
 def install(args) -> int:
-    from appliance.install import (  # noqa: PLC0415
+    from appliance.deploy.install import (
         PREFIX,
         Options,
         check_can_apply,

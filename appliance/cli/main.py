@@ -12,6 +12,8 @@ import sys
 
 from appliance import __version__
 from appliance.errors import ConfigError, OutpostError
+from engines.errors import EngineError
+from updater.errors import UpdaterError
 
 COMMANDS = (
     "appliance.cli.serve_cmd",
@@ -52,12 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except _engine_errors() as exc:
+    except EngineError as exc:
         print(f"outpost: engine error: {exc}", file=sys.stderr)
         return 1
-
-
-def _engine_errors():
-    from engines import EngineError  # noqa: PLC0415
-
-    return EngineError
+    except UpdaterError as exc:
+        print(f"outpost: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 
 def _repo(args):
-    from appliance.repository import Repository  # noqa: PLC0415
+    from appliance.models.repository import Repository  # noqa: PLC0415
 
     config = config_from_args(args)
     return Repository(config.data_path), config
@@ -68,9 +68,9 @@ def _prepare_engine(repo, config, record) -> str:
     A model that will not build is removed again, with one error saying why and what to try.
     """
     from appliance.cli.progress import BuildProgressBar  # noqa: PLC0415
+    from appliance.config.profiles import choose_engine, resolve  # noqa: PLC0415
     from appliance.errors import FailedPrecondition  # noqa: PLC0415
-    from appliance.models import build_options  # noqa: PLC0415
-    from appliance.profiles import choose_engine, resolve  # noqa: PLC0415
+    from appliance.models.loaded import build_options  # noqa: PLC0415
     from engines import EngineError  # noqa: PLC0415
 
     detection = resolve(config.profile)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.settings import to_mapping
+from appliance.config.settings import to_mapping
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def list_profiles(args) -> int:
-    from appliance.profiles import all_profiles  # noqa: PLC0415
+    from appliance.config.profiles import all_profiles  # noqa: PLC0415
 
     profiles = all_profiles()
     if args.json:
@@ -44,7 +44,7 @@ def list_profiles(args) -> int:
 
 
 def show_profile(args) -> int:
-    from appliance.profiles import load_profile  # noqa: PLC0415
+    from appliance.config.profiles import load_profile  # noqa: PLC0415
 
     profile = load_profile(args.name)  # refuses an invalid file with file, key and fix
     if args.json:
@@ -56,7 +56,7 @@ def show_profile(args) -> int:
 
 
 def detect_profile(args) -> int:
-    from appliance.profiles import detect  # noqa: PLC0415
+    from appliance.config.profiles import detect  # noqa: PLC0415
 
     d = detect(device_tree=args.device_tree)
     if args.json:

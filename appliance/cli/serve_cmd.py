@@ -29,7 +29,8 @@ def register(sub) -> None:
 
 def serve(args) -> int:
     from appliance.app import run  # noqa: PLC0415
-    from appliance.logs import setup_logging  # noqa: PLC0415
+    from appliance.cli.update_cmd import device_agent  # noqa: PLC0415
+    from appliance.observe.logs import setup_logging  # noqa: PLC0415
 
     config = config_from_args(
         args,
@@ -43,10 +44,11 @@ def serve(args) -> int:
     config.token()  # a token file that can't be read fails here, before anything starts
     config.http.token()
     if args.demo:
-        from appliance.demo import ensure_demo_models  # noqa: PLC0415
-        from appliance.repository import Repository  # noqa: PLC0415
+        from appliance.demo.models import ensure_demo_models  # noqa: PLC0415
+        from appliance.models.repository import Repository  # noqa: PLC0415
 
         repo = Repository(config.data_path)
         ensure_demo_models(repo, config.batching)
         repo.close()
-    return run(config, args.loop)
+    return run(config, args.loop, make_agent=lambda service, repo, engine: device_agent(
+        config, repo, engine, service))

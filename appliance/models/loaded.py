@@ -1,0 +1,292 @@
+"""One model version's lifecycle: load (prepare, one session per instance, warm up), check
+requests against its specs, queue them, scale instances with queue depth, unload after
+the requests in flight finish.
+
+A ``LoadedVersion`` knows nothing of sockets or of other versions; ``appliance.models``
+decides which versions should be loaded and which one is active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from appliance.config.profiles import Profile
+from appliance.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    OutpostError,
+    ResourceExhausted,
+    Unavailable,
+)
+from appliance.models.model_config import ModelConfig
+from appliance.models.repository import VersionRecord
+from appliance.models.versions import ServedVersion, VersionState, describe_from_config
+from appliance.scheduling.batch_tuning import preferred_batch_size, tuning_path
+from appliance.scheduling.batcher import DynamicBatcher
+from appliance.scheduling.instance import ModelInstance
+from appliance.scheduling.policy import BatchPolicy
+from appliance.scheduling.request import DONE, QUEUED, QueuedRequest
+from engines import (
+    BuildOptions,
+    Engine,
+    EngineError,
+    RuntimeOptions,
+    Session,
+    ShapeRange,
+)
+
+log = logging.getLogger("outpost.models")
+
+
+SCALE_CHECK_S = 1.0  # how often idle instances are looked for
+
+
+def build_options(config: ModelConfig, profile: Profile | None = None) -> BuildOptions:
+    """The model's batch range and input shapes, and the device's build fields from its
+    firmware profile. An input whose dims config.toml fixes gets that shape for every batch
+    size (TensorRT needs a range for each dynamic dim the graph leaves open)."""
+    mbs = config.max_batch_size or 0
+    preferred = config.dynamic_batching.preferred_batch_sizes
+    opt = max(preferred) if preferred else max(1, mbs // 2)
+    ranges = {}
+    for t in config.input:
+        dims = tuple(t.dims or ())
+        if -1 in dims:
+            continue  # left open: the builder says which dim needs fixing
+        ranges[t.name] = (ShapeRange((1, *dims), (opt, *dims), (mbs, *dims)) if mbs
+                          else ShapeRange(dims, dims, dims))
+    device = profile.build_fields() if profile is not None else {}
+    return BuildOptions(max_batch_size=mbs, opt_batch_size=opt, shape_ranges=ranges, **device)
+
+
+def check_session(session: Session, config: ModelConfig, where: str) -> None:
+    """The engine's view of the tensors must agree with the stored config's."""
+    for kind, want, have in (("input", config.input_specs(), session.inputs),
+                             ("output", config.output_specs(), session.outputs)):
+        have_by_name = {s.name: s for s in have}
+        for spec in want:
+            got = have_by_name.get(spec.name)
+            if got is None or got.dtype != spec.dtype or len(got.shape) != len(spec.shape):
+                raise FailedPrecondition(
+                    f"{where}: {kind} '{spec.name}' is {got} in the engine but "
+                    f"{spec} in config.toml; re-add the model")
+
+
+class LoadedVersion(ServedVersion):
+    """An ONNX model version served by an engine through a dynamic batcher."""
+
+    def __init__(self, record: VersionRecord, config: ModelConfig, engine_kind: str):
+        describe_from_config(self, record, config, engine_kind)
+        self.record = record
+        self.state = VersionState.LOADING
+        self.batcher: DynamicBatcher | None = None
+        self.last_used = time.monotonic()
+        self.memory_bytes = estimate_memory(record, config)
+        self._parked: list[QueuedRequest] = []  # requests that came while loading
+        self._min_instances = config.instances or 1
+        self._max_instances = max(config.max_instances or 0, self._min_instances)
+        self._scaling = False
+        self._scale_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._make_instance = None
+
+    def __repr__(self) -> str:
+        return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
+
+    async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
+                   profile: Profile | None = None) -> None:
+        """Prepare, create and warm every instance; READY only when all are warm."""
+        where = f"model '{self.name}' version {self.version}"
+        opts = build_options(self.config, profile)
+        try:
+            artifact = await asyncio.to_thread(
+                engine.prepare, self.record.model_file, opts, cache_dir)
+
+            async def make_instance(i: int) -> ModelInstance:
+                session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
+                try:
+                    check_session(session, self.config, where)
+                    await asyncio.to_thread(session.warmup)
+                except BaseException:
+                    session.close()
+                    raise
+                return ModelInstance(session, f"{self.name}:{self.version}#{i}")
+
+            instances = [await make_instance(i) for i in range(self._min_instances)]
+        except (EngineError, OutpostError) as exc:
+            self._fail(f"{where} failed to load: {exc}")
+            raise FailedPrecondition(self.error) from exc
+        except Exception as exc:  # an engine raising something untyped: still one line
+            self._fail(f"{where} failed to load: {exc.__class__.__name__}: {exc}")
+            raise FailedPrecondition(self.error) from exc
+        self._make_instance = make_instance
+        db = self.config.dynamic_batching
+        preferred = tuple(db.preferred_batch_sizes)
+        if db.auto_preferred_batch and self.max_batch_size > 1:
+            size = await asyncio.to_thread(
+                preferred_batch_size, instances[0].session, self.max_batch_size,
+                tuning_path(cache_dir, artifact.cache_key, runtime))
+            preferred = (size,) if size else ()
+        self.preferred_batch_sizes = preferred
+        policy = BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=db.max_queue_delay_us or 0,
+            preferred_batch_sizes=preferred,
+            max_queue_size=db.max_queue_size or 1,
+            priority_levels=db.priority_levels,
+        )
+        self.batcher = DynamicBatcher(policy, instances, self.stats)
+        self.state = VersionState.READY
+        parked, self._parked = self._parked, []
+        for r in parked:
+            if r.timer is not None:
+                r.timer.cancel()
+                r.timer = None
+            if r.state != QUEUED:  # expired or cancelled while waiting for the load
+                continue
+            try:
+                self._enqueue(r)
+            except OutpostError as exc:
+                r.state = DONE
+                r.done(None, exc)
+        if self._max_instances > self._min_instances:
+            self._arm_scale_check()
+
+    def _fail(self, message: str) -> None:
+        self.state = VersionState.FAILED
+        self.error = message
+        parked, self._parked = self._parked, []
+        for r in parked:
+            if r.timer is not None:
+                r.timer.cancel()
+            if r.state == QUEUED:
+                r.state = DONE
+                self.stats.request_failed("UNAVAILABLE")
+                r.done(None, Unavailable(f"{message}; the request could not run"))
+
+    async def unload(self, timeout_s: float | None = None) -> None:
+        """Stop taking requests, let those in flight finish, free the sessions."""
+        if self._scale_timer is not None:
+            self._scale_timer.cancel()
+        if self.batcher is None:
+            self.state = VersionState.UNLOADED
+            return
+        self.state = VersionState.UNLOADING
+        drained = await self.batcher.stop(timeout_s)
+        if not drained:
+            log.warning("unload timed out; a stuck instance was abandoned",
+                        extra={"model": self.name, "version": self.version})
+        self.batcher = None
+        self.state = VersionState.UNLOADED
+
+    def inflight_count(self) -> int:
+        queued = self.batcher.inflight_count() if self.batcher else 0
+        return queued + len(self._parked)
+
+    def submit(self, request: QueuedRequest) -> None:
+        self.last_used = time.monotonic()
+        if self.state is VersionState.LOADING:
+            self._park(request)
+            return
+        if self.state is not VersionState.READY or self.batcher is None:
+            err = Unavailable(f"model '{self.name}' version {self.version} is "
+                              f"{self.state.value}{': ' + self.error if self.error else ''}")
+            self.stats.request_failed(err.code)
+            raise err
+        self._enqueue(request)
+
+    def _enqueue(self, request: QueuedRequest) -> None:
+        try:
+            self.batcher.enqueue(request)
+        except OutpostError as exc:
+            self.stats.request_failed(exc.code)
+            raise
+        if (self._max_instances > 1 and not self._scaling
+                and self._max_instances > self.batcher.instance_count
+                and self.batcher.queued_rows > max(self.max_batch_size, 1)):
+            self._scaling = True
+            asyncio.get_running_loop().create_task(self._scale_up())
+
+    def _park(self, request: QueuedRequest) -> None:
+        limit = self.config.dynamic_batching.max_queue_size or 1
+        if len(self._parked) >= limit:
+            err = ResourceExhausted(
+                f"model '{self.name}' version {self.version} is loading and {limit} "
+                f"requests already wait for it; retry shortly")
+            self.stats.request_failed(err.code)
+            raise err
+        request.enqueued = time.monotonic()
+        self._parked.append(request)
+        if request.deadline is not None:
+            loop = asyncio.get_running_loop()
+            request.timer = loop.call_at(
+                loop.time() + max(0.0, request.deadline - request.enqueued),
+                self._expire_parked, request)
+
+    def _expire_parked(self, request: QueuedRequest) -> None:
+        if request.state != QUEUED:
+            return
+        request.state = DONE
+        self._parked.remove(request)
+        err = DeadlineExceeded(
+            f"the request's timeout passed while model '{self.name}' version "
+            f"{self.version} was loading; raise timeout_ms or load it ahead (load = 'eager')")
+        self.stats.request_failed(err.code)
+        request.done(None, err)
+
+    # -- instance scaling ---------------------------------------------------------------
+
+    async def _scale_up(self) -> None:
+        try:
+            n = self.batcher.instance_count
+            inst = await self._make_instance(n)
+            if self.batcher is None or self.state is not VersionState.READY:
+                await asyncio.to_thread(inst.stop)
+                return
+            self.batcher.add_instance(inst)
+            log.info("instance added", extra={"model": self.name, "version": self.version,
+                                              "instances": self.batcher.instance_count})
+        except Exception as exc:
+            log.warning("scale-up failed", extra={"model": self.name, "error": str(exc)})
+        finally:
+            self._scaling = False
+
+    def _arm_scale_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._scale_timer = loop.call_later(SCALE_CHECK_S, self._scale_check)
+
+    def _scale_check(self) -> None:
+        """Drop one instance when the queue has stayed empty for a while."""
+        b = self.batcher
+        if b is None or self.state is not VersionState.READY:
+            return
+        now = time.monotonic()
+        if b.inflight_count():
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif (now - self._idle_since >= self.config.scale_down_idle_s
+              and b.instance_count > self._min_instances):
+            inst = b.remove_idle_instance()
+            if inst is not None:
+                asyncio.get_running_loop().run_in_executor(None, inst.stop)
+                log.info("instance removed", extra={"model": self.name,
+                                                    "version": self.version,
+                                                    "instances": b.instance_count})
+            self._idle_since = now
+        self._arm_scale_check()
+
+    @property
+    def instance_count(self) -> int:
+        return self.batcher.instance_count if self.batcher else 0
+
+
+def estimate_memory(record: VersionRecord, config: ModelConfig) -> int:
+    """Bytes a loaded version is expected to hold: its weights once per instance, plus
+    one copy for the engine's optimised graph."""
+    weights = sum(p.stat().st_size for p in record.path.rglob("*")
+                  if p.is_file() and p.name not in ("config.toml", "samples.npz"))
+    return weights * ((config.max_instances or config.instances or 1) + 1)

@@ -1,0 +1,54 @@
+"""A request as the scheduler holds it: its arrays, batch signature, priority, deadline
+and the callback that answers it, with its state (QUEUED, RUNNING, DONE)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from appliance.errors import OutpostError
+
+QUEUED, RUNNING, DONE = 0, 1, 2
+NO_DEADLINE = math.inf  # a request's deadline when it asked for none
+
+
+# done(outputs, error): exactly one of them is None. Called on the event loop thread.
+DoneCallback = Callable[[dict | None, OutpostError | None], None]
+
+
+class Owner(Protocol):
+    """What queued a request (a batcher) and can forget it again."""
+
+    def cancel(self, request: QueuedRequest) -> None: ...
+
+
+class QueuedRequest:
+    __slots__ = ("inputs", "rows", "signature", "priority", "deadline", "done", "enqueued",
+                 "started", "state", "timer", "tag", "owner")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, signature: tuple,
+                 priority: int, deadline: float | None, done: DoneCallback, tag=None):
+        self.inputs = inputs
+        self.rows = rows
+        self.signature = signature  # the non-batch dims: requests batch when these agree
+        self.priority = priority
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.done = done
+        self.enqueued = 0.0
+        self.started = 0.0
+        self.state = QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.tag = tag  # whatever the caller wants back (e.g. the connection)
+        self.owner: Owner | None = None  # the batcher that queued it
+
+
+def cancel_request(request: QueuedRequest) -> None:
+    """The caller went away: drop the request if it still waits; no reply."""
+    if request.owner is not None:
+        request.owner.cancel(request)
+    elif request.state != DONE:
+        request.state = DONE

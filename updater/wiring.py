@@ -1,0 +1,18 @@
+"""Wiring a device's update agent from plain objects: the [updater] table, the data
+folder, the repository, the engine and firmware profile, and the running server's service
+(or none). The CLI, the composition root, calls ``make_agent``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_agent(table: dict, data_path: Path, repo, engine, profile, *, service=None,
+               socket_path: Path | None = None):
+    from updater.agent import Agent  # noqa: PLC0415
+    from updater.config import from_table  # noqa: PLC0415
+    from updater.host import ApplianceHost  # noqa: PLC0415
+
+    ucfg = from_table(table, "the appliance config's [updater] table")
+    host = ApplianceHost(repo, engine, profile, service, socket_path)
+    return Agent(ucfg, data_path, host)
