@@ -1,7 +1,9 @@
-"""Where things are by default: the data folder, the socket, and this outpost's command."""
+"""Where things are: the default data folder and socket, HOST:PORT addresses, and the
+command that runs this same outpost."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -26,3 +28,20 @@ def outpost_command() -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable]
     return [sys.executable, "-m", "appliance"]
+
+
+def parse_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} {text!r} must be HOST:PORT, like 127.0.0.1:7070")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

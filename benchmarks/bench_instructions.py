@@ -70,12 +70,12 @@ def _child(path_name: str, count: int, model_dir: str) -> None:
 
 async def _appliance_path(path_name: str, model_dir: Path, feeds: dict):
     """The callable that sends one request down the path, and the success count."""
-    from appliance.scheduling import batcher as batching
     from appliance.config.load import load_config
     from appliance.models.manager import ModelManager
     from appliance.models.repository import Repository
     from appliance.protocol.frames import decode_body, encode_frame
     from appliance.protocol.tensors import encode_tensor
+    from appliance.scheduling import batcher as batching
     from appliance.scheduling.window import window_for
     from appliance.serving.service import Service
     from appliance.transport.socket_ops import infer_request

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.config.schema import parse_host_port
 from appliance.errors import InvalidArgument, OutpostError, Unavailable, error_from_wire
-from appliance.paths import default_data_dir, default_socket_path
+from appliance.paths import default_data_dir, default_socket_path, parse_host_port
 from appliance.protocol.frames import (
     PROTOCOL_VERSION,
     FrameError,

@@ -6,12 +6,12 @@ result. Sizes and times carry their unit in the key name.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
+from appliance.paths import is_loopback, parse_host_port
 from appliance.protocol.frames import DEFAULT_MAX_FRAME_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -195,20 +195,3 @@ class Config:
                     f"server.token_file {self.server.token_file}: can't read a token from it"
                 ) from exc
         return self.server.token or os.environ.get("OUTPOST_TOKEN", "")
-
-
-def parse_host_port(text: str, key: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{key} {text!r} must be HOST:PORT, like 127.0.0.1:7070")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

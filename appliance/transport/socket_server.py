@@ -16,7 +16,7 @@ import socket
 import stat
 from pathlib import Path
 
-from appliance.config.schema import Config, parse_host_port
+from appliance.config.schema import Config
 from appliance.errors import (
     ConfigError,
     Internal,
@@ -26,6 +26,7 @@ from appliance.errors import (
     Unavailable,
     error_from_wire,
 )
+from appliance.paths import parse_host_port
 from appliance.protocol.frames import (
     HEADER,
     BufferedFrameReader,

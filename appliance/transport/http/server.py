@@ -12,8 +12,9 @@ import logging
 
 from aiohttp import web
 
-from appliance.config.schema import Config, parse_host_port
+from appliance.config.schema import Config
 from appliance.errors import ConfigError, OutpostError, Unavailable
+from appliance.paths import parse_host_port
 from appliance.serving.service import Service
 from appliance.transport.http.control import ModelControl
 from appliance.transport.http.errors import error_response, outpost_error_response

@@ -13,10 +13,16 @@ import subprocess
 
 import numpy as np
 import pytest
-from updater_support import Fleet, active_version, journal_notes, make_device, wait_done
 
 from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
+from tests.support.updater_support import (
+    Fleet,
+    active_version,
+    journal_notes,
+    make_device,
+    wait_done,
+)
 
 
 @pytest.fixture(scope="module")

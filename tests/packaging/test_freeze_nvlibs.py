@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "build" / "hooks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "build" / "hooks"))
 
 from _nvlibs import loader_names, parse_ldconfig  # noqa: E402
 

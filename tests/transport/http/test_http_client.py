@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from appliance.client import Client
 from appliance.demo.models import DEMO_MODELS, sample_inputs
-from tests.http_server import start_http_server
+from tests.support.http_server import start_http_server
 
 TOKEN = "s3cret-admin"
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.client import Client
 from appliance.demo.models import sample_inputs
 from appliance.errors import InvalidArgument
-from tests.http_server import start_http_server
+from tests.support.http_server import start_http_server
 
 
 @pytest.fixture

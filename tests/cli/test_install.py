@@ -19,7 +19,7 @@ from appliance.config.load import load_config
 from appliance.deploy.install import Options, check_can_apply, render_unit
 from appliance.errors import FailedPrecondition
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def outpost(*args: str) -> subprocess.CompletedProcess:

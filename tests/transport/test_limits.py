@@ -8,7 +8,7 @@ import pytest
 from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
 from tests.conftest import add_demo_models
-from tests.wire import call, connect, frame, recv, tensor
+from tests.support.wire import call, connect, frame, recv, tensor
 
 CNN_CONFIG = """
 max_batch_size = 4
@@ -52,7 +52,7 @@ max_queue_size = 2
 
 def test_timeouts_and_queue_limits_on_a_busy_model(short_tmp):
     from appliance.models.repository import Repository
-    from tests.slow_model import slow_model
+    from tests.support.slow_model import slow_model
 
     (short_tmp / "c.toml").write_text(ONE_AT_A_TIME)
     Repository(short_tmp).add("slow", slow_model(short_tmp / "slow.onnx"),

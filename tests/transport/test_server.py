@@ -15,7 +15,7 @@ from appliance import errors
 from appliance.client import AsyncClient, Client
 from appliance.demo.launcher import ServerProcess
 from appliance.demo.models import sample_inputs
-from tests.wire import call, connect, frame, is_closed, recv, tensor
+from tests.support.wire import call, connect, frame, is_closed, recv, tensor
 
 
 def test_all_six_ops(module_server):
@@ -212,7 +212,7 @@ def test_thousand_connections_opened_and_dropped(module_server):
 
 def test_sigterm_finishes_in_flight_requests(short_tmp):
     from appliance.models.repository import Repository
-    from tests.slow_model import slow_model
+    from tests.support.slow_model import slow_model
 
     Repository(short_tmp).add("slow", slow_model(short_tmp / "slow.onnx"))
     proc = ServerProcess(short_tmp).start()

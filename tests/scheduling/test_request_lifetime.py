@@ -20,8 +20,8 @@ from appliance.scheduling.request import QueuedRequest
 from appliance.serving.service import Service
 from appliance.transport.socket_server import Connection, SocketServer
 from engines.onnxruntime_engine import OnnxRuntimeEngine
-from tests import tiny_models as tm
-from tests.test_ensembles import COMBINE, PIPELINE
+from tests.models.test_ensembles import COMBINE, PIPELINE
+from tests.support import tiny_models as tm
 
 
 class CollectingTransport:

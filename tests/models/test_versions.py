@@ -11,7 +11,7 @@ from appliance import errors
 from appliance.client import AsyncClient, Client
 from appliance.demo.launcher import ServerProcess
 from appliance.models.repository import Repository
-from tests import tiny_models as tm
+from tests.support import tiny_models as tm
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_failed_activation_keeps_the_old_version(two_versions):
 
 
 def test_cli_activate_with_and_without_a_server(two_versions):
-    from tests.test_cli import outpost
+    from tests.cli.test_cli import outpost
 
     out = outpost("models", "activate", "m", "2", "--data-dir", two_versions,
                   "--socket", two_versions / "none.sock").stdout

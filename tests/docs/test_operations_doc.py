@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance.config.schema import Config
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+DOC = Path(__file__).resolve().parent.parent.parent / "docs" / "operations.md"
 
 
 def config_keys(cls=Config, section: str = "") -> dict[str, tuple[str, object]]:

@@ -10,7 +10,7 @@ import numpy as np
 from appliance.protocol.frames import FrameReader, decode_body, encode_frame
 from appliance.protocol.tensors import decode_tensor, encode_tensor
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+DOC = Path(__file__).resolve().parent.parent.parent / "docs" / "protocol.md"
 
 
 def _dumps() -> list[bytes]:

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from trt_standin import StandinCuda, make_trt
 
 from appliance.demo.models import sample_inputs
 from engines import BuildOptions, RuntimeOptions, ShapeRange
 from engines.errors import EngineUnavailable, ModelInvalid, PrepareError, RunError
 from engines.tensorrt import TensorRTEngine, probe
+from tests.support.trt_standin import StandinCuda, make_trt
 
 
 @pytest.fixture
@@ -350,8 +350,8 @@ def test_compile_without_tensorrt_says_where_to_build(demo_files, tmp_path):
 
 def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_files, tmp_path,
                                                                    monkeypatch, capsys):
-    from appliance.config import profiles
     from appliance.cli.main import main
+    from appliance.config import profiles
     from appliance.models.repository import Repository
 
     trt = make_trt(cuda, unsupported_ops=("Softmax",))  # as if this TensorRT lacked it
@@ -371,8 +371,8 @@ def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_fi
 
 def test_models_add_builds_the_engine_for_the_profile(trt, cuda, demo_files, tmp_path,  # noqa: PLR0917
                                                       monkeypatch, capsys):
-    from appliance.config import profiles
     from appliance.cli.main import main
+    from appliance.config import profiles
 
     monkeypatch.setattr(profiles, "choose_engine",
                         lambda *_: (engine(trt, cuda), "stand-in TensorRT"))

@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 from tuf.api.metadata import Metadata
-from updater_support import Fleet, run_outpost
 
+from tests.support.updater_support import Fleet, run_outpost
 from updater.errors import FleetRepoError
 from updater.validation import read_samples
 

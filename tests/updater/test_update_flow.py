@@ -10,7 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from updater_support import (
+
+from appliance.client import Client
+from appliance.demo.launcher import ServerProcess
+from appliance.errors import OutpostError
+from tests.support.updater_support import (
     Fleet,
     active_version,
     batch_one_model,
@@ -21,10 +25,6 @@ from updater_support import (
     wait_done,
     wait_for,
 )
-
-from appliance.client import Client
-from appliance.demo.launcher import ServerProcess
-from appliance.errors import OutpostError
 from updater.validation import random_inputs, write_samples
 
 

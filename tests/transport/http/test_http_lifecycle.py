@@ -16,7 +16,7 @@ import numpy as np
 
 from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
-from tests.http_server import http_url
+from tests.support.http_server import http_url
 
 
 def test_http_is_off_by_default(server):

@@ -59,7 +59,7 @@ def test_budget_unloads_the_least_recently_used_idle_version(short_tmp):
 
 
 def test_lazy_load_bounded_by_the_request_timeout(short_tmp):
-    from tests.slow_model import slow_model
+    from tests.support.slow_model import slow_model
 
     lazy = short_tmp / "lazy.toml"
     lazy.write_text("load = 'lazy'\n")
@@ -75,7 +75,7 @@ def test_lazy_load_bounded_by_the_request_timeout(short_tmp):
 
 
 def test_instances_scale_up_with_queue_depth_and_back_down(short_tmp):
-    from tests.slow_model import slow_model
+    from tests.support.slow_model import slow_model
 
     cfg = short_tmp / "c.toml"
     cfg.write_text("max_batch_size = 2\ninstances = 1\nmax_instances = 3\n"
@@ -111,7 +111,7 @@ def test_probes_and_metadata_describe_a_lazy_model_without_loading_it(short_tmp)
     import urllib.error
     import urllib.request
 
-    from tests.http_server import http_url
+    from tests.support.http_server import http_url
 
     lazy = short_tmp / "lazy.toml"
     lazy.write_text("load = 'lazy'\n")

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from tests.wire import call, connect, frame, is_closed, recv, tensor
+from tests.support.wire import call, connect, frame, is_closed, recv, tensor
 
 X = np.ones((1, 16), np.float32)
 

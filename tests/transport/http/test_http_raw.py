@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from tests.http_server import start_http_server
+from tests.support.http_server import start_http_server
 
 TOKEN = "raw-token"
 MAX_BODY = 1 << 20

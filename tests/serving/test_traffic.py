@@ -14,7 +14,7 @@ from appliance.demo.launcher import ServerProcess
 from appliance.models.repository import Repository
 from appliance.models.traffic import TrafficPolicy, Variant
 from appliance.serving.router import key_unit, pick
-from tests import tiny_models as tm
+from tests.support import tiny_models as tm
 
 X = np.zeros((1, 16), np.float32)
 
@@ -123,7 +123,7 @@ def test_shadow_compares_and_never_touches_live_answers(versions):
 def test_a_hanging_shadow_does_not_hold_live_latency(short_tmp):
     """The shadow is a slow model that can't keep up: its copies time out or are dropped,
     and the live answers keep their own latency."""
-    from tests.slow_model import slow_model
+    from tests.support.slow_model import slow_model
 
     repo = Repository(short_tmp)
     fast = short_tmp / "fast.onnx"

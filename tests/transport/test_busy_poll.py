@@ -18,7 +18,7 @@ from appliance.scheduling.instance import ModelInstance
 from appliance.scheduling.policy import BatchPolicy
 from appliance.scheduling.window import window_for
 from appliance.transport.busy_poll import BusyPoller
-from tests.test_batcher import GatedSession, _request
+from tests.scheduling.test_batcher import GatedSession, _request
 
 
 def cpu_seconds(pid: int) -> float:

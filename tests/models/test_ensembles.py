@@ -10,7 +10,7 @@ from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
 from appliance.models.ensemble import combine
 from appliance.models.repository import Repository
-from tests import tiny_models as tm
+from tests.support import tiny_models as tm
 
 PIPELINE = """
 [ensemble]

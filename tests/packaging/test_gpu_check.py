@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from trt_standin import StandinCuda, make_trt
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.trt_standin import StandinCuda, make_trt
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 SCRIPT = ROOT / "build" / "gpu_check.sh"
 
 

@@ -12,7 +12,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 from tuf.api.metadata import Metadata
-from updater_support import (
+
+from appliance.client import Client
+from appliance.demo.launcher import ServerProcess
+from tests.support.updater_support import (
     Fleet,
     active_version,
     journal_rows,
@@ -20,9 +23,6 @@ from updater_support import (
     run_outpost,
     wait_done,
 )
-
-from appliance.client import Client
-from appliance.demo.launcher import ServerProcess
 from updater.errors import ReleaseError
 from updater.fleet_repo import _serializer, load_signer
 from updater.release import extract_release

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from trt_standin import StandinCuda, make_trt
 
 from engines import BuildOptions, ShapeRange
 from engines.cache import cache_key, get_or_build, meta_path
 from engines.tensorrt import TensorRTEngine
 from engines.tensorrt.cuda import GpuInfo
+from tests.support.trt_standin import StandinCuda, make_trt
 
 BASE = BuildOptions(max_batch_size=8, opt_batch_size=4,
                     shape_ranges={"x": ShapeRange((1, 4), (4, 4), (8, 4))})

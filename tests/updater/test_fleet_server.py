@@ -9,8 +9,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from updater_support import Fleet
 
+from tests.support.updater_support import Fleet
 from updater import report_auth
 from updater.cohort import in_cohort
 from updater.report_auth import device_key
