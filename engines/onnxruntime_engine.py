@@ -21,8 +21,9 @@ from engines.base import (
     TensorSpec,
     file_sha256,
 )
-from engines.cache import cache_key, fsync_dir
+from engines.cache import cache_key
 from engines.errors import EngineUnavailable, LoadError, PrepareError, RunError
+from engines.files import replace_synced
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -124,10 +125,7 @@ class OnnxRuntimeEngine(Engine):
             # Models with external data are served from their own directory.
             tmp.unlink(missing_ok=True)
             return Artifact(self.kind, model_path, key, source_sha)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(cache_dir)
+        replace_synced(tmp, target)
         return Artifact(self.kind, target, key, source_sha)
 
     def load(self, artifact: Artifact, options: BuildOptions, runtime: RuntimeOptions) -> Session:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from appliance.errors import OutpostError
+from engines.files import replace_synced
 from updater import report_auth
 from updater.cohort import Release, desired_version
 from updater.config import UpdaterConfig, report_key, trusted_root_bytes
@@ -291,7 +292,7 @@ class Agent:
                                          f"{exc}") from exc
             _verify(info, part, f"release {u.target_path} failed TUF verification "
                                 f"({{}}); it was tampered with or corrupted")
-            os.replace(part, done)
+            replace_synced(part, done)
         else:  # downloaded and verified before a restart; check again, it's cheap
             _verify(info, done, f"staged release {done} no longer matches its signed "
                                 f"hash ({{}})")

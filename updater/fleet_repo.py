@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from engines.cache import atomic_write_bytes
+from engines.files import atomic_write_bytes, replace_synced
 from updater.cohort import Release, Rollout
 from updater.errors import FleetRepoError
 
@@ -57,10 +57,6 @@ class Expiry:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, data, mode)
 
 
 def _generate_signer():
@@ -108,12 +104,12 @@ def init_repo(directory: Path, *, expiry: Expiry = Expiry(),
     root_key_path = Path(root_key_path or keys_dir / "root.pem")
     for path, signer in [(root_key_path, root_signer),
                          *((keys_dir / f"{r}.pem", s) for r, s in signers.items())]:
-        _atomic_write(path, signer.private_bytes, 0o600)  # never readable by others
+        atomic_write_bytes(path, signer.private_bytes, 0o600)  # never readable by others
     raw = md.to_bytes(_serializer())
-    _atomic_write(directory / "metadata" / "1.root.json", raw)
-    _atomic_write(directory / "metadata" / "root.json", raw)
+    atomic_write_bytes(directory / "metadata" / "1.root.json", raw)
+    atomic_write_bytes(directory / "metadata" / "root.json", raw)
     (directory / "targets").mkdir(exist_ok=True)
-    _atomic_write(directory / "expiry.json", json.dumps(expiry.__dict__).encode())
+    atomic_write_bytes(directory / "expiry.json", json.dumps(expiry.__dict__).encode())
     repo = FleetRepo(directory)
     repo.ensure_report_secret()
     with repo.locked():
@@ -209,7 +205,7 @@ class FleetRepo:
             if secret is None:
                 secret = new_secret()
                 self.keys_dir.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.report_secret_path, secret.hex().encode() + b"\n", 0o600)
+                atomic_write_bytes(self.report_secret_path, secret.hex().encode() + b"\n", 0o600)
             return secret
 
     # -- reads ---------------------------------------------------------------------------
@@ -260,7 +256,7 @@ class FleetRepo:
                 raise FleetRepoError(f"release {name} {version} is already published; "
                                      f"releases are immutable: publish a new version")
             tf = TargetFile.from_data(path, data, ["sha256"])
-            _atomic_write(self.target_file(path, tf.hashes["sha256"]), data)
+            atomic_write_bytes(self.target_file(path, tf.hashes["sha256"]), data)
             tf.unrecognized_fields["custom"] = {"model": name, "version": version,
                                                 "rollout": None}
             targets[path] = tf
@@ -329,7 +325,7 @@ class FleetRepo:
                 raise FleetRepoError(f"{root_key} is not this fleet's root key; pass the "
                                      f"offline root key with --root-key")
             new = _generate_signer()
-            _atomic_write(pending, new.private_bytes, 0o600)
+            atomic_write_bytes(pending, new.private_bytes, 0o600)
             for keyid in list(root.roles[role].keyids):
                 root.revoke_key(keyid, role)
             root.add_key(new.public_key, role)
@@ -340,13 +336,13 @@ class FleetRepo:
             if role == "root":
                 md.sign(new, append=True)
             raw = md.to_bytes(_serializer())
-            _atomic_write(self.metadata_dir / f"{root.version}.root.json", raw)
-            _atomic_write(self.metadata_dir / "root.json", raw)
+            atomic_write_bytes(self.metadata_dir / f"{root.version}.root.json", raw)
+            atomic_write_bytes(self.metadata_dir / "root.json", raw)
             self._finish_rotation(pending, target)
             return root.version
 
     def _finish_rotation(self, pending: Path, target: Path) -> None:
-        os.replace(pending, target)
+        replace_synced(pending, target)
         os.chmod(target, 0o600)
         targets = dict(self._load("targets").signed.targets)
         self._write_targets(targets)  # signed again with the keys root now names
@@ -371,8 +367,8 @@ class FleetRepo:
             "targets"), targets=targets))
         md.sign(load_signer(self.keys_dir / "targets.pem"))
         raw = md.to_bytes(_serializer())
-        _atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", raw)
-        _atomic_write(self.metadata_dir / "targets.json", raw)
+        atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.targets.json", raw)
+        atomic_write_bytes(self.metadata_dir / "targets.json", raw)
         self._write_snapshot_and_timestamp(md.signed.version)
 
     def _write_snapshot_and_timestamp(self, targets_version: int) -> None:
@@ -389,13 +385,13 @@ class FleetRepo:
                                  meta={"targets.json": MetaFile(targets_version)}))
         snap.sign(load_signer(self.keys_dir / "snapshot.pem"))
         snap_bytes = snap.to_bytes(_serializer())
-        _atomic_write(self.metadata_dir / f"{snap.signed.version}.snapshot.json", snap_bytes)
-        _atomic_write(self.metadata_dir / "snapshot.json", snap_bytes)
+        atomic_write_bytes(self.metadata_dir / f"{snap.signed.version}.snapshot.json", snap_bytes)
+        atomic_write_bytes(self.metadata_dir / "snapshot.json", snap_bytes)
         ts = Metadata(Timestamp(
             version=next_version("timestamp"), expires=_now() + self.expiry.of("timestamp"),
             snapshot_meta=MetaFile.from_data(snap.signed.version, snap_bytes, ["sha256"])))
         ts.sign(load_signer(self.keys_dir / "timestamp.pem"))
-        _atomic_write(self.metadata_dir / "timestamp.json", ts.to_bytes(_serializer()))
+        atomic_write_bytes(self.metadata_dir / "timestamp.json", ts.to_bytes(_serializer()))
 
 
 def _release(path: str, custom: dict) -> Release:

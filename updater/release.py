@@ -7,11 +7,11 @@ byte is written, so an archive can't write outside its staging directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 from pathlib import Path
 
+from engines.files import copy_synced
 from updater.errors import ReleaseError
 from updater.fleet_repo import RELEASE_FILES
 
@@ -42,14 +42,8 @@ def extract_release(archive: Path, dest: Path, max_bytes: int = 2 << 30) -> Path
                 raise ReleaseError(f"{archive}: needs each of {', '.join(REQUIRED)} once; "
                                    f"has {', '.join(names) or 'nothing'}")
             for m in members:
-                src = tar.extractfile(m)
-                # O_EXCL|O_NOFOLLOW: never through a link, never over an existing file.
-                fd = os.open(dest / m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                             | os.O_NOFOLLOW, 0o644)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
+                # A new file: never through a link, never over an existing file.
+                copy_synced(tar.extractfile(m), dest / m.name)
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise ReleaseError(f"{archive}: not a readable release archive: {exc}") from exc

@@ -36,7 +36,7 @@ def compile_model(args, engine=None) -> int:
     from appliance.config.profiles import load_profile  # noqa: PLC0415
     from appliance.models.loaded import build_options  # noqa: PLC0415
     from appliance.models.model_config import complete, load_model_config  # noqa: PLC0415
-    from engines.cache import atomic_write_bytes  # noqa: PLC0415
+    from engines.files import atomic_write_bytes  # noqa: PLC0415
 
     profile = load_profile(args.profile)
     if profile.engine.kind != "tensorrt":

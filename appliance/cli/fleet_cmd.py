@@ -232,7 +232,7 @@ def fleet_device_key(args) -> int:
     if args.out is None:
         print(key)
         return 0
-    from engines.cache import atomic_write_bytes  # noqa: PLC0415
+    from engines.files import atomic_write_bytes  # noqa: PLC0415
 
     atomic_write_bytes(args.out, key.encode() + b"\n", 0o600)
     print(f"report key of {args.device_id!r} in {args.out}: copy it to the device and set "

@@ -33,69 +33,18 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.errors import ConfigError, FailedPrecondition, InvalidArgument
-from engines.cache import atomic_write_bytes
+from engines.files import atomic_symlink, atomic_write_bytes
 
 PREFIX = Path("/opt/outpost")
 BIN_LINK = Path("/usr/local/bin/outpost")
 CONFIG_DIR = Path("/etc/outpost")
 CONFIG_PATH = CONFIG_DIR / "config.toml"
 UNIT_PATH = Path("/etc/systemd/system/outpost.service")
+UNIT_FILE = "outpost.service"  # the shipped unit, beside this module: written for the defaults
 SYSUSERS_PATH = Path("/etc/sysusers.d/outpost.conf")
 STATE_DIR = Path("/var/lib/outpost")
 RUNTIME_DIR = Path("/run/outpost")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
-
-UNIT_TEMPLATE = """\
-# outpost: the edge model-serving appliance. Written by `outpost install`;
-# docs/operations.md explains every line. Local changes: `systemctl edit outpost`.
-[Unit]
-Description=Outpost edge model-serving appliance
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=exec
-User={user}
-Group={user}
-{supplementary}ExecStart={exec_start} serve --config {config}
-Environment=HOME=%S/outpost
-Restart=on-failure
-RestartSec=2s
-# SIGTERM drains in-flight requests (server.drain_timeout_s, 30 s by default) first.
-TimeoutStopSec=45s
-# /var/lib/outpost: models, engines, state.db. /run/outpost: the socket.
-StateDirectory=outpost
-StateDirectoryMode=0750
-RuntimeDirectory=outpost
-RuntimeDirectoryMode=0750
-ConfigurationDirectory=outpost
-UMask=0027
-
-# Hardening. Devices stay visible: the GPU (/dev/nvidia*, Jetson's /dev/nvhost-*, /dev/nvmap)
-# is needed. No MemoryDenyWriteExecute: CUDA and ctypes callbacks need writable code pages.
-NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-# AF_NETLINK: getaddrinfo(AI_ADDRCONFIG), as HTTP clients resolve the fleet's host name.
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-SystemCallArchitectures=native
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 SYSUSERS_TEMPLATE = 'u {user} - "Outpost appliance" {state_dir} -\n'
 
@@ -173,10 +122,27 @@ def build_version(source: Path) -> str:
     return match.group(1)
 
 
+def unit_file() -> Path:
+    """The shipped unit: beside this module (source tree, wheel), or in the frozen app."""
+    here = Path(__file__).resolve().parent / UNIT_FILE
+    if not here.is_file() and getattr(sys, "_MEIPASS", None):
+        return Path(sys._MEIPASS) / "appliance" / "deploy" / UNIT_FILE
+    return here
+
+
 def render_unit(exec_start: str, user: str = "outpost", video_group: bool = False) -> str:
-    return UNIT_TEMPLATE.format(
-        user=user, exec_start=exec_start, config=CONFIG_PATH,
-        supplementary="SupplementaryGroups=video\n" if video_group else "")
+    """The shipped unit with this install's user, executable, and the video group where
+    the system has it; for the defaults, the shipped file itself."""
+    default_exec = re.escape(f"ExecStart={PREFIX / 'current' / 'outpost'} ")
+    groups = "SupplementaryGroups=video\n" if video_group else ""
+    text = unit_file().read_text()
+    for pattern, new in ((r"^User=outpost$", f"User={user}"),
+                         (r"^Group=outpost$", f"Group={user}"),
+                         (f"^{default_exec}", f"{groups}ExecStart={exec_start} ")):
+        text, count = re.subn(pattern, lambda _m, new=new: new, text, flags=re.MULTILINE)
+        if count != 1:
+            raise RuntimeError(f"{unit_file()}: needs exactly one line matching {pattern!r}")
+    return text
 
 
 def render_config(user: str = "outpost") -> str:
@@ -196,18 +162,6 @@ def _group_exists(root: Path, name: str) -> bool:
     except OSError:
         return False
     return any(line.split(":", 1)[0] == name for line in lines)
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode(), mode)
-
-
-def _symlink_atomic(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 def _copy_build(source: Path, dest: Path) -> None:
@@ -283,10 +237,10 @@ def plan(options: Options) -> list[Step]:
         steps.append(Step(f"copy the build {source} to {under(root, installed)}",
                           lambda: _copy_build(source, under(root, installed))))
         steps.append(Step(f"point {under(root, PREFIX / 'current')} at {version}",
-                          lambda: _symlink_atomic(under(root, PREFIX / "current"),
+                          lambda: atomic_symlink(under(root, PREFIX / "current"),
                                                   Path(version))))
         steps.append(Step(f"link {under(root, BIN_LINK)} -> {PREFIX / 'current' / 'outpost'}",
-                          lambda: _symlink_atomic(under(root, BIN_LINK),
+                          lambda: atomic_symlink(under(root, BIN_LINK),
                                                   PREFIX / "current" / "outpost")))
         exec_start = str(PREFIX / "current" / "outpost")
     else:
@@ -299,8 +253,8 @@ def plan(options: Options) -> list[Step]:
 
     sysusers = under(root, SYSUSERS_PATH)
     steps.append(Step(f"write {sysusers} (system user '{options.user}')",
-                      lambda: _write_atomic(sysusers, SYSUSERS_TEMPLATE.format(
-                          user=options.user, state_dir=STATE_DIR))))
+                      lambda: atomic_write_bytes(sysusers, SYSUSERS_TEMPLATE.format(
+                          user=options.user, state_dir=STATE_DIR).encode())))
     if live:
         steps.append(Step(f"create the system user '{options.user}' if it does not exist",
                           lambda: _create_user(options.user, sysusers)))
@@ -321,11 +275,12 @@ def plan(options: Options) -> list[Step]:
         # World-readable like most of /etc: it holds no secret (a token belongs in
         # server.token_file, mode 0640 root:outpost; docs/operations.md).
         steps.append(Step(f"write the default config {config}",
-                          lambda: _write_atomic(config, text, 0o644)))
+                          lambda: atomic_write_bytes(config, text.encode(), 0o644)))
 
     unit = under(root, UNIT_PATH)
     unit_text = render_unit(exec_start, options.user, _group_exists(root, "video"))
-    steps.append(Step(f"write the systemd unit {unit}", lambda: _write_atomic(unit, unit_text)))
+    steps.append(Step(f"write the systemd unit {unit}",
+                      lambda: atomic_write_bytes(unit, unit_text.encode())))
     if live:
         steps.append(Step("systemctl daemon-reload", lambda: _run(["systemctl", "daemon-reload"])))
         if options.enable:

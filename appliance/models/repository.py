@@ -26,7 +26,7 @@ from appliance.models.model_config import (
     model_config_to_toml,
 )
 from engines.base import file_sha256
-from engines.cache import fsync_dir
+from engines.files import copy_synced, fsync_dir, write_synced
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
@@ -180,8 +180,8 @@ class Repository:
             for rel, src in files.items():
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _copy_synced(src, dst)
-            _write_synced(stage / CONFIG_FILE, model_config_to_toml(config).encode())
+                copy_synced(src, dst)
+            write_synced(stage / CONFIG_FILE, model_config_to_toml(config).encode())
             fsync_dir(stage)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(stage, final)
@@ -359,20 +359,6 @@ def _external_locations(model) -> set[str]:
 
     graph(model.graph)
     return found
-
-
-def _copy_synced(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def _write_synced(dst: Path, data: bytes) -> None:
-    with open(dst, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 __all__ = ["ConfigError", "ModelRecord", "Repository", "VersionRecord", "check_onnx"]

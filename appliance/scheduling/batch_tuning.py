@@ -27,7 +27,7 @@ import numpy as np
 
 from engines import RuntimeOptions
 from engines.base import Session
-from engines.cache import atomic_write_bytes
+from engines.files import atomic_write_bytes
 
 log = logging.getLogger("outpost.batching")
 

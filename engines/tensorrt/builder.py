@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from engines.base import BuildOptions
-from engines.cache import atomic_write_bytes
 from engines.errors import ModelInvalid, PrepareError
+from engines.files import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 

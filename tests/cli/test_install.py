@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config.load import load_config
-from appliance.deploy.install import Options, check_can_apply, render_unit
+from appliance.deploy.install import Options, check_can_apply, render_unit, unit_file
 from appliance.errors import FailedPrecondition
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -160,10 +160,31 @@ def test_video_group_joins_the_unit_where_the_system_has_it(tmp_path):
     assert "SupplementaryGroups=video" in unit.splitlines()
 
 
-def test_the_checked_in_unit_is_the_one_install_writes():
-    shipped = (ROOT / "build/systemd/outpost.service").read_text()
+def test_the_shipped_unit_is_the_one_install_writes():
+    shipped = (ROOT / "appliance/deploy/outpost.service").read_text()
+    assert unit_file() == ROOT / "appliance/deploy/outpost.service"
     assert shipped == render_unit("/opt/outpost/current/outpost")
     assert outpost("install", "--print-unit").stdout == shipped
+    # Another user and executable change those lines, and only those.
+    other = render_unit("/usr/bin/python3 -m appliance", "edge", video_group=True)
+    changed = {line for line in other.splitlines() if line not in shipped.splitlines()}
+    assert changed == {"User=edge", "Group=edge", "SupplementaryGroups=video",
+                       "ExecStart=/usr/bin/python3 -m appliance serve --config "
+                       "/etc/outpost/config.toml"}
+    assert len(other.splitlines()) == len(shipped.splitlines()) + 1
+
+
+def test_the_frozen_app_finds_its_bundled_unit(tmp_path, monkeypatch):
+    # build/outpost.spec bundles the unit under appliance/deploy/ in sys._MEIPASS.
+    from appliance.deploy import install
+
+    bundled = tmp_path / "bundle/appliance/deploy/outpost.service"
+    bundled.parent.mkdir(parents=True)
+    bundled.write_text((ROOT / "appliance/deploy/outpost.service").read_text())
+    monkeypatch.setattr(install, "__file__", str(tmp_path / "frozen/install.pyc"))
+    monkeypatch.setattr(sys, "_MEIPASS", str(tmp_path / "bundle"), raising=False)
+    assert unit_file() == bundled
+    assert render_unit("/opt/outpost/current/outpost") == bundled.read_text()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
