@@ -10,10 +10,14 @@ next that many bytes, in input order. Outputs come back the same way when asked 
 from __future__ import annotations
 
 import json
+import re
+from array import array as array_of
 from dataclasses import dataclass, field
+from itertools import chain
 from math import prod
 
 import numpy as np
+import orjson
 
 from appliance.errors import InvalidArgument
 from engines.base import DTYPE_TABLE
@@ -28,6 +32,12 @@ _DTYPE_TO_V2 = {np.dtype(n).newbyteorder(o): v for n, v in NUMPY_TO_V2.items()
                 for o in ("<", ">", "=")}
 # Known to the protocol but not served here: say so rather than "unknown".
 V2_UNSERVED = ("UINT16", "UINT32", "UINT64", "BF16", "BYTES")
+# orjson's nesting limit (arrays and objects together); it refuses deeper documents.
+JSON_DEPTH_LIMIT = 1024
+# NumPy's dimension limit: a shape's length, and how deep a tensor's 'data' may nest.
+MAX_DATA_DIMS = 64
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_NOT_A_NUMBER = re.compile(rb"-?(?:nan|inf(?:inity)?)(?![A-Za-z0-9_])", re.IGNORECASE)
 
 
 def v2_datatype(numpy_name: str) -> str:
@@ -37,6 +47,53 @@ def v2_datatype(numpy_name: str) -> str:
 def v2_datatype_of(dtype: np.dtype) -> str:
     v2 = _DTYPE_TO_V2.get(dtype)
     return v2 if v2 is not None else v2_datatype(dtype.name)
+
+
+def loads_json(raw: bytes | memoryview) -> object:
+    """A request body's JSON (orjson); InvalidArgument saying what is wrong with it."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(_json_error(raw, exc)) from exc
+
+
+def _json_error(raw: bytes | memoryview, exc: orjson.JSONDecodeError) -> str:
+    pos = exc.pos or 0
+    if exc.msg.startswith("depth limit"):
+        return (f"the request body is nested too deeply: JSON arrays and objects more than "
+                f"{JSON_DEPTH_LIMIT} levels deep (char {pos}) are over the parser's limit; "
+                f"send tensor 'data' flat, or nested only as deep as its shape")
+    if "infinity when parsed" in exc.msg:
+        return (f"the request body holds a number too large for any float (over 1.8e308) "
+                f"at char {pos}; send values that fit the tensor's datatype")
+    start = pos - 1 if pos > 0 and raw[pos - 1:pos] == b"-" else pos
+    token = _NOT_A_NUMBER.match(bytes(raw[start:start + 9]))
+    if token:
+        return (f"the request body is not valid JSON: {token[0].decode()} at char {start} "
+                f"is not a JSON number (JSON has no NaN or Infinity); send such tensors as "
+                f"binary data (parameters.binary_data_size)")
+    if "UTF-8" in exc.msg and "BOM" not in exc.msg:
+        return "the request body is not valid JSON: it is not valid UTF-8 text"
+    return f"the request body is not valid JSON: {exc}"
+
+
+def dumps_json(obj: object) -> bytes:
+    """Compact JSON (orjson; NumPy arrays as lists). What orjson can't write (integers over
+    64 bits, lone surrogates, unknown types) goes through the stdlib as before."""
+    try:
+        return orjson.dumps(obj, option=_DUMPS_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _stdlib_dumps(obj)
+
+
+def _stdlib_dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
+
+
+def _plain(obj: object) -> object:
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 @dataclass
@@ -64,10 +121,7 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
                 f"it must give the length of the JSON header at the start of the body")
     else:
         json_len = len(body)
-    try:
-        header = json.loads(body[:json_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from exc
+    header = loads_json(body if json_len == len(body) else memoryview(body)[:json_len])
     if not isinstance(header, dict):
         raise InvalidArgument("the request body must be a JSON object with 'inputs'")
     rid = header.get("id")
@@ -134,7 +188,13 @@ def _dtype_and_shape(tensor: dict, where: str) -> tuple[np.dtype, tuple[int, ...
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidArgument(f"{where} shape must be a list of non-negative integers, "
                               f"got {shape!r}")
-    return np.dtype(V2_TO_NUMPY[datatype]).newbyteorder("<"), tuple(shape)
+    dtype = np.dtype(V2_TO_NUMPY[datatype]).newbyteorder("<")
+    if len(shape) > MAX_DATA_DIMS:
+        raise InvalidArgument(f"{where} shape has {len(shape)} dimensions; a tensor has at "
+                              f"most {MAX_DATA_DIMS}")
+    if prod(d for d in shape if d) * dtype.itemsize >= 1 << 63:
+        raise InvalidArgument(f"{where} shape {shape} is too large for any tensor")
+    return dtype, tuple(shape)
 
 
 def _binary_size(tensor: dict, where: str) -> int | None:
@@ -159,48 +219,124 @@ def _from_bytes(data: memoryview, dtype: np.dtype, shape: tuple[int, ...],
 
 def _from_json(data: object, dtype: np.dtype, shape: tuple[int, ...],
                where: str) -> np.ndarray:
+    """``data`` (flat, or nested) as an array.
+
+    No Python loop over the elements: they go into an ``array.array`` of doubles (or 64-bit
+    integers) in one C pass, which refuses strings, null, objects and lists (and floats, for
+    integers) without NumPy guessing a dtype (a string among the numbers would make it
+    allocate elements x longest string). Bools pass as 0 and 1: ``_holds_bool`` looks for
+    them. The element types are looked at only to word an error.
+    """
     if not isinstance(data, list):
         raise InvalidArgument(f"{where} needs 'data' (a JSON list) or binary_data_size")
-    flat = _flatten(data, where)
     count = prod(shape)
-    if len(flat) != count:
+    leaves = _nested_leaves(data, where) if list in set(map(type, data[:1])) or (
+        len(data) != count) else data
+    if len(leaves) != count:
         raise InvalidArgument(
-            f"{where} has {len(flat)} elements in 'data' but shape {list(shape)} holds {count}")
+            f"{where} has {len(leaves)} elements in 'data' but shape {list(shape)} holds "
+            f"{count}")
+    native = dtype.newbyteorder("=")
+    if count == 0:
+        return np.empty(shape, dtype=native)
+    v2 = v2_datatype(dtype.name)
     if dtype.kind == "b":
-        if not all(isinstance(v, bool) for v in flat):
-            raise InvalidArgument(f"{where} is BOOL: 'data' must hold true and false")
-    elif any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in flat):
-        raise InvalidArgument(f"{where} 'data' must hold numbers only")
-    elif dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
-        raise InvalidArgument(
-            f"{where} is {v2_datatype(dtype.name)}: 'data' must hold integers")
+        types = set(map(type, leaves))
+        if types != {bool}:
+            _refuse_elements(types, where, "is BOOL: 'data' must hold true and false")
+        return np.array(leaves, dtype=native).reshape(shape)
+    integers = dtype.kind in "iu"
     try:
-        with np.errstate(over="raise"):
-            array = np.array(flat, dtype=dtype.newbyteorder("="))
-    except (OverflowError, FloatingPointError, ValueError) as exc:
-        raise InvalidArgument(
-            f"{where} 'data' holds a value that does not fit {v2_datatype(dtype.name)}"
-        ) from exc
+        buffer = array_of("q" if integers else "d", leaves)
+    except TypeError:  # a string, null, object or list; or a float among integers
+        types = set(map(type, leaves))
+        _refuse_elements(types - {int, float}, where, "'data' must hold numbers only")
+        if not integers:  # not reached: doubles take any int and float
+            raise InvalidArgument(f"{where} 'data' must hold numbers only") from None
+        # Integers and floats only: an integer past 64 bits reads as a float (orjson), so
+        # one out of range doesn't fit; in range, a float came from a number written as one.
+        values = np.array(leaves, dtype=np.float64)
+        info = np.iinfo(dtype)
+        # -2**63 - 1 rounds to -2**63 as a float: for INT64 that bound counts as outside.
+        low = values <= info.min if info.bits == 64 else values < info.min
+        if low.any() or (values >= float(info.max + 1)).any():
+            raise InvalidArgument(f"{where} 'data' holds a value that does not fit {v2}"
+                                  ) from None
+        raise InvalidArgument(f"{where} is {v2}: 'data' must hold integers") from None
+    except OverflowError:  # an integer past INT64
+        raise InvalidArgument(f"{where} 'data' holds a value that does not fit {v2}"
+                              ) from None
+    found = np.frombuffer(buffer, dtype=np.int64 if integers else np.float64)
+    if _holds_bool(leaves, found):
+        raise InvalidArgument(f"{where} 'data' must hold numbers only")
+    if integers:
+        info = np.iinfo(dtype)
+        if info.bits < 64 and (found.min() < info.min or found.max() > info.max):
+            raise InvalidArgument(f"{where} 'data' holds a value that does not fit {v2}")
+        return found.astype(native, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):
+        array = found.astype(native, copy=False)
+    # JSON has no Infinity (orjson refuses it), so an infinite value is one past the range.
+    if array.dtype != found.dtype and not np.isfinite(array).all():
+        raise InvalidArgument(f"{where} 'data' holds a value that does not fit {v2}")
     return array.reshape(shape)
 
 
-def _flatten(data: list, where: str) -> list:
-    """Row-major elements of a flat or nested JSON list (the spec allows both)."""
-    if not any(isinstance(v, list) for v in data):
-        return data
+def _nested_leaves(data: list, where: str) -> list:
+    """The elements of ``data``, nested any way, row-major (Triton and the v2 spec take
+    any nesting whose element count is the shape's). A level that is all lists is
+    flattened in one C pass; a level mixing lists and numbers, element by element."""
+    level = data
+    for _ in range(MAX_DATA_DIMS):
+        kinds = set(map(type, level))
+        if list not in kinds:
+            return level
+        if kinds != {list}:
+            return _flatten_mixed(level, where)
+        level = list(chain.from_iterable(level))
+    raise InvalidArgument(f"{where} 'data' is nested too deeply (over {MAX_DATA_DIMS} "
+                          f"levels); send it flat")
+
+
+def _flatten_mixed(data: list, where: str) -> list:
     out: list = []
     stack = [iter(data)]
     while stack:
         for v in stack[-1]:
-            if isinstance(v, list):
+            if type(v) is list:
                 stack.append(iter(v))
+                if len(stack) > MAX_DATA_DIMS:
+                    raise InvalidArgument(f"{where} 'data' is nested too deeply (over "
+                                          f"{MAX_DATA_DIMS} levels); send it flat")
                 break
             out.append(v)
         else:
             stack.pop()
-        if len(stack) > 64:
-            raise InvalidArgument(f"{where} 'data' is nested too deeply")
     return out
+
+
+def _refuse_elements(types: set, where: str, what: str) -> None:
+    if list in types:
+        raise InvalidArgument(
+            f"{where} 'data' holds a list among its numbers; nest it evenly or send it "
+            f"flat")
+    if types:
+        raise InvalidArgument(f"{where} {what}")
+
+
+def _holds_bool(leaves: list, found: np.ndarray) -> bool:
+    """Whether ``leaves``, read as the numbers ``found``, held a true or false.
+
+    A bool reads as 0 or 1, so only elements equal to those are looked at: one by one
+    when they are few (an image), by a scan of the element types when they are many.
+    """
+    suspects = (found == 0) | (found == 1)
+    count = int(np.count_nonzero(suspects))
+    if count == 0:
+        return False
+    if count * 16 <= found.size:
+        return any(type(leaves[i]) is bool for i in np.flatnonzero(suspects).tolist())
+    return bool in set(map(type, leaves))
 
 
 def _requested_outputs(raw: object) -> tuple[list[str] | None, dict[str, bool]]:
@@ -236,31 +372,41 @@ def wants_binary(body: InferBody, name: str) -> bool:
 
 
 def encode_infer_response(model: str, version: int, body: InferBody,
-                          outputs: dict[str, np.ndarray]) -> tuple[list[bytes], int | None]:
-    """The response as byte chunks, and the JSON header's length when binary data follows.
+                          outputs: dict[str, np.ndarray]
+                          ) -> tuple[list[bytes | memoryview], int | None]:
+    """The response as chunks (the JSON header, then a view of each binary output's bytes),
+    and the JSON header's length when binary data follows.
 
     Outputs in JSON carry no ``parameters`` (strict clients refuse parameters without
-    binary_data_size); binary ones carry only ``binary_data_size``.
+    binary_data_size); binary ones carry only ``binary_data_size``. The binary chunks are
+    views over the output arrays: write (or join) them before the arrays can change.
     """
     header: dict = {"model_name": model, "model_version": str(version)}
     if body.id is not None:
         header["id"] = body.id
     tensors = []
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
+    stdlib = False
     for name, value in outputs.items():
         array = np.asarray(value)
         entry: dict = {"name": name, "datatype": v2_datatype_of(array.dtype),
                        "shape": list(array.shape)}
         if wants_binary(body, name):
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-            blob = little.tobytes()
+            blob = memoryview(little.reshape(-1).view(np.uint8))
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            flat = np.ascontiguousarray(array.reshape(-1),
+                                        dtype=array.dtype.newbyteorder("="))
+            # orjson writes NaN and infinities as null; the stdlib writes NaN, Infinity
+            # (as outpost always has, and as tritonclient reads them).
+            if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+                stdlib = True
+            entry["data"] = flat
         tensors.append(entry)
     header["outputs"] = tensors
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _stdlib_dumps(header) if stdlib else dumps_json(header)
     if not blobs:
         return [head], None
     return [head, *blobs], len(head)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 
 from aiohttp import web
@@ -27,7 +26,9 @@ from appliance.serving.service import SERVER_NAME, Service
 from appliance.transport.http.codec import (
     HEADER_LENGTH,
     InferBody,
+    dumps_json,
     encode_infer_response,
+    loads_json,
     parse_infer_body,
     v2_datatype,
 )
@@ -50,8 +51,7 @@ def too_large_message(size: int, limit: int) -> str:
 
 
 def json_response(obj, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=json.dumps(obj, separators=(",", ":")).encode(),
-                        content_type=JSON)
+    return web.Response(status=status, body=dumps_json(obj), content_type=JSON)
 
 
 class Routes:
@@ -223,10 +223,7 @@ class Routes:
         raw = await self.read_body(request)
         if not raw.strip():
             return {}
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument(f"the request body is not valid JSON: {exc}") from exc
+        body = loads_json(raw)
         if not isinstance(body, dict):
             raise InvalidArgument("the request body must be a JSON object")
         return body

@@ -109,6 +109,23 @@ def test_wrong_shape_or_dtype(conn, overrides, words):
     assert status == 400 and words in message, message
 
 
+@pytest.mark.parametrize("body, words", [
+    (b"[" * 200_000, "nested too deeply"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": '
+     + b"[" * 200_000, "nested too deeply"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": '
+     b"[NaN]}]}", "NaN"),
+])
+def test_hostile_json_is_a_400_and_the_server_keeps_serving(conn, body, words):
+    status, message = error_of(call(conn, "POST", "/v2/models/identity/infer", body))
+    assert status == 400 and words in message, message
+    assert "recursion" not in message and "internal" not in message
+    if words == "nested too deeply":
+        assert "1024" in message
+    status, _, body = call(conn, "POST", "/v2/models/identity/infer", identity_request())
+    assert status == 200 and json.loads(body)["outputs"][0]["data"][15] == 15.0
+
+
 def test_wrong_input_name(conn):
     status, message = error_of(call(conn, "POST", "/v2/models/identity/infer",
                                     identity_request(name="z")))
@@ -282,6 +299,9 @@ def test_admin_token(conn):
     status, message = error_of(call(conn, "POST", "/v2/repository/index", b"{oops",
                                     headers={"Authorization": f"Bearer {TOKEN}"}))
     assert status == 400 and "JSON" in message
+    status, message = error_of(call(conn, "POST", "/v2/repository/index", b"[" * 200_000,
+                                    headers={"Authorization": f"Bearer {TOKEN}"}))
+    assert status == 400 and "nested too deeply" in message
 
 
 def test_health_routes(conn):
