@@ -16,11 +16,14 @@ import time
 
 import numpy as np
 
+from appliance.config.schema import BatchingConfig
 from appliance.errors import FailedPrecondition, OutpostError, error_from_wire
 from appliance.models.model_config import EnsembleConfig, ModelConfig
 from appliance.models.repository import VersionRecord
 from appliance.models.versions import Members, ServedVersion, VersionState
 from appliance.observe.stats import VersionStats
+from appliance.scheduling.clock import LoopClock
+from appliance.scheduling.holding import HoldingQueue
 from appliance.scheduling.request import DONE, QueuedRequest
 from engines import TensorSpec
 
@@ -46,7 +49,13 @@ class EnsembleVersion(ServedVersion):
         self.memory_bytes = 0  # members account for their own
         self._inflight = 0
         self._idle: asyncio.Event | None = None
-        self._parked: list[QueuedRequest] = []
+        # Requests that come while it loads, as many as its own config's queue takes (an
+        # ensemble's config is stored as written: the appliance's default where it is not)
+        limit = config.dynamic_batching.max_queue_size
+        self._held = HoldingQueue(
+            f"ensemble '{self.name}' version {self.version}",
+            (BatchingConfig.max_queue_size if limit is None else limit) or 1, self.stats,
+            LoopClock(asyncio.get_running_loop()))
         # pipeline: per step, member-input -> tensor and member-output -> tensor
         self._in_maps: list[dict[str, str]] = []
         self._out_maps: list[dict[str, str]] = []
@@ -71,10 +80,7 @@ class EnsembleVersion(ServedVersion):
             raise FailedPrecondition(self.error) from exc
         self.output_names = frozenset(s.name for s in self.outputs)
         self.state = VersionState.READY
-        parked, self._parked = self._parked, []
-        for r in parked:
-            if r.state != DONE:
-                self._run(r)
+        self._held.release(self._run)
 
     async def _member(self, model: str, version: int | None, where: str) -> ServedVersion:
         if model == self.name:
@@ -185,21 +191,17 @@ class EnsembleVersion(ServedVersion):
     def _fail(self, message: str) -> None:
         self.state = VersionState.FAILED
         self.error = message
-        parked, self._parked = self._parked, []
-        for r in parked:
-            if r.state != DONE:
-                r.state = DONE
-                r.done(None, FailedPrecondition(message))
+        self._held.fail(FailedPrecondition(message))
 
     # -- serving -----------------------------------------------------------------------------
 
     def inflight_count(self) -> int:
-        return self._inflight + len(self._parked)
+        return self._inflight + len(self._held)
 
     def submit(self, request: QueuedRequest) -> None:
         self.last_used = time.monotonic()
         if self.state is VersionState.LOADING:
-            self._parked.append(request)
+            self._held.hold(request)
             return
         if self.state is not VersionState.READY:
             raise FailedPrecondition(f"ensemble '{self.name}' version {self.version} is "

@@ -15,10 +15,8 @@ from pathlib import Path
 
 from appliance.config.profiles import Profile
 from appliance.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
     OutpostError,
-    ResourceExhausted,
     Unavailable,
 )
 from appliance.models.model_config import ModelConfig
@@ -26,9 +24,11 @@ from appliance.models.repository import VersionRecord
 from appliance.models.versions import ServedVersion, VersionState, describe_from_config
 from appliance.scheduling.batch_tuning import preferred_batch_size, tuning_path
 from appliance.scheduling.batcher import DynamicBatcher
+from appliance.scheduling.clock import LoopClock
+from appliance.scheduling.holding import HoldingQueue
 from appliance.scheduling.instance import ModelInstance
 from appliance.scheduling.policy import BatchPolicy
-from appliance.scheduling.request import DONE, QUEUED, QueuedRequest
+from appliance.scheduling.request import QueuedRequest
 from engines import (
     BuildOptions,
     Engine,
@@ -85,7 +85,10 @@ class LoadedVersion(ServedVersion):
         self.batcher: DynamicBatcher | None = None
         self.last_used = time.monotonic()
         self.memory_bytes = estimate_memory(record, config)
-        self._parked: list[QueuedRequest] = []  # requests that came while loading
+        self._clock = LoopClock(asyncio.get_running_loop())
+        self._held = HoldingQueue(  # requests that come while it loads
+            f"model '{self.name}' version {self.version}",
+            config.dynamic_batching.max_queue_size or 1, self.stats, self._clock)
         self._min_instances = config.instances or 1
         self._max_instances = max(config.max_instances or 0, self._min_instances)
         self._scaling = False
@@ -138,34 +141,16 @@ class LoadedVersion(ServedVersion):
             max_queue_size=db.max_queue_size or 1,
             priority_levels=db.priority_levels,
         )
-        self.batcher = DynamicBatcher(policy, instances, self.stats)
+        self.batcher = DynamicBatcher(policy, instances, self.stats, clock=self._clock)
         self.state = VersionState.READY
-        parked, self._parked = self._parked, []
-        for r in parked:
-            if r.timer is not None:
-                r.timer.cancel()
-                r.timer = None
-            if r.state != QUEUED:  # expired or cancelled while waiting for the load
-                continue
-            try:
-                self._enqueue(r)
-            except OutpostError as exc:
-                r.state = DONE
-                r.done(None, exc)
+        self._held.release(self._enqueue)
         if self._max_instances > self._min_instances:
             self._arm_scale_check()
 
     def _fail(self, message: str) -> None:
         self.state = VersionState.FAILED
         self.error = message
-        parked, self._parked = self._parked, []
-        for r in parked:
-            if r.timer is not None:
-                r.timer.cancel()
-            if r.state == QUEUED:
-                r.state = DONE
-                self.stats.request_failed("UNAVAILABLE")
-                r.done(None, Unavailable(f"{message}; the request could not run"))
+        self._held.fail(Unavailable(f"{message}; the request could not run"))
 
     async def unload(self, timeout_s: float | None = None) -> None:
         """Stop taking requests, let those in flight finish, free the sessions."""
@@ -184,12 +169,12 @@ class LoadedVersion(ServedVersion):
 
     def inflight_count(self) -> int:
         queued = self.batcher.inflight_count() if self.batcher else 0
-        return queued + len(self._parked)
+        return queued + len(self._held)
 
     def submit(self, request: QueuedRequest) -> None:
         self.last_used = time.monotonic()
         if self.state is VersionState.LOADING:
-            self._park(request)
+            self._held.hold(request)
             return
         if self.state is not VersionState.READY or self.batcher is None:
             err = Unavailable(f"model '{self.name}' version {self.version} is "
@@ -209,33 +194,6 @@ class LoadedVersion(ServedVersion):
                 and self.batcher.queued_rows > max(self.max_batch_size, 1)):
             self._scaling = True
             asyncio.get_running_loop().create_task(self._scale_up())
-
-    def _park(self, request: QueuedRequest) -> None:
-        limit = self.config.dynamic_batching.max_queue_size or 1
-        if len(self._parked) >= limit:
-            err = ResourceExhausted(
-                f"model '{self.name}' version {self.version} is loading and {limit} "
-                f"requests already wait for it; retry shortly")
-            self.stats.request_failed(err.code)
-            raise err
-        request.enqueued = time.monotonic()
-        self._parked.append(request)
-        if request.deadline is not None:
-            loop = asyncio.get_running_loop()
-            request.timer = loop.call_at(
-                loop.time() + max(0.0, request.deadline - request.enqueued),
-                self._expire_parked, request)
-
-    def _expire_parked(self, request: QueuedRequest) -> None:
-        if request.state != QUEUED:
-            return
-        request.state = DONE
-        self._parked.remove(request)
-        err = DeadlineExceeded(
-            f"the request's timeout passed while model '{self.name}' version "
-            f"{self.version} was loading; raise timeout_ms or load it ahead (load = 'eager')")
-        self.stats.request_failed(err.code)
-        request.done(None, err)
 
     # -- instance scaling ---------------------------------------------------------------
 

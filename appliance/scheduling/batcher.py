@@ -4,7 +4,9 @@
 queue and the oldest request's age, as in Triton's dynamic batcher. ``DynamicBatcher``
 owns the queues on the event loop and hands formed batches to ``ModelInstance`` workers,
 one thread and one engine session each. Everything here except ``ModelInstance._work``
-runs on the event loop thread, so the queue state needs no locks.
+runs on the event loop thread, so the queue state needs no locks. The time it reads and the
+timers it sets (queue delay, deadlines, the drain timeout) go through a ``Clock``; only an
+engine run is timed with the real clock, as the engine's time it is.
 
 A busy instance may hold one more batch, formed ahead once a full one is queued, so that
 it starts on it the moment it finishes: under load the event loop is busy reading
@@ -26,6 +28,7 @@ from appliance.errors import (
     Unavailable,
 )
 from appliance.observe.stats import VersionStats
+from appliance.scheduling.clock import Clock, LoopClock, Timer
 from appliance.scheduling.instance import PIPELINE_DEPTH, ModelInstance, run_and_split
 from appliance.scheduling.policy import BatchPolicy, decide, ready_rows
 from appliance.scheduling.request import DONE, QUEUED, RUNNING, QueuedRequest
@@ -41,10 +44,16 @@ class DynamicBatcher:
     """The scheduler for one model version: Enqueue, InflightInferenceCount, Stop."""
 
     def __init__(self, policy: BatchPolicy, instances: list[ModelInstance],
-                 stats: VersionStats, loop: asyncio.AbstractEventLoop | None = None):
+                 stats: VersionStats, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Clock | None = None):
         self.policy = policy
         self.stats = stats
         self._loop = loop or asyncio.get_running_loop()
+        self._clock = clock or LoopClock(self._loop)
+        # Bound once: read for every request (LoopClock's are time.monotonic and, on
+        # asyncio's loops, loop.call_at themselves).
+        self._now = self._clock.now
+        self._call_at = self._clock.call_at
         self._window = window_for(self._loop)
         self._waiting_window = False
         self._queues = [collections.deque() for _ in range(policy.priority_levels)]
@@ -53,7 +62,7 @@ class DynamicBatcher:
         self._dead = 0  # expired or cancelled requests still in the deques
         self._running = 0  # requests handed to an instance, not yet answered
         self._load = {inst: 0 for inst in instances}  # instance -> batches handed to it
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._stopping = False
         self._drained: asyncio.Event | None = None
         self._timed = 0  # batches timed so far
@@ -73,15 +82,13 @@ class DynamicBatcher:
                 f"the queue is full ({self.policy.max_queue_size} requests waiting); "
                 f"retry later or raise dynamic_batching.max_queue_size"
             )
-        request.enqueued = time.monotonic()
+        request.enqueued = self._now()
         request.owner = self
         self._queues[request.priority].append(request)
         self._queued += 1
         self._queued_rows += request.rows
         if request.deadline is not None:
-            request.timer = self._loop.call_at(
-                self._loop.time() + max(0.0, request.deadline - request.enqueued),
-                self._expire, request)
+            request.timer = self._call_at(request.deadline, self._expire, request)
         if self._window.depth:
             if not self._waiting_window:
                 self._waiting_window = True
@@ -129,10 +136,15 @@ class DynamicBatcher:
         self._stopping = True
         drained = True
         if self.inflight_count():
-            self._drained = asyncio.Event()
+            self._drained = event = asyncio.Event()
+            timer = (None if timeout_s is None
+                     else self._call_at(self._now() + timeout_s, event.set))
             try:
-                await asyncio.wait_for(self._drained.wait(), timeout_s)
-            except TimeoutError:
+                await event.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if self.inflight_count():  # the timeout passed first
                 drained = False
                 self._fail_queued(Unavailable("the version was unloaded before this request "
                                               "could run; retry"))
@@ -160,7 +172,7 @@ class DynamicBatcher:
         if err is not None:
             self.stats.request_failed(err.code)
         else:
-            self.stats.request_done(time.monotonic() - r.enqueued, r.started - r.enqueued,
+            self.stats.request_done(self._now() - r.enqueued, r.started - r.enqueued,
                                     self._last_compute_s)
         r.done(outputs, err)
 
@@ -190,7 +202,7 @@ class DynamicBatcher:
     def _expire(self, request: QueuedRequest) -> None:
         if request.state == DONE:
             return
-        waited_ms = (time.monotonic() - request.enqueued) * 1e3
+        waited_ms = (self._now() - request.enqueued) * 1e3
         where = "in the queue" if request.state == QUEUED else "while running"
         if request.state == QUEUED:
             self._retire(request)
@@ -249,10 +261,11 @@ class DynamicBatcher:
                 if not rows:
                     return
             else:
-                age_us = (time.monotonic() - head.enqueued) * 1e6
-                rows, wait_us = decide(self._queued_rows, age_us, self.policy)
+                now = self._now()
+                rows, wait_us = decide(self._queued_rows, (now - head.enqueued) * 1e6,
+                                       self.policy)
                 if rows == 0:
-                    self._timer = self._loop.call_later(wait_us / 1e6, self._schedule)
+                    self._timer = self._call_at(now + wait_us / 1e6, self._schedule)
                     return
             batch = self._take(head, rows if self.policy.max_batch_size else 1)
             self._dispatch(instance, batch)
@@ -281,7 +294,7 @@ class DynamicBatcher:
 
     def _start_running(self, batch: list[QueuedRequest], rows: int) -> list[QueuedRequest]:
         """Count ``batch`` (taken out of the deques, ``rows`` rows) as running."""
-        now = time.monotonic()
+        now = self._now()
         for r in batch:
             r.state = RUNNING
             r.started = now

@@ -3,7 +3,6 @@ and the callback that answers it, with its state (QUEUED, RUNNING, DONE)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -11,6 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance.errors import OutpostError
+from appliance.scheduling.clock import Timer
 
 QUEUED, RUNNING, DONE = 0, 1, 2
 NO_DEADLINE = math.inf  # a request's deadline when it asked for none
@@ -21,7 +21,8 @@ DoneCallback = Callable[[dict | None, OutpostError | None], None]
 
 
 class Owner(Protocol):
-    """What queued a request (a batcher) and can forget it again."""
+    """What holds a request now (its batcher, or the holding queue while its version
+    loads) and can forget it again."""
 
     def cancel(self, request: QueuedRequest) -> None: ...
 
@@ -41,9 +42,9 @@ class QueuedRequest:
         self.enqueued = 0.0
         self.started = 0.0
         self.state = QUEUED
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None  # its deadline's, set by what holds it
         self.tag = tag  # whatever the caller wants back (e.g. the connection)
-        self.owner: Owner | None = None  # the batcher that queued it
+        self.owner: Owner | None = None  # what holds it (see Owner)
 
 
 def cancel_request(request: QueuedRequest) -> None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
 from appliance import errors
 from appliance.client import Client
+from appliance.config.load import load_config
 from appliance.demo.launcher import ServerProcess
 from appliance.models.ensemble import combine
+from appliance.models.manager import ModelManager
 from appliance.models.repository import Repository
+from appliance.models.versions import VersionState
+from appliance.scheduling.request import QueuedRequest
+from engines.onnxruntime_engine import OnnxRuntimeEngine
 from tests.support import tiny_models as tm
 
 PIPELINE = """
@@ -134,3 +142,64 @@ def test_ensemble_config_is_checked_when_added(members, short_tmp):
     bad.write_text("max_batch_size = 4\n")
     with pytest.raises(errors.InvalidArgument, match=r"\[ensemble\]"):
         members.add("e", bad)
+
+
+def test_an_ensemble_that_is_loading_holds_a_bounded_queue_with_deadlines(members,
+                                                                            short_tmp):
+    """Requests that come while an ensemble loads wait as a model's do: at most its
+    dynamic_batching.max_queue_size of them (then RESOURCE_EXHAUSTED), each until its
+    deadline (then DEADLINE_EXCEEDED naming the loading); the rest run once it is loaded.
+    Its load is held at a gate on its members' loading: a member slow to load."""
+    _ensemble(members, short_tmp, "pipe",
+              'load = "lazy"\n[dynamic_batching]\nmax_queue_size = 2\n' + PIPELINE)
+    members.close()
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+
+    async def go():
+        repo = Repository(short_tmp)
+        manager = ModelManager(repo, OnnxRuntimeEngine(),
+                               load_config(None, {"data_dir": str(short_tmp)}))
+        await manager.load_all()  # the members; the lazy ensemble waits for a request
+        loaded, gate = manager.ensure_loaded, asyncio.Event()
+
+        async def slow_member_load(name, version):
+            await gate.wait()
+            return await loaded(name, version)
+        manager.ensure_loaded = slow_member_load
+        try:
+            ens = manager.lookup("pipe", 1)  # starts its load
+            loop = asyncio.get_running_loop()
+            kept, expiring = loop.create_future(), loop.create_future()
+
+            def request(fut, deadline):  # its inputs are known once it has loaded
+                return QueuedRequest({"pixels": x}, 2, (), 0, deadline,
+                                     lambda out, err: fut.set_result((out, err)))
+            t0 = time.monotonic()
+            ens.submit(request(kept, None))
+            ens.submit(request(expiring, t0 + 0.05))
+            with pytest.raises(errors.ResourceExhausted, match="is loading and 2 requests"):
+                ens.submit(request(loop.create_future(), None))
+            await asyncio.sleep(0)
+            held = (ens.state, ens.inflight_count(), expiring.done())
+            _, expired = await asyncio.wait_for(expiring, 5)
+            waited = time.monotonic() - t0
+            still = (ens.state, ens.inflight_count(), kept.done())
+            gate.set()
+            outputs, error = await asyncio.wait_for(kept, 30)
+            return held, expired, waited, still, outputs, error, ens.stats
+        finally:
+            gate.set()
+            await manager.unload_all()
+            repo.close()
+
+    held, expired, waited, still, outputs, error, stats = asyncio.run(go())
+    assert held == (VersionState.LOADING, 2, False)
+    assert isinstance(expired, errors.DeadlineExceeded)
+    assert "while ensemble 'pipe' version 1 was loading" in str(expired)
+    assert waited >= 0.045  # at its deadline, not before (the loop's timer resolution)
+    assert still == (VersionState.LOADING, 1, False)
+    assert error is None
+    np.testing.assert_allclose(outputs["probs"], tm.softmax((x + 1) @ tm.head_weights(0)),
+                               rtol=1e-5, atol=1e-6)
+    assert stats.failures_by_code == {"RESOURCE_EXHAUSTED": 1, "DEADLINE_EXCEEDED": 1}
+    assert stats.request_success == 1

@@ -1,4 +1,8 @@
-"""The batching decision (pure, with explicit ages) and the batcher on a real event loop."""
+"""The batching decision (pure, with explicit ages) and the batcher on a real event loop.
+
+Its timing (queue delay, deadlines, the drain timeout) runs on a FakeClock: the test moves
+time, so nothing here sleeps to wait for a timer. Engines still run on worker threads.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from appliance.errors import DeadlineExceeded, ResourceExhausted
+from appliance.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from appliance.observe.stats import VersionStats
 from appliance.scheduling.batcher import DynamicBatcher
 from appliance.scheduling.instance import ModelInstance
 from appliance.scheduling.policy import BatchPolicy, decide
 from appliance.scheduling.request import QueuedRequest
 from engines.base import Session, TensorSpec
+from tests.support.fake_clock import FakeClock
 
 
 def test_decide_full_batch_goes_at_once():
@@ -83,6 +88,12 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+async def _settle(rounds: int = 5) -> None:
+    """Let the loop run what timers fired or threads handed back (no time passes)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
 def test_requests_batch_and_split_back_exactly():
     async def go():
         session = GatedSession()
@@ -120,8 +131,9 @@ def test_queue_full_is_refused_at_once_and_deadline_hits_queued_requests():
         session.gate.clear()
         inst = ModelInstance(session, "t")
         stats = VersionStats()
-        b = DynamicBatcher(BatchPolicy(max_batch_size=1, max_queue_size=2), [inst], stats)
-        loop = asyncio.get_running_loop()
+        clock = FakeClock()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1, max_queue_size=2), [inst], stats,
+                           clock=clock)
         outcomes = []
         done_all = asyncio.Event()
 
@@ -131,13 +143,16 @@ def test_queue_full_is_refused_at_once_and_deadline_hits_queued_requests():
                 done_all.set()
         x = np.ones((1, 4), np.float32)
         b.enqueue(_request(x, done))  # runs (held by the gate)
-        await asyncio.sleep(0.05)
         b.enqueue(_request(x, done))  # formed ahead: the instance holds it next
-        b.enqueue(_request(x, done, deadline=loop.time() + 0.05))  # waits, then expires
+        b.enqueue(_request(x, done, deadline=clock.now() + 0.05))  # waits, then expires
         b.enqueue(_request(x, done))
         with pytest.raises(ResourceExhausted):
             b.enqueue(_request(x, done))
-        await asyncio.sleep(0.2)
+        clock.advance(0.049)
+        await _settle()
+        assert outcomes == []
+        clock.advance(0.001)
+        await _settle()
         assert isinstance(outcomes[0], DeadlineExceeded)
         assert "in the queue" in str(outcomes[0])
         session.gate.set()
@@ -156,7 +171,7 @@ def test_priority_levels_run_lower_first():
         session.gate.clear()
         inst = ModelInstance(session, "t")
         b = DynamicBatcher(BatchPolicy(max_batch_size=1, priority_levels=3), [inst],
-                           VersionStats())
+                           VersionStats(), clock=FakeClock())
         order = []
         finished = asyncio.Event()
 
@@ -168,7 +183,6 @@ def test_priority_levels_run_lower_first():
             return done
         x = np.ones((1, 4), np.float32)
         b.enqueue(_request(x, make_done("first"), priority=2))  # starts at once
-        await asyncio.sleep(0.05)
         b.enqueue(_request(x, make_done("ahead"), priority=2))  # the batch formed ahead
         b.enqueue(_request(x, make_done("low-a"), priority=2))
         b.enqueue(_request(x, make_done("mid"), priority=1))
@@ -237,11 +251,16 @@ def test_engine_failure_fails_the_batch_not_the_batcher():
     assert out[1] is None
 
 
-def _hold_loop_after_opening(session: GatedSession, seconds: float) -> list[int]:
-    """Open the gate, then keep the event loop from running for ``seconds``: whatever the
-    worker runs meanwhile was handed to it before, not by the loop."""
+def _hold_loop_after_opening(session: GatedSession, batches: int,
+                             grace_s: float = 0.05) -> list[int]:
+    """Open the gate, then keep the event loop from running until the worker has run
+    ``batches`` batches and ``grace_s`` more (time for one more it might hold): whatever
+    it runs meanwhile was handed to it before, not by the loop."""
     session.gate.set()
-    time.sleep(seconds)
+    t_end = time.monotonic() + 5
+    while len(session.batches) < batches and time.monotonic() < t_end:
+        time.sleep(0.001)
+    time.sleep(grace_s)
     return list(session.batches)
 
 
@@ -262,7 +281,7 @@ def test_a_busy_instance_is_handed_the_next_full_batch_before_it_finishes():
         b.enqueue(_request(x, done))  # runs alone: the instance was idle
         for _ in range(4):  # two full batches queue; the first is handed over at once
             b.enqueue(_request(x, done))
-        ran = _hold_loop_after_opening(session, 0.3)
+        ran = _hold_loop_after_opening(session, 2)
         await asyncio.wait_for(finished.wait(), 5)
         await b.stop()
         return ran, session.batches, answered
@@ -288,7 +307,7 @@ def test_a_partial_batch_is_not_formed_ahead_of_a_busy_instance():
         x = np.ones((1, 4), np.float32)
         for _ in range(4):  # one runs; three wait and keep growing into one batch
             b.enqueue(_request(x, done))
-        ran = _hold_loop_after_opening(session, 0.3)
+        ran = _hold_loop_after_opening(session, 1)
         await asyncio.wait_for(finished.wait(), 5)
         await b.stop()
         return ran, session.batches
@@ -428,23 +447,24 @@ def test_a_lone_request_waits_the_queue_delay_and_only_then(delay_us):
     (Triton's max_queue_delay_us: a batch may still grow meanwhile)."""
     async def go():
         session = GatedSession()
+        clock = FakeClock()
         b = DynamicBatcher(BatchPolicy(max_batch_size=8, max_queue_delay_us=delay_us),
-                           [ModelInstance(session, "t")], VersionStats())
+                           [ModelInstance(session, "t")], VersionStats(), clock=clock)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        t0 = time.monotonic()
         b.enqueue(_request(np.ones((1, 4), np.float32),
-                           lambda o, e: done.set_result(time.monotonic() - t0)))
-        waited = await done
+                           lambda o, e: done.set_result(clock.now())))
+        if delay_us:
+            await _settle()
+            assert not done.done() and b.queued_rows == 1  # still waiting for the delay
+            clock.advance(delay_us / 1e6)
+        waited = await asyncio.wait_for(done, 5)
         await b.stop()
         return waited, session.batches
 
     waited, batches = _run(go())
     assert batches == [1]
-    if delay_us:
-        assert waited >= delay_us / 1e6 * 0.9
-    else:
-        assert waited < 0.02  # 30 ms would mean it waited for a delay it doesn't have
+    assert waited == delay_us / 1e6  # on the clock: the delay when it has one, else none
 
 
 def test_a_lone_request_behind_cancelled_ones_at_any_priority_runs_once():
@@ -457,7 +477,6 @@ def test_a_lone_request_behind_cancelled_ones_at_any_priority_runs_once():
         session.gate.clear()  # the first request holds the instance
         first = loop.create_future()
         b.enqueue(_request(np.ones((1, 4), np.float32), lambda o, e: first.set_result(e)))
-        await asyncio.sleep(0.05)
         answers = []
         gone = _request(np.zeros((1, 4), np.float32), lambda o, e: answers.append("gone"),
                         priority=0)
@@ -475,3 +494,140 @@ def test_a_lone_request_behind_cancelled_ones_at_any_priority_runs_once():
     answers, batches = _run(go())
     assert answers == [[[6.0] * 4]]
     assert batches == [1, 1]
+
+
+def _futures(n: int) -> tuple[list[asyncio.Future], list]:
+    """``n`` futures, and done callbacks that set them to the error (None: answered)."""
+    loop = asyncio.get_running_loop()
+    futs = [loop.create_future() for _ in range(n)]
+    return futs, [lambda o, e, f=f: f.set_result(e) for f in futs]
+
+
+def test_the_queue_delay_fires_exactly_at_max_queue_delay_us():
+    """Not a microsecond before: at delay - 1 us all still wait; at the delay what is
+    queued goes as one batch. The delay counts from the oldest request, not the newest."""
+    async def go():
+        session = GatedSession()
+        clock = FakeClock()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8, max_queue_delay_us=1000),
+                           [ModelInstance(session, "t")], VersionStats(), clock=clock)
+        futs, dones = _futures(3)
+        x = np.ones((1, 4), np.float32)
+        b.enqueue(_request(x, dones[0]))
+        clock.advance(400e-6)
+        b.enqueue(_request(x, dones[1]))  # younger: the oldest's age decides
+        b.enqueue(_request(x, dones[2]))
+        clock.advance(599e-6)  # 999 us after the first
+        await _settle()
+        before = (b.queued_rows, list(session.batches), [f.done() for f in futs])
+        clock.advance(1e-6)  # 1000 us
+        after_rows = b.queued_rows  # handed to the instance within the advance
+        errors = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        await b.stop()
+        return before, after_rows, errors, session.batches
+
+    before, after_rows, errors, batches = _run(go())
+    assert before == (3, [], [False] * 3)
+    assert after_rows == 0
+    assert errors == [None] * 3 and batches == [3]
+
+
+def test_a_preferred_batch_size_leaves_at_once_without_waiting_for_the_delay():
+    async def go():
+        session = GatedSession()
+        clock = FakeClock()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=8, max_queue_delay_us=10_000_000,
+                                       preferred_batch_sizes=(4,)),
+                           [ModelInstance(session, "t")], VersionStats(), clock=clock)
+        futs, dones = _futures(5)
+        x = np.ones((1, 4), np.float32)
+        for d in dones[:3]:
+            b.enqueue(_request(x, d))
+        await _settle()
+        waiting = b.queued_rows
+        b.enqueue(_request(x, dones[3]))  # four: a preferred size
+        errors = await asyncio.wait_for(asyncio.gather(*futs[:4]), 5)
+        went_at = clock.now()
+        b.enqueue(_request(x, dones[4]))  # alone again: waits for the delay
+        await _settle()
+        left = b.queued_rows
+        clock.advance(10.0)
+        await asyncio.wait_for(futs[4], 5)
+        await b.stop()
+        return waiting, errors, went_at, left, session.batches
+
+    waiting, errors, went_at, left, batches = _run(go())
+    assert waiting == 3 and errors == [None] * 4
+    assert went_at == 0.0  # the four went before the clock moved at all
+    assert left == 1 and batches == [4, 1]  # the fifth only once the delay passed
+
+
+def test_a_deadline_that_passes_in_the_queue_and_one_that_passes_while_running():
+    """Either way the request is answered once, DEADLINE_EXCEEDED saying where and after
+    how long; a running request's late result is dropped, the instance goes on."""
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        clock = FakeClock()
+        stats = VersionStats()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1), [ModelInstance(session, "t")],
+                           stats, clock=clock)
+        answers: dict[str, list] = {"running": [], "ahead": [], "queued": []}
+
+        def noting(name):
+            return lambda o, e: answers[name].append(e)
+        x = np.ones((1, 4), np.float32)
+        b.enqueue(_request(x, noting("running"), deadline=0.010))  # runs, held by the gate
+        b.enqueue(_request(x, noting("ahead")))  # formed ahead: no deadline
+        b.enqueue(_request(x, noting("queued"), deadline=0.005))  # waits in the queue
+        clock.advance(0.005)
+        await _settle()
+        queued_only = {k: len(v) for k, v in answers.items()}
+        clock.advance(0.005)
+        await _settle()
+        session.gate.set()
+        while not answers["ahead"]:
+            await asyncio.sleep(0.001)  # the worker finishing the held batches
+        await b.stop()
+        return queued_only, answers, stats
+
+    queued_only, answers, stats = _run(go())
+    assert queued_only == {"running": 0, "ahead": 0, "queued": 1}
+    (queued,), (running,), (ahead,) = answers["queued"], answers["running"], answers["ahead"]
+    assert isinstance(queued, DeadlineExceeded)
+    assert "in the queue after 5.0 ms" in str(queued)
+    assert isinstance(running, DeadlineExceeded)
+    assert "while running after 10.0 ms" in str(running)
+    assert ahead is None
+    assert stats.request_success == 1
+    assert stats.failures_by_code == {"DEADLINE_EXCEEDED": 2}
+
+
+def test_a_stop_that_times_out_on_the_clock_fails_what_is_still_queued():
+    async def go():
+        session = GatedSession()
+        session.gate.clear()
+        clock = FakeClock()
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1), [ModelInstance(session, "t")],
+                           VersionStats(), clock=clock)
+        futs, dones = _futures(3)
+        x = np.ones((1, 4), np.float32)
+        for d in dones:  # one runs (held), one is formed ahead, one waits
+            b.enqueue(_request(x, d))
+        stopping = asyncio.get_running_loop().create_task(b.stop(timeout_s=2.0))
+        await _settle()
+        clock.advance(1.999)
+        await _settle()
+        early = stopping.done()
+        clock.advance(0.001)
+        drained = await asyncio.wait_for(stopping, 5)
+        queued_error = futs[2].result()
+        session.gate.set()  # the abandoned worker finishes what it held, and exits
+        held = await asyncio.wait_for(asyncio.gather(*futs[:2]), 5)
+        return early, drained, queued_error, held, clock.pending()
+
+    early, drained, queued_error, held, pending = _run(go())
+    assert not early and drained is False
+    assert isinstance(queued_error, Unavailable) and "unloaded" in str(queued_error)
+    assert held == [None, None]
+    assert pending == 0
