@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.client import Client  # noqa: E402
 from appliance.config.load import load_config  # noqa: E402
 from appliance.demo.launcher import ServerProcess  # noqa: E402
-from appliance.demo.models import BUILDERS, DEMO_CONFIGS, sample_inputs  # noqa: E402
+from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
 from appliance.models.repository import Repository  # noqa: E402
 
 

@@ -93,6 +93,9 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    # ONNX Runtime: idle intra-op threads spin for the next batch instead of sleeping
+    # (quicker to start, but they take CPU the server's own loop may need)
+    spinning: bool = False
     device_id: int = 0
 
 

@@ -135,8 +135,10 @@ class OnnxRuntimeEngine(Engine):
         so.inter_op_num_threads = runtime.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        # Threads that spin between batches steal the CPU from the server's own loop.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning threads start a batch sooner but take CPU from the server's own loop:
+        # whether they pay is measured per model (appliance/scheduling/tuning.py).
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if runtime.spinning else "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(str(artifact.path), so, providers=["CPUExecutionProvider"])

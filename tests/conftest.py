@@ -15,6 +15,28 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def _fixed_layout_profiles() -> Path:
+    """The shipped CPU profile with a fixed layout (one thread, one instance, no preferred
+    batch), first in the profile search path of every process the tests start: measuring
+    each model at the first load of every fresh data dir would add seconds to each server
+    start, and the tests of batching need a layout they know. The tests of the measured
+    layout (tests/models/test_layout.py) run their servers on the shipped profiles."""
+    import re
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="op-profiles-"))
+    text = (ROOT / "firmware_profiles" / "x86-cpu.toml").read_text()
+    text = re.sub(r'^intra_op = .*$', "intra_op = 1\nspinning = false", text, flags=re.M)
+    text = re.sub(r'^instances = .*$', "instances = 1\nauto_preferred_batch = false", text,
+                  flags=re.M)
+    (folder / "x86-cpu.toml").write_text(text)
+    return folder
+
+
+FIXED_LAYOUT_PROFILES = _fixed_layout_profiles()
+os.environ["OUTPOST_PROFILES_DIR"] = str(FIXED_LAYOUT_PROFILES)
+
+
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory) -> dict[str, Path]:
     """The demo models as ONNX files (identity, cnn, mlp)."""

@@ -20,10 +20,12 @@ def register(sub) -> None:
 
 
 def gather(config) -> dict:
+    from appliance.config.cpus import usable_cpus  # noqa: PLC0415
     from appliance.config.profiles import choose_engine, resolve  # noqa: PLC0415
 
     detection = resolve(config.profile)
     engine, reason = choose_engine(config.engine, detection)
+    cpus = usable_cpus()
     return {
         "outpost": __version__,
         "python": sys.version.split()[0],
@@ -35,7 +37,33 @@ def gather(config) -> dict:
         "engine": engine.kind,
         "engine_version": engine.version(),
         "engine_reason": reason,
+        "cpus": {**cpus.as_dict(), "profile_cores": detection.profile.device.cpu_cores},
+        "layout_policy": {"threads": config.threads.intra_op,
+                          "spinning": config.threads.spinning,
+                          "instances": config.batching.instances,
+                          "preferred_batch": "auto" if config.batching.auto_preferred_batch
+                          else "none"},
+        "layouts": _layouts(config),
     }
+
+
+def _layouts(config) -> list[dict]:
+    """The layout each model's active version last ran with here (models list shows the
+    same); none when the data folder holds no repository yet."""
+    from pathlib import Path  # noqa: PLC0415
+
+    if not (Path(config.data_dir) / "state.db").exists():
+        return []
+    from appliance.models.repository import Repository  # noqa: PLC0415
+
+    repo = Repository(config.data_path)
+    try:
+        layouts = repo.layouts()
+        return [{"model": m.name, "version": m.active_version,
+                 **layouts[(m.name, m.active_version)]}
+                for m in repo.models() if (m.name, m.active_version) in layouts]
+    finally:
+        repo.close()
 
 
 def show_info(args) -> int:
@@ -49,4 +77,16 @@ def show_info(args) -> int:
     print(f"profile:  {info['profile']} (from {info['profile_source']}: "
           f"{info['profile_reason']})")
     print(f"engine:   {info['engine']} {info['engine_version']} ({info['engine_reason']})")
+    cpus, policy = info["cpus"], info["layout_policy"]
+    print(f"cpus:     {cpus['count']} usable ({cpus['reason']})"
+          + (f"; the profile's board has {cpus['profile_cores']}" if cpus["profile_cores"]
+             else ""))
+    print(f"layouts:  threads {policy['threads']}, spinning {policy['spinning']}, instances "
+          f"{policy['instances']}, preferred batch {policy['preferred_batch']} "
+          f"(auto: measured per model at its first load)")
+    from appliance.scheduling.tuning import Layout  # noqa: PLC0415
+
+    for row in info["layouts"]:
+        layout = Layout(**{k: v for k, v in row.items() if k not in ("model", "version")})
+        print(f"  {row['model']} v{row['version']}: {layout.describe()}")
     return 0

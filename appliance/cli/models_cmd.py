@@ -51,7 +51,8 @@ def add_model(args) -> int:
     record = repo.add(args.name, args.model, version=args.version,
                       config_path=args.model_config, samples_path=args.samples,
                       defaults=config.batching, activate=False)
-    engine_note = _prepare_engine(repo, config, record)
+    engine_note = ("an ensemble: its members run it" if record.config().ensemble is not None
+                   else _prepare_engine(repo, config, record))
     if not args.stage:
         repo.set_active(record.model, record.version)
     cfg = record.config()
@@ -67,21 +68,31 @@ def _prepare_engine(repo, config, record) -> str:
 
     A model that will not build is removed again, with one error saying why and what to try.
     """
-    from appliance.cli.progress import BuildProgressBar  # noqa: PLC0415
+    from appliance.cli.progress import BuildProgressBar, MeasureProgress  # noqa: PLC0415
     from appliance.config.profiles import choose_engine, resolve  # noqa: PLC0415
     from appliance.errors import FailedPrecondition  # noqa: PLC0415
+    from appliance.models import layout as layouts  # noqa: PLC0415
     from appliance.models.loaded import build_options  # noqa: PLC0415
-    from engines import EngineError  # noqa: PLC0415
+    from engines import EngineError, RuntimeOptions  # noqa: PLC0415
 
     detection = resolve(config.profile)
     engine, _reason = choose_engine(config.engine, detection)
     bar = BuildProgressBar() if engine.kind == "tensorrt" else None
     if bar is not None:
         engine.progress = bar
+    model_config = record.config()
+    options = build_options(model_config, detection.profile)
+    measuring = MeasureProgress(record.model)
     try:
-        artifact = engine.prepare(record.model_file,
-                                  build_options(record.config(), detection.profile),
-                                  repo.engines_dir)
+        artifact = engine.prepare(record.model_file, options, repo.engines_dir)
+        if bar is not None:
+            bar.close()
+            bar = None
+        # Measured now, not at the server's first load: the next start finds it cached.
+        runtime = RuntimeOptions(inter_op_threads=config.threads.inter_op)
+        layout = layouts.resolve(engine, artifact, options, runtime,
+                                 layouts.want_for(model_config, config, engine.kind),
+                                 repo.engines_dir, progress=measuring)
     except EngineError as exc:
         repo.remove(record.model, record.version)
         raise FailedPrecondition(
@@ -90,17 +101,22 @@ def _prepare_engine(repo, config, record) -> str:
     finally:
         if bar is not None:
             bar.close()
-    return f"{engine.kind} engine for profile {detection.profile.name}: {artifact.path.name}"
+        measuring.close()
+    repo.record_layout(record.model, record.version, layout.as_dict())
+    return (f"{engine.kind} engine for profile {detection.profile.name}: "
+            f"{artifact.path.name}; layout: {layout.describe()}")
 
 
 def list_models(args) -> int:
     repo, _ = _repo(args)
     models = repo.models()
+    layouts = repo.layouts()
     if args.json:
         print(json.dumps([
             {"name": m.name, "active_version": m.active_version,
              "versions": [{"version": v.version, "state": v.state, "sha256": v.sha256,
-                           "path": str(v.path)} for v in m.versions]}
+                           "path": str(v.path), "layout": layouts.get((m.name, v.version))}
+                          for v in m.versions]}
             for m in models], indent=2))
         return 0
     if not models:
@@ -110,7 +126,15 @@ def list_models(args) -> int:
             f"{v.version}{'*' if v.version == m.active_version else ''}"
             f"{'' if v.state == 'ready' else f' ({v.state})'}" for v in m.versions)
         print(f"{m.name:20} versions: {versions}")
+        if m.active_version is not None and (m.name, m.active_version) in layouts:
+            print(f"{'':20} layout: {_describe(layouts[(m.name, m.active_version)])}")
     return 0
+
+
+def _describe(layout: dict) -> str:
+    from appliance.scheduling.tuning import Layout  # noqa: PLC0415
+
+    return Layout(**layout).describe()
 
 
 def remove_model(args) -> int:

@@ -1,4 +1,5 @@
-"""A progress bar for TensorRT builds, fed by the builder's IProgressMonitor.
+"""Progress bars: TensorRT builds (``BuildProgressBar``, fed by the builder's
+IProgressMonitor) and a model's layout being measured (``MeasureProgress``).
 
 TensorRT calls the monitor from its own threads, with nested phases; the bar shows the
 outermost phase's share done and the innermost phase's name. On a terminal it redraws one
@@ -65,3 +66,37 @@ class BuildProgressBar:
         line = (f"\r[{bar}] {100 * done // steps:3d}% {root}"
                 + (f" > {inner} {idone}/{isteps}" if inner != root else ""))
         print(line[:160].ljust(100), end="", file=self.out, flush=True)
+
+
+class MeasureProgress:
+    """``progress(done, total, what)`` of the layout measuring (scheduling/tuning.py): one
+    redrawn line on a terminal, elsewhere a line as it starts and one when it ends."""
+
+    def __init__(self, model: str, out=None, width: int = 20):
+        self.out = out or sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.model = model
+        self.width = width
+        self._started = False
+        self._t0 = time.monotonic()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if not self._started:
+            self._started = True
+            if not self.tty:
+                print(f"measuring how {self.model} runs best here ({total} steps)",
+                      file=self.out, flush=True)
+        if self.tty:
+            filled = int(self.width * done / max(total, 1))
+            line = (f"\rmeasuring {self.model} [{'#' * filled}{'.' * (self.width - filled)}] "
+                    f"{done}/{total} {what}")
+            print(line[:160].ljust(80), end="", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if not self._started:
+            return
+        if self.tty:
+            print(file=self.out, flush=True)
+        else:
+            print(f"measured {self.model} in {time.monotonic() - self._t0:.1f} s",
+                  file=self.out, flush=True)

@@ -16,7 +16,9 @@ def register(sub) -> None:
                    help="also serve the Open Inference Protocol v2 over HTTP (http.address)")
     p.add_argument("--engine", help="auto | onnxruntime | tensorrt")
     p.add_argument("--profile", help="firmware profile name (default: detect)")
-    p.add_argument("--threads", type=int, help="intra-op threads per model instance")
+    p.add_argument("--threads", type=_threads, metavar="N|auto",
+                   help="intra-op threads per model instance (threads.intra_op; auto: "
+                        "measured per model)")
     p.add_argument("--max-frame-bytes", type=int, help="largest frame accepted")
     p.add_argument("--log-level", help="debug | info | warning | error")
     p.add_argument("--log-format", help="auto | json | text")
@@ -25,6 +27,16 @@ def register(sub) -> None:
     p.add_argument("--demo", action="store_true",
                    help="add the embedded demo models to the repository first")
     p.set_defaults(func=serve)
+
+
+def _threads(text: str) -> int | str:
+    import argparse  # noqa: PLC0415
+
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1, or auto")
 
 
 def serve(args) -> int:

@@ -38,11 +38,12 @@ class DeviceMatch:
     gpu_name: tuple[str, ...] = ()  # substrings of the CUDA device name
     memory_mb: int = 0  # the board's memory (shared CPU/GPU on Jetson); 0: any
     dla_cores: int = 0
+    cpu_cores: int = 0  # the board's CPU cores (documentation; ``outpost info`` shows both)
     compute_capability: str = ""  # like "8.7"; documentation, and checked when known
 
     def check(self) -> None:
-        if self.memory_mb < 0 or self.dla_cores < 0:
-            raise ValueError("memory_mb and dla_cores must be >= 0")
+        if self.memory_mb < 0 or self.dla_cores < 0 or self.cpu_cores < 0:
+            raise ValueError("memory_mb, dla_cores and cpu_cores must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -106,12 +106,27 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class ThreadsConfig:
-    intra_op: int = 1  # threads inside one engine call
+    """Threads of each model instance. "auto": measured per model at its first load, within
+    the cores this process may use (appliance/scheduling/tuning.py)."""
+
+    intra_op: int | str = "auto"  # threads inside one engine call
     inter_op: int = 1
+    spinning: bool | str = "auto"  # ONNX Runtime's intra-op threads spin between batches
 
     def check(self) -> None:
-        if self.intra_op < 1 or self.inter_op < 1:
-            raise ValueError("intra_op and inter_op must be >= 1")
+        _auto_or_at_least_one(self.intra_op, "intra_op")
+        if self.inter_op < 1:
+            raise ValueError("inter_op must be >= 1")
+        if isinstance(self.spinning, str) and self.spinning != "auto":
+            raise ValueError(f"spinning {self.spinning!r}: use true, false or \"auto\"")
+
+
+def _auto_or_at_least_one(value: int | str, key: str) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{key} {value!r}: use a whole number >= 1 or \"auto\"")
+    elif value < 1:
+        raise ValueError(f"{key} must be >= 1 (or \"auto\")")
 
 
 @dataclass(frozen=True)
@@ -122,15 +137,17 @@ class BatchingConfig:
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
     default_timeout_ms: int = 0  # 0: no timeout
-    instances: int = 1
-    # Measure each batched model's preferred batch size at load (appliance/batch_tuning.py)
-    auto_preferred_batch: bool = False
+    instances: int | str = "auto"  # "auto": measured with the threads at first load
+    # Measure each batched model's preferred batch size at load, with its layout
+    # (appliance/scheduling/tuning.py), unless its config.toml names preferred sizes
+    auto_preferred_batch: bool = True
 
     def check(self) -> None:
         if self.max_batch_size < 0 or self.max_queue_delay_us < 0 or self.default_timeout_ms < 0:
             raise ValueError("max_batch_size, max_queue_delay_us, default_timeout_ms must be >= 0")
-        if self.max_queue_size < 1 or self.instances < 1:
-            raise ValueError("max_queue_size and instances must be >= 1")
+        if self.max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        _auto_or_at_least_one(self.instances, "instances")
 
 
 @dataclass(frozen=True)

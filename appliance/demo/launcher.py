@@ -34,6 +34,7 @@ class ServerProcess:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()  # this run's lines follow an earlier run's
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -54,12 +55,15 @@ class ServerProcess:
                           f"{self.log_path}\n{self.log_tail()}")
 
     def ready_record(self, timeout_s: float = 10.0) -> dict:
-        """The server's "ready" log line (JSON): where it listens, what it loaded."""
+        """This run's "ready" log line (JSON): where it listens, what it loaded."""
         import json
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for line in self.log_path.read_text(errors="replace").splitlines():
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                lines = f.read().decode(errors="replace").splitlines()
+            for line in lines:
                 try:
                     record = json.loads(line)
                 except ValueError:

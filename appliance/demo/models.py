@@ -127,18 +127,13 @@ def sample_inputs(name: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndar
     raise KeyError(name)
 
 
-# config.toml text of the demo models that need one. The CNN measures at load which batch
-# size to prefer on this device (appliance/batch_tuning.py): on a CPU core it runs no
-# faster per image in large batches, on a GPU it does.
-DEMO_CONFIGS = {"cnn": "[dynamic_batching]\nauto_preferred_batch = true\n"}
-
-
 def write_demo_models(folder: Path) -> dict[str, Path]:
     return {name: build(folder / f"{name}.onnx") for name, build in BUILDERS.items()}
 
 
 def ensure_demo_models(repo, defaults) -> list[str]:
-    """Add each demo model the repository lacks; returns the names added."""
+    """Add each demo model the repository lacks; returns the names added. None needs a
+    config of its own: how each runs best here is measured at its first load."""
     import tempfile  # noqa: PLC0415
 
     have = {m.name for m in repo.models()}
@@ -147,11 +142,6 @@ def ensure_demo_models(repo, defaults) -> list[str]:
         for name, build in BUILDERS.items():
             if name in have:
                 continue
-            path = build(Path(tmp) / f"{name}.onnx")
-            config = None
-            if name in DEMO_CONFIGS:
-                config = Path(tmp) / f"{name}.toml"
-                config.write_text(DEMO_CONFIGS[name])
-            repo.add(name, path, config_path=config, defaults=defaults)
+            repo.add(name, build(Path(tmp) / f"{name}.onnx"), defaults=defaults)
             added.append(name)
     return added

@@ -19,16 +19,18 @@ from appliance.errors import (
     OutpostError,
     Unavailable,
 )
+from appliance.models.layout import resolve as resolve_layout
+from appliance.models.layout import runtime_for
 from appliance.models.model_config import ModelConfig
 from appliance.models.repository import VersionRecord
 from appliance.models.versions import ServedVersion, VersionState, describe_from_config
-from appliance.scheduling.batch_tuning import preferred_batch_size, tuning_path
 from appliance.scheduling.batcher import DynamicBatcher
 from appliance.scheduling.clock import LoopClock
 from appliance.scheduling.holding import HoldingQueue
 from appliance.scheduling.instance import ModelInstance
 from appliance.scheduling.policy import BatchPolicy
 from appliance.scheduling.request import QueuedRequest
+from appliance.scheduling.tuning import Layout, Want
 from engines import (
     BuildOptions,
     Engine,
@@ -95,18 +97,29 @@ class LoadedVersion(ServedVersion):
         self._scale_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
         self._make_instance = None
+        self.layout: Layout | None = None  # settled at load
 
     def __repr__(self) -> str:
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
 
     async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
-                   profile: Profile | None = None) -> None:
-        """Prepare, create and warm every instance; READY only when all are warm."""
+                   profile: Profile | None = None, want: Want | None = None) -> None:
+        """Prepare, settle the layout (``want``: what is fixed; the rest cached or
+        measured, models/layout.py), create and warm every instance; READY only when all
+        are warm."""
         where = f"model '{self.name}' version {self.version}"
         opts = build_options(self.config, profile)
         try:
             artifact = await asyncio.to_thread(
                 engine.prepare, self.record.model_file, opts, cache_dir)
+            if want is not None:
+                self.layout = await asyncio.to_thread(
+                    resolve_layout, engine, artifact, opts, runtime, want, cache_dir)
+                runtime = runtime_for(runtime, self.layout)
+                if self.config.instances is None:
+                    self._min_instances = self.layout.instances
+                    self._max_instances = max(self.config.max_instances or 0,
+                                              self._min_instances)
 
             async def make_instance(i: int) -> ModelInstance:
                 session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
@@ -128,11 +141,8 @@ class LoadedVersion(ServedVersion):
         self._make_instance = make_instance
         db = self.config.dynamic_batching
         preferred = tuple(db.preferred_batch_sizes)
-        if db.auto_preferred_batch and self.max_batch_size > 1:
-            size = await asyncio.to_thread(
-                preferred_batch_size, instances[0].session, self.max_batch_size,
-                tuning_path(cache_dir, artifact.cache_key, runtime))
-            preferred = (size,) if size else ()
+        if not preferred and self.layout is not None and self.layout.preferred_batch:
+            preferred = (self.layout.preferred_batch,)
         self.preferred_batch_sizes = preferred
         policy = BatchPolicy(
             max_batch_size=self.max_batch_size,

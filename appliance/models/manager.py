@@ -22,6 +22,7 @@ from appliance.errors import (
     ResourceExhausted,
 )
 from appliance.models.ensemble import EnsembleVersion
+from appliance.models.layout import want_for
 from appliance.models.loaded import LoadedVersion
 from appliance.models.model_config import ModelConfig
 from appliance.models.repository import Repository, VersionRecord
@@ -41,8 +42,8 @@ class ModelManager:
         self.repo = repo
         self.engine = engine
         self.config = config
-        self.runtime = RuntimeOptions(intra_op_threads=config.threads.intra_op,
-                                      inter_op_threads=config.threads.inter_op)
+        # each version's threads and spinning are its layout's (models/layout.py)
+        self.runtime = RuntimeOptions(inter_op_threads=config.threads.inter_op)
         self.loaded: dict[tuple[str, int], ServedVersion] = {}
         self.active: dict[str, int] = {}
         self.traffic: dict[str, TrafficPolicy] = {}
@@ -144,7 +145,8 @@ class ModelManager:
         try:
             await self._make_room(lv)
             if isinstance(lv, LoadedVersion):
-                await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile)
+                await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile,
+                              want_for(lv.config, self.config, self.engine.kind))
             else:
                 await lv.load()
         except OutpostError as exc:
@@ -153,9 +155,13 @@ class ModelManager:
             log.error("load failed", extra={"model": lv.name, "version": lv.version,
                                             "error": lv.error})
             return
+        layout = getattr(lv, "layout", None)
+        if layout is not None:
+            self.repo.record_layout(lv.name, lv.version, layout.as_dict())
         log.info("model loaded", extra={
             "model": lv.name, "version": lv.version, "engine": lv.engine_kind,
-            "load_s": round(time.monotonic() - t0, 3), "memory_mb": lv.memory_bytes >> 20})
+            "load_s": round(time.monotonic() - t0, 3), "memory_mb": lv.memory_bytes >> 20,
+            **({"layout": layout.describe()} if layout is not None else {})})
 
     async def ensure_loaded(self, name: str, version: int) -> ServedVersion:
         """Load (or find loaded) a version and wait until it is READY."""

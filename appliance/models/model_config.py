@@ -27,8 +27,9 @@ class DynamicBatching:
     default_timeout_ms: int | None = None  # 0: no timeout
     priority_levels: int = 1  # priorities 0 .. priority_levels-1, lower runs first
     default_priority_level: int = 0
-    # Measure at load which batch size to prefer on this device (appliance/batch_tuning.py);
-    # None: the appliance default ([batching] auto_preferred_batch)
+    # Measure at load which batch size to prefer on this device, with the layout
+    # (appliance/scheduling/tuning.py); None: the appliance default ([batching]
+    # auto_preferred_batch) at each load
     auto_preferred_batch: bool | None = None
 
     def check(self) -> None:
@@ -134,6 +135,7 @@ class EnsembleConfig:
 class ModelConfig:
     max_batch_size: int | None = None  # 0: no batching; None: from the graph and defaults
     instances: int | None = None  # instances at load (the minimum when scaling)
+    threads: int | None = None  # intra-op threads of each instance; None: the appliance's
     max_instances: int | None = None  # > instances: scale up with queue depth
     scale_down_idle_s: float = 10.0  # an extra instance goes after this long without work
     load: str = "eager"  # eager: at start; lazy: on the first request
@@ -150,6 +152,8 @@ class ModelConfig:
             raise ValueError("max_batch_size must be >= 0")
         if self.instances is not None and self.instances < 1:
             raise ValueError("instances must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
         if self.max_instances is not None and self.max_instances < (self.instances or 1):
             raise ValueError("max_instances must be >= instances")
         if self.load not in ("eager", "lazy"):
@@ -271,9 +275,7 @@ def complete(config: ModelConfig, model_path: Path, defaults: BatchingConfig,
         raise ConfigError(
             f"{where}: auto_preferred_batch needs a batch dimension, but max_batch_size is "
             f"0; drop auto_preferred_batch or let the model batch")
-    if db.auto_preferred_batch is None:  # the default applies where it can
-        db = dataclasses.replace(db, auto_preferred_batch=bool(
-            defaults.auto_preferred_batch and batched and not db.preferred_batch_sizes))
+    # auto_preferred_batch left out stays None: the appliance default applies at each load
     if batched and any(s > mbs for s in db.preferred_batch_sizes):
         raise ConfigError(
             f"{where}: preferred_batch_sizes {list(db.preferred_batch_sizes)} go past "
@@ -282,7 +284,9 @@ def complete(config: ModelConfig, model_path: Path, defaults: BatchingConfig,
     return dataclasses.replace(
         config,
         max_batch_size=mbs,
-        instances=config.instances or defaults.instances,
+        # an explicit default fixes the count; "auto" leaves it to the measured layout
+        instances=config.instances or (defaults.instances
+                                       if isinstance(defaults.instances, int) else None),
         dynamic_batching=db,
         input=_merge(inputs, config.input, batched, "input", where),
         output=_merge(outputs, config.output, batched, "output", where),

@@ -92,6 +92,11 @@ class Repository:
             )
             self.db["traffic"].create({"model": str, "policy": str}, pk="model",
                                       if_not_exists=True)
+            # The layout each version last ran with here (models/layout.py), for the
+            # commands that show it without a server.
+            self.db["layouts"].create({"model": str, "version": int, "layout": str,
+                                       "ts": float}, pk=("model", "version"),
+                                      if_not_exists=True)
             self.db["events"].create(
                 {"id": int, "ts": float, "model": str, "version": int, "kind": str,
                  "detail": str},
@@ -231,6 +236,17 @@ class Repository:
             self.db["models"].update(name, {"active_version": version})
             self._event(name, version, "activated", "")
 
+    def record_layout(self, name: str, version: int, layout: dict) -> None:
+        with self.db.conn:
+            self.db["layouts"].upsert({"model": name, "version": version,
+                                       "layout": json.dumps(layout), "ts": time.time()},
+                                      pk=("model", "version"))
+
+    def layouts(self) -> dict[tuple[str, int], dict]:
+        """(model, version) -> the layout it last ran with here."""
+        return {(r["model"], r["version"]): json.loads(r["layout"])
+                for r in self.db.query("select * from layouts")}
+
     def traffic(self, name: str) -> dict | None:
         """The traffic policy set at run time for ``name`` (None: the config's)."""
         rows = list(self.db.query("select policy from traffic where model = ?", [name]))
@@ -274,6 +290,9 @@ class Repository:
                 self.db.execute("delete from versions where model = ? and version = ?",
                                 [name, v])
                 self._event(name, v, "removed", "")
+            for v in gone:
+                self.db.execute("delete from layouts where model = ? and version = ?",
+                                [name, v])
             if version is None or len(model.versions) == 1:
                 self.db.execute("delete from models where name = ?", [name])
                 self.db.execute("delete from traffic where model = ?", [name])

@@ -65,6 +65,7 @@ class VersionInfo:
     active: bool
     inflight: int
     stats: VersionStats
+    layout: dict | None  # threads, instances, spinning, preferred_batch, source, reason
 
 
 @dataclass(frozen=True)

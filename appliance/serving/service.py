@@ -187,7 +187,8 @@ class Service:
             preferred_batch_sizes=tuple(getattr(lv, "preferred_batch_sizes", ())),
             instances=getattr(lv, "instance_count", 0), config=lv.config,
             active=self.manager.active.get(lv.name) == lv.version,
-            inflight=lv.inflight_count(), stats=lv.stats)
+            inflight=lv.inflight_count(), stats=lv.stats,
+            layout=lv.layout.as_dict() if getattr(lv, "layout", None) else None)
 
     # -- changing what is served (coroutines: they load models) -------------------------------
 

@@ -113,4 +113,4 @@ def _stats_row(info: VersionInfo) -> dict:
     return {"model": info.name, "version": info.version, "state": info.state,
             "active": info.active, "instances": info.instances,
             "preferred_batch_sizes": list(info.preferred_batch_sizes),
-            "inflight": info.inflight, **info.stats.snapshot()}
+            "inflight": info.inflight, "layout": info.layout, **info.stats.snapshot()}

@@ -44,7 +44,10 @@ def test_config_defaults_file_and_flags(short_tmp):
     ("engine = 'cuda'\n", ("engine", "onnxruntime")),
     ("[logging]\nlevel = 'loud'\n", ("level", "debug")),
     ("[batching]\ninstances = 0\n", ("instances",)),
-    ("[threads]\nintra_op = 'two'\n", ("threads.intra_op", "integer")),
+    ("[threads]\nintra_op = 'two'\n", ("threads.intra_op", "whole number", "auto")),
+    ("[threads]\nintra_op = 0\n", ("threads.intra_op", ">= 1")),
+    ("[threads]\nspinning = 'sometimes'\n", ("threads.spinning", "true, false")),
+    ("[batching]\ninstances = 'many'\n", ("instances", "auto")),
     ("data_dir = 5\n", ("data_dir", "string")),
     ("not toml at all [", ("not valid TOML",)),
 ])

@@ -139,7 +139,10 @@ def test_profile_defaults_feed_the_config_where_it_is_silent(tmp_path):
     config = load_config(path)
     assert config.batching.max_batch_size == 4  # the file wins
     assert config.batching.instances == 2 and config.batching.max_queue_delay_us == 500
-    assert config.threads.intra_op == 4
+    assert config.threads.intra_op == "auto"  # the profile's: measured per model
+    path.write_text("profile = \"jetson-agx-orin-64gb\"\n[threads]\nintra_op = 4\n")
+    assert load_config(path).threads.intra_op == 4  # the file wins
+    path.write_text("profile = \"jetson-agx-orin-64gb\"\n[batching]\nmax_batch_size = 4\n")
     cli = load_config(path, {"threads.intra_op": 3})
     assert cli.threads.intra_op == 3  # and a flag wins
     assert config.residency.memory_budget_mb == 32768  # the profile's model budget

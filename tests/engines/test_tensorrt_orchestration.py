@@ -455,24 +455,35 @@ def test_dims_fixed_in_config_toml_close_the_graphs_open_dims(trt, cuda, tmp_pat
     np.testing.assert_array_equal(session.run({"a": a})["y"], np.maximum(a, 0))
 
 
-def test_batch_size_measuring_runs_through_the_tensorrt_session_off_its_thread(
+def test_layout_measuring_runs_through_the_tensorrt_session_off_its_thread(
         trt, cuda, demo_files, tmp_path):
-    """auto_preferred_batch measures from a worker thread, as a load does: every size up to
-    the profile's maximum goes through set_input_shape and the session's own context."""
+    """The layout is measured from a worker thread, as a load does: every batch size up to
+    the profile's maximum goes through set_input_shape and the session's own context, and
+    TensorRT has no intra-op threads to measure."""
     import threading
 
-    from appliance.scheduling.batch_tuning import preferred_batch_size
+    from appliance.scheduling.tuning import Want, read_cached, resolve_layout
 
     eng = engine(trt, cuda)
-    session = eng.load(eng.prepare(demo_files["mlp"], OPTS, tmp_path), OPTS, RuntimeOptions())
+    artifact = eng.prepare(demo_files["mlp"], OPTS, tmp_path)
+    sessions, contexts = [], []
+
+    def make_session(threads, spinning):
+        assert (threads, spinning) == (1, False)
+        sessions.append(eng.load(artifact, OPTS, RuntimeOptions()))
+        contexts.append(trt_ctx(eng))
+        return sessions[-1]
+
+    want = Want(cores=4, max_batch_size=OPTS.max_batch_size, threads=1, instances=1,
+                spinning=False, thread_counts=False)
+    path = tmp_path / "layout.json"
     got: list = []
-    worker = threading.Thread(target=lambda: got.append(
-        preferred_batch_size(session, OPTS.max_batch_size, tmp_path / "figures.json")))
+    worker = threading.Thread(target=lambda: got.append(resolve_layout(make_session, want,
+                                                                       path)))
     worker.start()
     worker.join(60)
-    assert got and got[0] in (1, 2, 4)
-    shapes = {s for _, s in trt_ctx(eng).shape_calls[1:]}
+    assert got and got[0].preferred_batch in (1, 2, 4) and got[0].threads == 1
+    shapes = {s for _, s in contexts[0].shape_calls[1:]}
     assert shapes == {(1, 32), (2, 32), (4, 32)}
-    record = json.loads((tmp_path / "figures.json").read_text())
-    assert set(record["rows_per_s"]) == {"1", "2", "4"} and record["preferred"] == got[0]
-    session.close()
+    assert read_cached(path).preferred_batch == got[0].preferred_batch
+    assert len(sessions) == 1  # measured on one session, closed afterwards

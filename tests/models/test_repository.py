@@ -17,7 +17,9 @@ def test_add_completes_config_from_graph(short_tmp, demo_files):
     rec = repo.add("cnn", demo_files["cnn"])
     assert rec.version == 1 and rec.path == short_tmp / "models" / "cnn" / "1"
     cfg = rec.config()
-    assert cfg.max_batch_size == 32 and cfg.instances == 1
+    # instances left to the layout measured at load ("auto", the built-in default)
+    assert cfg.max_batch_size == 32 and cfg.instances is None
+    assert cfg.dynamic_batching.auto_preferred_batch is None  # the appliance's, at load
     assert [(t.name, t.dtype, t.dims) for t in cfg.input] == [
         ("image", "float32", (3, 224, 224))]
     assert cfg.input_specs()[0].shape == (-1, 3, 224, 224)

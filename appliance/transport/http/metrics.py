@@ -30,6 +30,7 @@ from appliance.observe.stats import DURATION_BOUNDS_S, VersionStats
 from appliance.serving.service import Service
 
 LABELS = ["model", "version"]
+LAYOUT_LABELS = ["threads", "instances", "spinning", "preferred_batch", "source", "reason"]
 HISTOGRAMS = (
     ("request", "outpost_request_duration_seconds",
      "Time from queueing to the answer, successful requests"),
@@ -62,6 +63,10 @@ class ModelCollector(Collector):
             "outpost_queue_depth", "Requests queued or running right now", labels=LABELS)
         ready = GaugeMetricFamily(
             "outpost_model_ready", "1 when the version is loaded and serving", labels=LABELS)
+        layout = GaugeMetricFamily(
+            "outpost_model_layout", "1 per loaded version: the layout it runs with (threads "
+            "and instances, spinning, preferred batch) and why (measured, cached or fixed)",
+            labels=[*LABELS, *LAYOUT_LABELS])
         hists = {kind: HistogramMetricFamily(name, doc, labels=LABELS)
                  for kind, name, doc in HISTOGRAMS}
         loaded = 0
@@ -76,6 +81,8 @@ class ModelCollector(Collector):
             pending.add_metric(labels, info.inflight)
             loaded += info.ready
             ready.add_metric(labels, int(info.ready))
+            if info.layout is not None:
+                layout.add_metric([*labels, *(str(info.layout[k]) for k in LAYOUT_LABELS)], 1)
             for kind, counts, total in (("request", st.request_hist, st.request_s_total),
                                         ("queue", st.queue_hist, st.queue_s_total),
                                         ("compute", st.compute_hist, st.compute_s_total)):
@@ -87,6 +94,7 @@ class ModelCollector(Collector):
         yield from hists.values()
         yield pending
         yield ready
+        yield layout
         yield GaugeMetricFamily("outpost_models_loaded",
                                 "Model versions loaded and serving", value=loaded)
         yield from self._traffic()
