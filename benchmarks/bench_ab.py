@@ -5,9 +5,10 @@
         "after-b1=.:max_batch_size = 1" --points cnn:64,identity:1,identity:64
 
 Each variant is NAME=CODE_TREE[:CNN_CONFIG] (CNN_CONFIG is config.toml text, ';' for a
-newline). Every variant gets its own real server process started from its code tree; each
-round measures the raw engine, then every variant's points in turn, so the shared machine's
-drift falls on all of them alike. Printed, never asserted: medians over rounds.
+newline). Every variant gets its own real server process started from its code tree, with
+no flags; each round measures the raw engine (ONNX Runtime at its own defaults, batch 1
+back to back: benchmarks/raw.py), then every variant's points in turn, so the shared
+machine's drift falls on all of them alike. Printed, never asserted: medians over rounds.
 """
 
 from __future__ import annotations
@@ -26,13 +27,8 @@ from appliance.client import Client  # noqa: E402
 from appliance.demo.launcher import ServerProcess  # noqa: E402
 from appliance.demo.models import BUILDERS  # noqa: E402
 from appliance.models.repository import Repository  # noqa: E402
-from benchmarks.bench_socket import (  # noqa: E402
-    _client,
-    best_batch,
-    raw_by_batch,
-    raw_latency_us,
-    raw_session,
-)
+from benchmarks.bench_socket import CLEAN_ENV, _client  # noqa: E402
+from benchmarks.raw import default_session, run_back_to_back  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, str]:
@@ -78,18 +74,18 @@ def main() -> int:
                              config_path=home / "cnn.toml" if model == "cnn" else None)
                 repo.close()
                 servers[name] = ServerProcess(
-                    home / "data", home / "s.sock", env={"PYTHONPATH": str(tree)},
-                    extra_args=["--threads", "1", "--log-level", "warning"]).start()
+                    home / "data", home / "s.sock", env={**CLEAN_ENV, "PYTHONPATH": str(tree)},
+                    extra_args=["--log-level", "warning"]).start(timeout_s=300)
                 with Client(servers[name].socket_path) as client:
                     sizes = client.stats("cnn")["models"][0].get("preferred_batch_sizes")
                 print(f"{name}: cnn preferred batch sizes {sizes or 'none'}", flush=True)
-            cnn = raw_session(files["cnn"], 1)
-            ident = raw_session(files["identity"], 1)
+            cnn = default_session(files["cnn"])
+            ident = default_session(files["identity"])
             rounds = []
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 for i in range(args.rounds):
-                    row = {"raw": raw_by_batch(cnn, "cnn", args.seconds / 4),
-                           "raw_us": raw_latency_us(ident, "identity")}
+                    row = {"raw": run_back_to_back(cnn, "cnn", args.seconds)["rps"],
+                           "raw_us": run_back_to_back(ident, "identity", 1.0)["p50_ms"] * 1e3}
                     for name, server in servers.items():
                         for model, c in points:
                             row[(name, model, c)] = pool.apply(_client, ((
@@ -102,17 +98,16 @@ def main() -> int:
                 server.stop()
 
     med = statistics.median
-    best_b, by_size = best_batch([r["raw"] for r in rounds])
     raw_us = med(r["raw_us"] for r in rounds)
-    print(f"\nmedians of {len(rounds)} rounds (raw cnn best: batch {best_b}, "
-          f"{by_size[best_b]:.0f} img/s; raw identity call {raw_us:.1f} us)")
+    print(f"\nmedians of {len(rounds)} rounds (raw cnn at its defaults: "
+          f"{med(r['raw'] for r in rounds):.0f} img/s; raw identity call {raw_us:.1f} us)")
     for name in servers:
         for model, c in points:
             got = [r[(name, model, c)] for r in rounds]
             rps = med(g["rps"] for g in got)
             if model == "cnn":
-                ratios = [g["rps"] / r["raw"][best_b] for g, r in zip(got, rounds)]
-                extra = (f"{med(ratios):.1%} of raw best (rounds: "
+                ratios = [g["rps"] / r["raw"] for g, r in zip(got, rounds)]
+                extra = (f"{med(ratios):.1%} of raw (rounds: "
                          f"{', '.join(f'{x:.0%}' for x in ratios)})")
             elif c == 1:
                 over = med(g["p50"] * 1e3 - r["raw_us"] for g, r in zip(got, rounds))

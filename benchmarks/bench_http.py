@@ -1,21 +1,23 @@
-"""HTTP (Open Inference Protocol v2) against the msgpack socket: one server, one run.
+"""HTTP (Open Inference Protocol v2) against the raw engine and the msgpack socket, one run.
 
-    python -m benchmarks.bench_http [--models identity,cnn] [--concurrency 1,8]
+    python -m benchmarks.bench_http [--models cnn,identity] [--concurrency 1,16]
         [--seconds 3] [--repeats 3] [--perf-analyzer PATH] [--stability 50]
 
-One real `outpost serve --http` process serves every client. For each model and
-concurrency, measured back to back against that server:
+What a user gets: one real `outpost serve --http` process, started with no other flag,
+over the demo models added with no config (each model's layout measured at its first
+load), serves every client. For each model and concurrency, measured back to back:
 
+- ``http-json``: a Python closed loop over HTTP (aiohttp) with the tensors in the JSON
+  body (a zero-valued image for the CNN: 150,528 numbers), JSON outputs;
+- ``http-bin``: the same with the binary tensor data extension, both ways;
 - ``perf_analyzer``: Triton's own C++ load generator, over HTTP with binary tensors
-  (its default), batch 1, ``concurrency`` requests in flight;
-- ``http-py``: a Python closed loop over HTTP (aiohttp, binary tensors), so the two
-  protocols are also compared through clients of the same language;
-- ``socket``: ``appliance.workload.closed_loop`` over the msgpack Unix socket, the
-  reference every other row is divided by.
+  (its default), batch 1, ``concurrency`` requests in flight, where its binary runs;
+- ``socket``: ``appliance.demo.workload.closed_loop`` over the msgpack Unix socket.
 
-Before the server starts, the raw ONNX Runtime session runs the same batch-1 input back
-to back in this process (``raw``): the engine's own ceiling. Printed, never asserted:
-the machine is shared, so read ratios rather than absolute figures.
+The headline reference is the raw ONNX Runtime session at its own defaults, called back to
+back at batch 1 in this process (benchmarks/raw.py), measured in each round before the
+clients; the ratio to the socket stands beside it. Printed, never asserted: the machine is
+shared, so read ratios rather than absolute figures.
 
 perf_analyzer: the binary in ``tritonclient[all]==2.51.0`` (docs/http.md says how to
 install it in its own venv). Without it, its rows are skipped with a note.
@@ -30,6 +32,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,10 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.demo.launcher import ServerProcess  # noqa: E402
-from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
-from appliance.models.repository import Repository  # noqa: E402
-from benchmarks.bench_socket import raw_latency_us, raw_session  # noqa: E402
+from appliance.demo.models import sample_inputs  # noqa: E402
+from benchmarks.bench_socket import layouts, start_default_server  # noqa: E402
+from benchmarks.raw import default_session, run_back_to_back  # noqa: E402
 
 PA_VENV = Path(os.environ.get("OUTPOST_PA_VENV", "/work/pa-venv"))
 
@@ -81,22 +83,32 @@ def run_perf_analyzer(cmd: list[str], env: dict, csv_path: Path) -> dict:
             "p99": float(row["p99 latency"]) / 1e3}
 
 
-async def http_closed_loop(url: str, model: str, concurrency: int, seconds: float,
-                           warmup_s: float = 0.5) -> dict:
-    """Like appliance.workload.closed_loop, over HTTP with binary tensors (aiohttp), and
-    measured over the same window."""
-    import aiohttp
-
-    from appliance.demo.workload import CLOCK, LoadResult, MeasureWindow
-
+def request_body(model: str, binary: bool) -> tuple[bytes, dict]:
+    """One infer request's body and headers: binary tensors, or JSON (zero-valued)."""
     inputs = sample_inputs(model)
+    if not binary:
+        body = json.dumps({"inputs": [
+            {"name": n, "shape": list(a.shape), "datatype": "FP32",
+             "data": [0] * a.size} for n, a in inputs.items()]}).encode()
+        return body, {"Content-Type": "application/json"}
     head = json.dumps({
         "inputs": [{"name": n, "shape": list(a.shape), "datatype": "FP32",
                     "parameters": {"binary_data_size": a.nbytes}} for n, a in inputs.items()],
         "parameters": {"binary_data_output": True}}).encode()
     body = head + b"".join(a.tobytes() for a in inputs.values())
-    headers = {"Inference-Header-Content-Length": str(len(head)),
-               "Content-Type": "application/octet-stream"}
+    return body, {"Inference-Header-Content-Length": str(len(head)),
+                  "Content-Type": "application/octet-stream"}
+
+
+async def http_closed_loop(url: str, model: str, concurrency: int, seconds: float,
+                           binary: bool = True, warmup_s: float = 0.5) -> dict:
+    """Like appliance.demo.workload.closed_loop, over HTTP (aiohttp), measured over the
+    same window."""
+    import aiohttp
+
+    from appliance.demo.workload import CLOCK, LoadResult, MeasureWindow
+
+    body, headers = request_body(model, binary)
     window = MeasureWindow(LoadResult(model, concurrency), seconds, warmup_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -128,8 +140,9 @@ def _python_client(args) -> dict:
         uvloop.install()
     except ImportError:
         pass
-    if kind == "http-py":
-        return asyncio.run(http_closed_loop(target, model, concurrency, seconds))
+    if kind.startswith("http-"):
+        return asyncio.run(http_closed_loop(target, model, concurrency, seconds,
+                                            binary=kind == "http-bin"))
     r = asyncio.run(closed_loop(model, sample_inputs(model), concurrency, seconds,
                                 path=target, warmup_s=0.5))
     return {"rps": r.throughput, "p50": r.percentile_ms(50), "p99": r.percentile_ms(99),
@@ -139,41 +152,32 @@ def _python_client(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="identity,cnn")
-    ap.add_argument("--concurrency", default="1,8", help="comma-separated")
+    ap.add_argument("--models", default="cnn,identity")
+    ap.add_argument("--concurrency", default="1,16", help="comma-separated")
     ap.add_argument("--seconds", type=float, default=3.0, help="per Python-client point")
     ap.add_argument("--perf-analyzer", help="path to perf_analyzer (default: "
                                             "$PERF_ANALYZER, /work/pa-venv, $PATH)")
     ap.add_argument("--stability", type=int, default=50,
                     help="perf_analyzer --stability-percentage (the machine is noisy)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; rows report the median")
     args = ap.parse_args()
     models = args.models.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary, pa_env = find_perf_analyzer(args.perf_analyzer)
+    kinds = ("socket", "http-bin", "http-json", *(("perf_analyzer",) if binary else ()))
 
     with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        files = {n: b(tmp / f"{n}.onnx") for n, b in BUILDERS.items()}
-        repo = Repository(tmp / "data")
-        for name, path in files.items():
-            repo.add(name, path)
-        repo.close()
-        print(f"# outpost HTTP vs socket: {os.cpu_count()} CPUs, intra-op threads "
-              f"{args.threads}, {args.seconds:g} s per Python point, batch-1 requests")
-        raw = {}
-        for m in models:
-            raw[m] = raw_latency_us(raw_session(files[m], args.threads), m, count=500)
-            print(f"raw onnxruntime {m} batch-1 run: p50 {raw[m]:.0f} us "
-                  f"({1e6 / raw[m]:.0f} runs/s on one thread)")
-
-        server = ServerProcess(tmp / "data", tmp / "s.sock", extra_args=[
-            "--http", "127.0.0.1:0", "--threads", str(args.threads), "--log-level", "info"])
-        server.start()
-        url = _http_url(server)
+        server, files = start_default_server(tmp, ["--http", "127.0.0.1:0"])
+        url = server.ready_record()["http"]
         address = url.removeprefix("http://")
-        print(f"server: socket {server.socket_path}, http {url}")
+        chosen = layouts(server)
+        print(f"# outpost HTTP: {os.cpu_count()} CPUs, server with no flags but --http, "
+              f"{args.seconds:g} s per Python point, batch-1 requests")
+        for m in models:
+            lay = chosen[m]
+            print(f"server {m}: {lay['threads']} thread(s) x {lay['instances']} instance(s), "
+                  f"spinning {lay['spinning']} ({lay['source']})")
         if binary:
             example = perf_analyzer_command(binary, models[0], address, concurrencies[0],
                                             3000, args.stability, Path("/tmp/pa.csv"))
@@ -181,44 +185,68 @@ def main() -> int:
                   + " " + " ".join(example))
         else:
             print("perf_analyzer: not found (see docs/http.md); its rows are skipped")
+        raw_sessions = {m: default_session(files[m]) for m in models}
         ctx = multiprocessing.get_context("spawn")
         runs: dict[tuple, list[dict]] = {}
+        raws: dict[str, list[dict]] = {}
         try:
             with ctx.Pool(1) as pool:
-                # Rounds interleave the clients, so slow drifts of a shared machine hit
-                # every client alike; each row reports its median round.
+                # Rounds interleave the raw engine and the clients, so slow drifts of a
+                # shared machine hit all alike; each row reports its median round.
                 for _ in range(args.repeats):
+                    raw_now = {m: run_back_to_back(s, m, args.seconds)
+                               for m, s in raw_sessions.items()}
                     for m in models:
+                        raws.setdefault(m, []).append(raw_now[m])
                         for c in concurrencies:
-                            for kind, target in (("socket", str(server.socket_path)),
-                                                 ("http-py", url)):
-                                runs.setdefault((m, c, kind), []).append(pool.apply(
-                                    _python_client, ((kind, target, m, c, args.seconds),)))
-                            if binary:
-                                csv_path = tmp / f"pa-{m}-{c}.csv"
-                                cmd = perf_analyzer_command(binary, m, address, c,
-                                                            int(args.seconds * 1000),
-                                                            args.stability, csv_path)
-                                runs.setdefault((m, c, "perf_analyzer"), []).append(
-                                    run_perf_analyzer(cmd, pa_env, csv_path))
+                            for kind in kinds:
+                                if kind == "perf_analyzer":
+                                    csv_path = tmp / f"pa-{m}-{c}.csv"
+                                    cmd = perf_analyzer_command(
+                                        binary, m, address, c, int(args.seconds * 1000),
+                                        args.stability, csv_path)
+                                    got = run_perf_analyzer(cmd, pa_env, csv_path)
+                                else:
+                                    target = str(server.socket_path) if kind == "socket" \
+                                        else url
+                                    got = pool.apply(_python_client,
+                                                     ((kind, target, m, c, args.seconds),))
+                                got["raw"] = raw_now[m]
+                                runs.setdefault((m, c, kind), []).append(got)
         finally:
             code = server.stop()
-        print(f"\nmedian of {args.repeats} round(s)\n"
-              "model     conc  client          req/s    p50 ms   p99 ms   vs socket")
+        print(f"\nmedian of {args.repeats} round(s); ratios per round, then their median")
+        for m in models:
+            print(f"raw onnxruntime {m} at its defaults: "
+                  f"{statistics.median(r['rps'] for r in raws[m]):.0f} runs/s, p50 "
+                  f"{statistics.median(r['p50_ms'] for r in raws[m]):.2f} ms")
+        print("model     conc  client          req/s    p50 ms   p99 ms   vs raw   vs socket")
         for m in models:
             for c in concurrencies:
-                ref = _median(runs[(m, c, "socket")])["rps"]
-                for kind in ("socket", "http-py", "perf_analyzer"):
-                    if (m, c, kind) not in runs:
+                socket_rounds = runs[(m, c, "socket")]
+                for kind in kinds:
+                    rounds = runs[(m, c, kind)]
+                    ok = [r for r in rounds if "error" not in r]
+                    if not ok:
+                        print(f"{m:9} {c:<5} {kind:14} failed: {rounds[-1]['error']}")
                         continue
-                    r = _median(runs[(m, c, kind)])
-                    if "error" in r:
-                        print(f"{m:9} {c:<5} {kind:14} failed: {r['error']}")
-                        continue
+                    r = _median(rounds)
+                    vs_raw = statistics.median(x["rps"] / x["raw"]["rps"] for x in ok)
+                    vs_socket = statistics.median(
+                        x["rps"] / s["rps"] for x, s in zip(rounds, socket_rounds)
+                        if "error" not in x)
                     bad = f"  ({r['failed']} failed)" if r.get("failed") else ""
                     print(f"{m:9} {c:<5} {kind:14} {r['rps']:7.0f}  {r['p50']:8.2f} "
-                          f"{r['p99']:8.2f}   {r['rps'] / ref:6.2f}x{bad}")
+                          f"{r['p99']:8.2f}   {vs_raw:6.2f}   {vs_socket:6.2f}{bad}")
         print(f"\nserver exit code {code}")
+        if "cnn" in models and 1 in concurrencies and 16 in concurrencies:
+            def ratio(c, kind):
+                return statistics.median(x["rps"] / x["raw"]["rps"]
+                                         for x in runs[("cnn", c, kind)] if "error" not in x)
+            print(f"targets (against raw ONNX Runtime at its defaults): HTTP binary cnn c=1 "
+                  f">= 0.80: {ratio(1, 'http-bin'):.2f}; c=16 >= 0.85: "
+                  f"{ratio(16, 'http-bin'):.2f}; HTTP JSON cnn c=1 >= 0.45: "
+                  f"{ratio(1, 'http-json'):.2f}")
     return 0
 
 
@@ -226,17 +254,6 @@ def _median(rounds: list[dict]) -> dict:
     """The round with the median throughput (an error if every round failed)."""
     ok = sorted((r for r in rounds if "error" not in r), key=lambda r: r["rps"])
     return ok[len(ok) // 2] if ok else rounds[-1]
-
-
-def _http_url(server: ServerProcess) -> str:
-    for line in server.log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("msg") == "ready":
-            return record["http"]
-    raise RuntimeError(f"the server logged no HTTP address:\n{server.log_tail()}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.demo.launcher import ServerProcess  # noqa: E402
 from appliance.demo.models import identity_model  # noqa: E402
 from appliance.models.repository import Repository  # noqa: E402
-from benchmarks.bench_socket import _client  # noqa: E402
+from benchmarks.bench_socket import CLEAN_ENV, _client  # noqa: E402
 
 
 def main() -> int:
@@ -40,13 +40,14 @@ def main() -> int:
         with ctx.Pool(1) as pool:
             for _ in range(args.rounds):
                 for loop in ("asyncio", "uvloop"):
-                    server = ServerProcess(tmp / "data", tmp / "s.sock", extra_args=[
-                        "--loop", loop, "--log-level", "warning"]).start()
+                    server = ServerProcess(tmp / "data", tmp / "s.sock", env=CLEAN_ENV,
+                                           extra_args=["--loop", loop, "--log-level",
+                                                       "warning"]).start()
                     try:
                         for c in (1, 64):
                             results.setdefault((loop, c), []).append(pool.apply(
                                 _client, ((str(server.socket_path), "identity", c,
-                                           args.seconds, "uvloop"),)))
+                                           args.seconds, "uvloop", "async", 0),)))
                     finally:
                         server.stop()
     print(f"# server event loop, identity model, median of {args.rounds} interleaved rounds")
