@@ -75,7 +75,7 @@ def main() -> int:
                 repo.close()
                 servers[name] = ServerProcess(
                     home / "data", home / "s.sock", env={**CLEAN_ENV, "PYTHONPATH": str(tree)},
-                    extra_args=["--log-level", "warning"]).start(timeout_s=300)
+                    extra_args=["--log-level", "warning"], cwd=tree).start(timeout_s=300)
                 with Client(servers[name].socket_path) as client:
                     sizes = client.stats("cnn")["models"][0].get("preferred_batch_sizes")
                 print(f"{name}: cnn preferred batch sizes {sizes or 'none'}", flush=True)

@@ -19,7 +19,8 @@ from appliance.paths import outpost_command
 class ServerProcess:
     def __init__(self, data_dir: Path, socket_path: Path | None = None, *,
                  extra_args: list[str] | None = None, env: dict | None = None,
-                 log_path: Path | None = None, command: list[str] | None = None):
+                 log_path: Path | None = None, command: list[str] | None = None,
+                 cwd: Path | None = None):
         self.data_dir = Path(data_dir)
         self.socket_path = Path(socket_path or self.data_dir / "outpost.sock")
         self.args = [*(command or outpost_command()), "serve", "--data-dir",
@@ -27,6 +28,9 @@ class ServerProcess:
                      "--log-format", "json", *(extra_args or [])]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path or self.data_dir / "server.log")
+        # `python -m appliance` imports the appliance/ of its working folder first, whatever
+        # PYTHONPATH says: a server from another code tree must start in that tree.
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> ServerProcess:
@@ -36,7 +40,7 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         self._log_start = self._log.tell()  # this run's lines follow an earlier run's
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, stdin=subprocess.DEVNULL)
+                                     env=self.env, stdin=subprocess.DEVNULL, cwd=self.cwd)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
