@@ -199,19 +199,21 @@ class Service:
             raise InvalidArgument("'version' must be a positive integer")
         return await self.manager.activate(name, version_number(version))
 
-    def traffic_policy(self, model: object) -> dict | None:
+    async def traffic(self, model: object, change: dict | None = None) -> dict | None:
+        """The traffic policy in force for ``model`` after ``change``: None only reads
+        it; ``{"clear": true}`` removes the run-time one; ``{"policy": {split, sticky,
+        shadow, shadow_timeout_ms}}`` sets one (its versions loaded and warm first)."""
         name = model_name(model)
-        if name not in self.manager.active:
-            raise NotFound(f"model '{name}' is not served here")
-        policy = self.manager.traffic_policy(name)
-        return policy.as_dict() if policy else None
-
-    async def set_traffic(self, model: object, policy: object) -> dict | None:
-        """Set a run-time traffic policy (a map: split, sticky, shadow, shadow_timeout_ms),
-        or with None clear it; returns the policy now in force."""
-        name = model_name(model)
-        parsed = None if policy is None else TrafficPolicy.from_dict(policy, name)
-        result = await self.manager.set_traffic(name, parsed)
+        if change and change.get("clear"):
+            policy = None
+        elif change and "policy" in change:
+            policy = TrafficPolicy.from_dict(change["policy"], name)
+        else:
+            if name not in self.manager.active:
+                raise NotFound(f"model '{name}' is not served here")
+            current = self.manager.traffic_policy(name)
+            return current.as_dict() if current else None
+        result = await self.manager.set_traffic(name, policy)
         self.router.reset(name)
         return result["traffic"]
 

@@ -92,13 +92,8 @@ class SocketOps:
 
     async def traffic(self, msg: dict) -> dict:
         name = msg.get("model")
-        if msg.get("clear"):
-            policy = await self.service.set_traffic(name, None)
-        elif "policy" in msg:
-            policy = await self.service.set_traffic(name, msg["policy"])
-        else:
-            policy = self.service.traffic_policy(name)
-        return {"model": name, "traffic": policy}
+        change = {k: msg[k] for k in ("policy", "clear") if k in msg}
+        return {"model": name, "traffic": await self.service.traffic(name, change or None)}
 
     async def load(self, msg: dict) -> dict:
         info = await self.service.load(msg.get("model"), msg.get("version"))

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
 from appliance.transport.http.errors import STATUS_BY_CODE
-from tests.support.http_server import start_http_server
+from tests.support.http_server import served_http
 from tests.support.wire import call, connect, tensor
 
 X = np.zeros((1, 16), np.float32)
@@ -104,12 +100,7 @@ def http_request(bad: Bad) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def served(demo_files):
-    data_dir = Path(tempfile.mkdtemp(prefix="op-"))
-    proc, url = start_http_server(data_dir, demo_files)
-    yield proc, urlsplit(url)
-    code = proc.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
-    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"
+    yield from served_http(demo_files)
 
 
 @pytest.mark.parametrize("bad", TABLE, ids=[b.why for b in TABLE])

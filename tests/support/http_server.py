@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from appliance.demo.launcher import ServerProcess
 from appliance.models.repository import Repository
@@ -29,3 +32,14 @@ def start_http_server(data_dir: Path, demo_files: dict[str, Path],
     config.write_text("\n".join(lines) + "\n")
     proc = ServerProcess(data_dir, extra_args=["--config", str(config)]).start()
     return proc, http_url(proc)
+
+
+def served_http(demo_files: dict[str, Path], http_config: dict | None = None):
+    """For a fixture to ``yield from``: a server with the demo models and [http] in a
+    folder of its own, as (process, split URL); stopped cleanly afterwards, and gone."""
+    data_dir = Path(tempfile.mkdtemp(prefix="op-"))
+    proc, url = start_http_server(data_dir, demo_files, http_config)
+    yield proc, urlsplit(url)
+    code = proc.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"

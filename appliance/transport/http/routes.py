@@ -269,21 +269,15 @@ class Routes:
         removes the run-time one."""
         self.require_admin(request)
         model = request.match_info["model"]
-        if request.method == "GET":
-            policy = self.service.traffic_policy(model)
-        else:
-            body = await self.control_body(request)
-            unknown = set(body) - {"policy", "clear"}
+        change = None
+        if request.method == "POST":
+            change = await self.control_body(request)
+            unknown = set(change) - {"policy", "clear"}
             if unknown:
                 raise InvalidArgument(f"unknown field '{sorted(unknown)[0]}'; send "
                                       f"{{\"policy\": {{...}}}} or {{\"clear\": true}}")
-            if body.get("clear"):
-                policy = await self.service.set_traffic(model, None)
-            elif "policy" in body:
-                policy = await self.service.set_traffic(model, body["policy"])
-            else:
-                policy = self.service.traffic_policy(model)
-        return json_response({"model": model, "traffic": policy})
+        return json_response({"model": model,
+                              "traffic": await self.service.traffic(model, change)})
 
 
 def infer_request(model: str, version: int | None, body: InferBody | None,

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import tempfile
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -16,17 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.client import Client
 from appliance.demo.models import sample_inputs
 from appliance.errors import InvalidArgument
-from tests.support.http_server import start_http_server
+from tests.support.http_server import served_http
 
 
 @pytest.fixture
 def served(demo_files):
-    data_dir = Path(tempfile.mkdtemp(prefix="op-"))
-    proc, url = start_http_server(data_dir, demo_files)
-    yield proc, urlsplit(url)
-    code = proc.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
-    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"
+    yield from served_http(demo_files)
 
 
 def post(url, path: str, doc: dict | None = None) -> int:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
-import tempfile
 import time
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
-from tests.support.http_server import start_http_server
+from tests.support.http_server import served_http
 
 TOKEN = "raw-token"
 MAX_BODY = 1 << 20
@@ -22,14 +18,9 @@ MAX_BODY = 1 << 20
 
 @pytest.fixture(scope="module")
 def served(demo_files):
-    data_dir = Path(tempfile.mkdtemp(prefix="op-"))
-    proc, url = start_http_server(data_dir, demo_files, {
+    yield from served_http(demo_files, {
         "admin_token": TOKEN, "max_body_bytes": MAX_BODY, "request_timeout_s": 0.5,
         "max_inflight": 1})
-    yield proc, urlsplit(url)
-    code = proc.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
-    assert code == 0, f"server exited with {code}:\n{proc.log_tail()}"
 
 
 @pytest.fixture
