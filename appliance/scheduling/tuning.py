@@ -6,6 +6,10 @@ as many instances as the rest allows), each thread count with spinning off and o
 batch sizes 1, 2, 4, ... up to ``max_batch_size``. What the model's config, the appliance
 config or ``--threads`` fix is not measured, only taken.
 
+A model quicker than a thread hand-off (``INLINE_MAX_S``) runs on the event loop itself,
+where more threads or instances only add wake-ups: it takes the fewest cores, and only its
+batch size is measured.
+
 The rule: the c=1 latency of a layout is that of one batch-1 request on one of its
 sessions; the layout served is the one with the best throughput (rows/s, its instances
 running at once, at its preferred batch) whose c=1 latency stays within
@@ -39,13 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.scheduling.batcher import INLINE_MAX_S
 from engines.base import Session
 from engines.files import atomic_write_bytes
 
 log = logging.getLogger("outpost.tuning")
 
 LATENCY_BOUND = 0.15  # a layout may be this much slower at c=1 than the quickest one
-TIE_TOLERANCE = 0.03  # throughputs this close count as equal
+TIE_TOLERANCE = 0.10  # more cores must serve this much more to be worth taking
 BATCH_TOLERANCE = 0.10  # a batch size within 10% of the best rows/s is as good
 BUDGET_S = 4.0  # measuring stops starting new candidates after this long
 ROUNDS = 3  # passes over the candidates, interleaved against the machine's drift
@@ -57,7 +62,7 @@ CONCURRENT_S = 0.25  # how long several instances run at once, per round
 # proportionally less time (down to this share of them): its figures settle sooner.
 SLOW_RUN_S = 3e-3
 MIN_SCALE = 0.1
-CACHE_VERSION = 2  # of the cache file's format; another version is measured again
+CACHE_VERSION = 3  # of the cache file's format and what it measured; another one is measured again
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,7 @@ def measure_layouts(make_session: MakeSession, want: Want, *, budget_s: float = 
     per_thread = sorted({(t, spin) for t, _, spin in cands})
     sessions: dict[tuple[int, bool], list[Session]] = {}
     results: list[dict] = []
+    quick = ""
     total = len(per_thread) + sum(1 for _, i, _ in cands if i > 1)
     step = 0
     try:
@@ -302,7 +308,16 @@ def measure_layouts(make_session: MakeSession, want: Want, *, budget_s: float = 
             s.run(one)  # warm: the first run of a session sets it up
         t0 = clock()
         first.run(one)
-        scale = min(1.0, max(MIN_SCALE, (clock() - t0) / SLOW_RUN_S))
+        t_one = clock() - t0
+        if t_one < INLINE_MAX_S and len(cands) > 1:
+            # Quicker than a thread hand-off: the batcher runs it on the event loop itself,
+            # where more threads or instances only add wake-ups. The fewest cores it is.
+            cands = [min(cands, key=lambda c: (c[0] * c[1], c[2]))]
+            per_thread = [(cands[0][0], cands[0][2])]
+            total = 1
+            quick = (f"{_duration(t_one)} a run, quicker than a thread hand-off: it runs on "
+                     f"the event loop, so the fewest cores")
+        scale = min(1.0, max(MIN_SCALE, t_one / SLOW_RUN_S))
         budget.budget_s *= scale
         for _ in range(ROUNDS):  # latencies interleaved against drift
             for key in per_thread:
@@ -341,10 +356,10 @@ def measure_layouts(make_session: MakeSession, want: Want, *, budget_s: float = 
                 s.close()
     chosen = choose(results)
     best_latency = min(r["latency_s"] for r in results)
-    reason = (f"best of {len(results)} layouts on {want.cores} core(s): "
-              f"{chosen['rows_per_s']:.0f} rows/s, c=1 latency "
-              f"{_duration(chosen['latency_s'])} (quickest {_duration(best_latency)}; "
-              f"bound +{LATENCY_BOUND:.0%})")
+    reason = quick or (
+        f"best of {len(results)} layouts on {want.cores} core(s): "
+        f"{chosen['rows_per_s']:.0f} rows/s, c=1 latency {_duration(chosen['latency_s'])} "
+        f"(quickest {_duration(best_latency)}; bound +{LATENCY_BOUND:.0%})")
     layout = Layout(chosen["threads"], chosen["instances"], chosen["spinning"],
                     chosen["preferred_batch"], "measured", reason)
     return layout, results

@@ -94,13 +94,16 @@ def _row(t, i, spin, latency_ms, rows):
 
 def test_the_rule_best_throughput_within_the_latency_bound():
     rows = [_row(1, 1, False, 4.0, 240), _row(1, 2, False, 4.0, 300),
-            _row(2, 1, True, 2.2, 260), _row(2, 1, False, 2.4, 250)]
-    # Two instances serve most, but one thread's c=1 latency is far past 2.2 ms + 15%.
+            _row(2, 1, True, 2.2, 260), _row(2, 1, False, 2.4, 200)]
+    # Two instances serve most, but one thread's c=1 latency is far past 2.2 ms + 15%;
+    # of the two-thread layouts, spinning serves more than 10% more.
     assert choose(rows) == rows[2]
-    # Within the bound, throughput wins: 2.4 ms is within 15% of 2.2 ms.
-    rows[3]["rows_per_s"] = 280
+    # Within the bound and within 10% of the best: the one not spinning.
+    rows[3]["rows_per_s"] = 240
     assert choose(rows) == rows[3]
-    # Within 3% of each other: the one using fewer cores, then the one not spinning.
+    # More cores must serve more than 10% more to be taken.
+    assert choose([_row(1, 1, False, 2.0, 300), _row(2, 1, False, 2.0, 320)])["threads"] == 1
+    assert choose([_row(1, 1, False, 2.0, 280), _row(2, 1, False, 2.0, 320)])["threads"] == 2
     tie = [_row(2, 1, True, 2.0, 300), _row(2, 1, False, 2.0, 295), _row(1, 1, False, 2.2, 294)]
     assert choose(tie) == tie[2]
     tie.pop()
@@ -229,3 +232,21 @@ def test_a_model_without_a_fixed_shape_measures_no_batch():
                                            spinning=False), clock=clock)
     assert layout.threads == 2 and layout.preferred_batch is None
     assert all(max(s.calls, default=1) == 1 for s in made)  # never a batch of more
+
+
+def test_a_model_quicker_than_a_thread_hand_off_takes_the_fewest_cores():
+    """It runs on the event loop itself: more threads or instances would only add
+    wake-ups, so only its batch size is measured, on one thread."""
+    clock = Clock()
+    made: list = []
+
+    def make(threads, spinning):
+        s = CostedSession(clock, per_call_s=0.00001, per_row_s=0.000001, threads=threads,
+                          speedup={2: 1.5})
+        made.append(s)
+        return s
+
+    layout, table = measure_layouts(make, Want(cores=4, max_batch_size=32), clock=clock)
+    assert (layout.threads, layout.instances, layout.spinning) == (1, 1, False)
+    assert layout.preferred_batch == 32  # the per-call cost dominates: batches pay
+    assert len(table) == 1 and "event loop" in layout.reason
