@@ -14,9 +14,11 @@ The rule: the c=1 latency of a layout is that of one batch-1 request on one of i
 sessions; the layout served is the one with the best throughput (rows/s, its instances
 running at once, at its preferred batch) whose c=1 latency stays within
 ``LATENCY_BOUND`` of the best c=1 latency measured. Between layouts within
-``TIE_TOLERANCE`` of that throughput, the one using fewer cores wins, then the one not
-spinning. The preferred batch is the smallest size within ``BATCH_TOLERANCE`` of the best
-rows/s: larger batches only add latency there.
+``TIE_TOLERANCE`` of that throughput, the one using the fewest cores wins; of those, the
+best, unless it spins and one not spinning serves within ``SPIN_TOLERANCE`` of it
+(spinning takes no core when idle, but takes CPU from the loop during a batch). The
+preferred batch is the smallest size within ``BATCH_TOLERANCE`` of the best rows/s: larger
+batches only add latency there.
 
 Whether batching or threads pay depends on the device and the engine: on a GPU, or for a
 model whose per-call overhead dominates (a small MLP), rows/s grows with the batch; a
@@ -51,6 +53,7 @@ log = logging.getLogger("outpost.tuning")
 
 LATENCY_BOUND = 0.15  # a layout may be this much slower at c=1 than the quickest one
 TIE_TOLERANCE = 0.10  # more cores must serve this much more to be worth taking
+SPIN_TOLERANCE = 0.03  # spinning (during a batch only) must serve this much more
 BATCH_TOLERANCE = 0.10  # a batch size within 10% of the best rows/s is as good
 BUDGET_S = 4.0  # measuring stops starting new candidates after this long
 ROUNDS = 3  # passes over the candidates, interleaved against the machine's drift
@@ -62,7 +65,7 @@ CONCURRENT_S = 0.25  # how long several instances run at once, per round
 # proportionally less time (down to this share of them): its figures settle sooner.
 SLOW_RUN_S = 3e-3
 MIN_SCALE = 0.1
-CACHE_VERSION = 3  # of the cache file's format and what it measured; another one is measured again
+CACHE_VERSION = 4  # of the cache file's format and what it measured; another one is measured again
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,12 @@ def choose(results: list[dict], bound: float = LATENCY_BOUND) -> dict:
     fast = [r for r in results if r["latency_s"] <= (1 + bound) * best_latency]
     top = max(r["rows_per_s"] for r in fast)
     tied = [r for r in fast if r["rows_per_s"] >= (1 - TIE_TOLERANCE) * top]
-    return min(tied, key=lambda r: (r["threads"] * r["instances"], r["spinning"],
-                                    -r["rows_per_s"]))
+    cores = min(r["threads"] * r["instances"] for r in tied)
+    fewest = [r for r in tied if r["threads"] * r["instances"] == cores]
+    best = max(fewest, key=lambda r: r["rows_per_s"])
+    calm = [r for r in fewest if not r["spinning"]
+            and r["rows_per_s"] >= (1 - SPIN_TOLERANCE) * best["rows_per_s"]]
+    return max(calm, key=lambda r: r["rows_per_s"]) if calm else best
 
 
 class _Clock:
@@ -399,6 +406,7 @@ def resolve_layout(make_session: MakeSession, want: Want, path: Path, *,
         record = {"format": CACHE_VERSION, "layout": layout.as_dict(),
                   "want": asdict(want), "measured": table, "measured_at": time.time(),
                   "rule": {"latency_bound": LATENCY_BOUND, "tie_tolerance": TIE_TOLERANCE,
+                           "spin_tolerance": SPIN_TOLERANCE,
                            "batch_tolerance": BATCH_TOLERANCE}}
         try:
             atomic_write_bytes(path, json.dumps(record, indent=1).encode())
