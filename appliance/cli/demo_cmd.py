@@ -25,11 +25,13 @@ def demo(args) -> int:
 
 
 def _demo(data_dir: Path, seconds: float) -> int:
+    from appliance.client import Client  # noqa: PLC0415
     from appliance.config.schema import BatchingConfig  # noqa: PLC0415
     from appliance.demo.launcher import ServerProcess  # noqa: PLC0415
     from appliance.demo.models import ensure_demo_models, sample_inputs  # noqa: PLC0415
     from appliance.demo.workload import closed_loop  # noqa: PLC0415
     from appliance.models.repository import Repository  # noqa: PLC0415
+    from appliance.scheduling.tuning import Layout  # noqa: PLC0415
 
     data_dir.mkdir(parents=True, exist_ok=True)
     repo = Repository(data_dir)
@@ -40,6 +42,10 @@ def _demo(data_dir: Path, seconds: float) -> int:
     server.start()
     print(f"serving on {server.socket_path} (pid {server.pid}); {seconds:g} s of load each")
     try:
+        with Client(server.socket_path) as client:
+            for row in client.stats()["models"]:
+                if row.get("layout"):
+                    print(f"  {row['model']:9} {Layout(**row['layout']).describe()}")
         for model, concurrencies in (("identity", (1, 64)), ("mlp", (1, 64)),
                                      ("cnn", (1, 16))):
             inputs = sample_inputs(model)
