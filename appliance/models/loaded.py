@@ -120,6 +120,8 @@ class LoadedVersion(ServedVersion):
                     self._min_instances = self.layout.instances
                     self._max_instances = max(self.config.max_instances or 0,
                                               self._min_instances)
+                    self.memory_bytes = estimate_memory(self.record, self.config,
+                                                        self._max_instances)
 
             async def make_instance(i: int) -> ModelInstance:
                 session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
@@ -252,9 +254,11 @@ class LoadedVersion(ServedVersion):
         return self.batcher.instance_count if self.batcher else 0
 
 
-def estimate_memory(record: VersionRecord, config: ModelConfig) -> int:
-    """Bytes a loaded version is expected to hold: its weights once per instance, plus
-    one copy for the engine's optimised graph."""
+def estimate_memory(record: VersionRecord, config: ModelConfig,
+                    instances: int | None = None) -> int:
+    """Bytes a loaded version is expected to hold: its weights once per instance (the most
+    it may run; ``instances`` once its layout says), plus one copy for the engine's
+    optimised graph."""
     weights = sum(p.stat().st_size for p in record.path.rglob("*")
                   if p.is_file() and p.name not in ("config.toml", "samples.npz"))
-    return weights * ((config.max_instances or config.instances or 1) + 1)
+    return weights * ((instances or config.max_instances or config.instances or 1) + 1)

@@ -1,7 +1,8 @@
 """The msgpack socket server: Unix socket by default, TCP when asked (DESIGN section 2).
 
-``Connection`` only parses frames and maps and calls the ``Service``; responses are
-written as they complete, in any order. Flow control: a connection stops being read
+``Connection`` only parses frames and maps and hands them to the ops (``socket_ops``:
+each op's map into a ``Service`` call); responses are written as they complete, in any
+order. Flow control: a connection stops being read
 while it has ``max_inflight`` requests unanswered or its transport's write buffer is
 full, and resumes at half of that.
 """
