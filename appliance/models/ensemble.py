@@ -80,7 +80,7 @@ class EnsembleVersion(ServedVersion):
             raise FailedPrecondition(self.error) from exc
         self.output_names = frozenset(s.name for s in self.outputs)
         self.state = VersionState.READY
-        self._held.release(self._run)
+        self._held.release(self._run_held)
 
     async def _member(self, model: str, version: int | None, where: str) -> ServedVersion:
         if model == self.name:
@@ -206,6 +206,21 @@ class EnsembleVersion(ServedVersion):
         if self.state is not VersionState.READY:
             raise FailedPrecondition(f"ensemble '{self.name}' version {self.version} is "
                                      f"{self.state.value}{': ' + self.error if self.error else ''}")
+        self._run(request)
+
+    def check_arrays(self, feeds) -> tuple[int, tuple]:
+        # Its inputs are known once its members are: a request that comes while it loads
+        # is held unchecked, and checked as it is released (_run_held).
+        if self.state is VersionState.LOADING:
+            return 0, ()
+        return super().check_arrays(feeds)
+
+    def _run_held(self, request: QueuedRequest) -> None:
+        try:
+            request.rows, request.signature = self.check_arrays(request.inputs)
+        except OutpostError as exc:  # answered by the holding queue, counted here
+            self.stats.request_failed(exc.code)
+            raise
         self._run(request)
 
     def _run(self, request: QueuedRequest) -> None:

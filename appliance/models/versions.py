@@ -136,7 +136,7 @@ class ServedVersion:
         priority against its levels (None: the default level), the deadline
         (``time.monotonic()`` seconds; None: the model's default_timeout_ms;
         NO_DEADLINE: none; one already past fails as DEADLINE_EXCEEDED once queued)."""
-        rows, signature = check_arrays(self.name, self.inputs, self.max_batch_size, feeds)
+        rows, signature = self.check_arrays(feeds)
         db = self.config.dynamic_batching
         if priority is None:
             priority = db.default_priority_level
@@ -150,6 +150,10 @@ class ServedVersion:
         elif deadline == NO_DEADLINE:
             deadline = None
         return QueuedRequest(feeds, rows, signature, priority, deadline, done, tag)
+
+    def check_arrays(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
+        """(rows, signature) of ``feeds``, checked against this version's inputs."""
+        return check_arrays(self.name, self.inputs, self.max_batch_size, feeds)
 
     def submit(self, request: QueuedRequest) -> None:
         raise NotImplementedError

@@ -110,6 +110,34 @@ def test_pipeline_and_combiners_serve_like_models(members, short_tmp):
         assert st["add"]["request_success"] == 1  # the member ran the step
 
 
+def test_a_lazy_ensembles_first_requests_are_checked_once_it_has_loaded(members, short_tmp):
+    """Its inputs are known only once its members are: the requests that come while it
+    loads are held unchecked and checked as they are released, good and bad alike."""
+    _ensemble(members, short_tmp, "pipe", 'load = "lazy"\n' + PIPELINE)
+    members.close()
+    x = np.random.default_rng(4).standard_normal((2, 16)).astype(np.float32)
+
+    async def first_requests(path):
+        from appliance.client import AsyncClient
+
+        async with await AsyncClient.connect(path) as c:
+            return await asyncio.gather(c.infer("pipe", {"pixels": x}),
+                                        c.infer("pipe", {"wrong": x}),
+                                        return_exceptions=True)
+
+    with ServerProcess(short_tmp) as server:
+        with Client(server.socket_path) as c:
+            assert "pipe" not in {r["model"] for r in c.stats()["models"]}  # not loaded
+        good, bad = asyncio.run(first_requests(server.socket_path))
+        assert not isinstance(good, Exception), good
+        np.testing.assert_allclose(good["probs"], tm.softmax((x + 1) @ tm.head_weights(0)),
+                                   rtol=1e-5, atol=1e-6)
+        assert isinstance(bad, errors.InvalidArgument) and "pixels" in bad.message
+        with Client(server.socket_path) as c:
+            row = next(r for r in c.stats()["models"] if r["model"] == "pipe")
+        assert (row["request_success"], row["request_failure"]) == (1, 1)
+
+
 @pytest.mark.parametrize("text,words", [
     (PIPELINE.replace('model = "head_a"', 'model = "ghost"'), ("ghost", "not in the repo")),
     (PIPELINE.replace('inputs = { y = "shifted" }', 'inputs = { z = "shifted" }'),
