@@ -314,7 +314,7 @@ class DynamicBatcher:
             # (demo CNN at batch 2, c=64).
             feeds = instance.gather(batch)
         except Exception as exc:  # never reached the engine: no engine time to count
-            self._complete(instance, batch, exc, None)
+            self._complete(instance, batch, exc.with_traceback(None), None)
             return
         if not busy and self._inline_ok(instance):
             # Tiny models: two thread hand-offs would cost more than the run itself.
@@ -322,7 +322,9 @@ class DynamicBatcher:
             try:
                 result: list | BaseException = run_and_split(session, feeds, batch)
             except BaseException as exc:
-                result = exc
+                # Without its traceback: kept, it would hold this frame (and the batch's
+                # inputs) in a cycle until the cyclic collector ran.
+                result = exc.with_traceback(None)
             self._complete(instance, batch, result, time.perf_counter() - t0)
             return
 
@@ -331,7 +333,7 @@ class DynamicBatcher:
             try:
                 result: list | BaseException = run_and_split(session, feeds, batch)
             except BaseException as exc:  # reported per request on the loop
-                result = exc
+                result = exc.with_traceback(None)  # no cycle through this frame
             loop.call_soon_threadsafe(self._finished, instance, batch, result,
                                       time.monotonic() - t0)
 

@@ -38,6 +38,13 @@ class InferRequest:
     # whatever else is wrong with the request.
     wire_error: OutpostError | None = None
 
+    def take_wire_error(self) -> OutpostError:
+        """The wire error, taken off the request to be raised: the traceback it gets
+        holds the raising frame, and through it the request would be held in a cycle
+        (with its arrays) until the cyclic collector ran. No local keeps it either."""
+        error, self.wire_error = self.wire_error, None
+        return error
+
 
 @dataclass(slots=True, eq=False)
 class InferResponse:

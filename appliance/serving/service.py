@@ -56,7 +56,7 @@ class Service:
                 raise FailedPrecondition(
                     f"{lv.error}; fix it, then load it again (the 'load' op)")
             if request.wire_error is not None:
-                raise request.wire_error
+                raise request.take_wire_error()
             wanted = request.outputs
             if wanted is not None:
                 _check_outputs(lv, wanted)

@@ -35,7 +35,9 @@ def infer_request(msg: dict) -> InferRequest:
             request.deadline = (time.monotonic() + timeout_ms / 1e3 if timeout_ms
                                 else NO_DEADLINE)
     except OutpostError as exc:
-        request.wire_error = exc
+        # Without its traceback: it holds this frame, which holds the request (and its
+        # arrays), a cycle only the cyclic collector would free.
+        request.wire_error = exc.with_traceback(None)
     return request
 
 
