@@ -5,20 +5,30 @@ also takes reports (POST /v1/reports, signed by each device: report_auth.py) and
 rollout on its own when the failure share among reporting cohort devices passes the
 rollout's threshold, re-signing the metadata. Nothing but those two folders is served:
 the keys stay private.
+
+Every URL it does not serve gets a 4xx with a JSON body saying why ({"error": ...}), never
+a 500: an overlong path (414); a query string, a segment starting with '.' ('..' too) or
+a character no repository file name has (400); a folder or a missing file (404); another
+method (405). A request too malformed to parse (aiohttp answers it 400 itself) is logged in
+one line, without a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import math
+import re
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from updater.cohort import should_halt
 from updater.errors import UpdaterError
@@ -29,6 +39,37 @@ from updater.report_auth import ReportAuthError, Verifier
 log = logging.getLogger("outpost.fleet")
 MAX_REPORTS_A_POST = 1000
 _STR_FIELDS = ("device_id", "model", "rollout_id", "state", "detail")
+# The longest real URL path is about 150 characters (targets/releases/<model>/<sha256>.
+# <version>.tar, a model name at most 128); past these, 414 before the file system is asked.
+MAX_URL_PATH = 1024
+MAX_SEGMENT = 255
+# What repository file names are made of: model names, versions, sha256 digests, roles.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+_ROUTES = "GET /metadata/..., GET /targets/..., GET /v1/status, POST /v1/reports"
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class _OneLineClientErrors(logging.Filter):
+    """aiohttp logs a request it could not parse (a request line over its limit, a bad
+    header, an unknown method) with a traceback, though it answers 400: one line instead.
+    Errors of this server's own code keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            what = " ".join(str(exc.message or type(exc).__name__).split())[:200]
+            record.msg = "refused a malformed request (%s %s): %s"
+            record.args = (exc.code or 400, type(exc).__name__, what)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_http_log = logging.getLogger("outpost.fleet.http")
+_http_log.addFilter(_OneLineClientErrors())
 
 
 def check_report(r: object, i: int) -> dict:
@@ -70,11 +111,13 @@ class FleetServer:
         self._refresher: asyncio.Task | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 << 20)
+        app = web.Application(client_max_size=4 << 20, middlewares=[self._clear_errors])
         app.router.add_post("/v1/reports", self.reports)
         app.router.add_get("/v1/status", self.status)
-        app.router.add_static("/metadata/", self.repo.metadata_dir, follow_symlinks=False)
-        app.router.add_static("/targets/", self.repo.targets_dir, follow_symlinks=False)
+        for prefix, root in (("metadata", self.repo.metadata_dir),
+                             ("targets", self.repo.targets_dir)):
+            app.router.add_get(f"/{prefix}/{{path:.*}}",
+                               functools.partial(self._file, root=root, prefix=prefix))
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -101,6 +144,56 @@ class FleetServer:
             except Exception as exc:  # keep serving; the next round retries
                 log.error("timestamp refresh failed: %s", exc)
             await asyncio.sleep(self.timestamp_check_s)
+
+    @web.middleware
+    async def _clear_errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Odd URLs and methods: a 4xx whose JSON body says what was wrong."""
+        path = request.rel_url.raw_path
+        if len(path) > MAX_URL_PATH:
+            return _error(414, f"the URL path is {len(path)} characters; this server's "
+                               f"paths are at most {MAX_URL_PATH}")
+        if request.rel_url.raw_query_string:
+            return _error(400, "this server takes no query string; serves: " + _ROUTES)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 405:
+                allow = exc.headers.get("Allow", "")
+                return _error(405, f"{request.method} is not served on {request.path[:200]}"
+                                   f"; use {allow or 'GET'}", {"Allow": allow})
+            if exc.status == 404:
+                return _error(404, f"no such path: {request.path[:200]}; this server "
+                                   f"serves: {_ROUTES}")
+            return _error(exc.status, exc.text or exc.reason)
+
+    async def _file(self, request: web.Request, root: Path, prefix: str) -> web.StreamResponse:
+        """A file of metadata/ or targets/: regular files below ``root`` only, named as
+        the repository names them; no folder listings, no symlinks leading out."""
+        rel = request.match_info["path"]
+        parts = rel.split("/")
+        if not rel or any(not p for p in parts):
+            return _error(404, f"/{prefix}/{rel[:200]}: not a file; the fleet serves files "
+                               f"only, by their full path")
+        for part in parts:
+            if len(part) > MAX_SEGMENT:
+                return _error(414, f"a path segment of {len(part)} characters; file names "
+                                   f"here are at most {MAX_SEGMENT}")
+            if part.startswith(".") or not _SEGMENT.fullmatch(part):
+                return _error(400, f"/{prefix}/{rel[:200]}: each path segment must be a "
+                                   f"file or folder name of letters, digits, '.', '_' or "
+                                   f"'-', not starting with '.' (so no '.' or '..')")
+        path = root.joinpath(*parts)
+        try:
+            real = path.resolve(strict=True)
+            is_file = real.is_file() and real.is_relative_to(root.resolve())
+        except (OSError, RuntimeError):  # missing, a loop, a name the system refuses
+            is_file = False
+        if not is_file:
+            kind = "a folder" if path.is_dir() else "no such file"
+            return _error(404, f"/{prefix}/{rel[:200]}: {kind}; the fleet serves files only")
+        return web.FileResponse(real)
 
     async def reports(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -175,7 +268,7 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
                              ) -> tuple[FleetServer, web.AppRunner, int]:
     """Start on host:port (0: any free port); returns the server, its runner and port."""
     server = FleetServer(directory, timestamp_check_s)
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(server.app(), access_log=None, logger=_http_log)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -195,8 +288,11 @@ def run_fleet_server(directory: Path, host: str, port: int,
         _server, runner, bound = await start_fleet_server(directory, host, port,
                                                           timestamp_check_s)
         print(f"fleet server on http://{host}:{bound}/ serving {directory}", flush=True)
+        stop = asyncio.Event()
+        # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
 

@@ -139,6 +139,8 @@ def fleet_publish(args) -> int:
     check_model_name(args.name)
     if args.version < 1:
         raise UpdaterError(f"--version {args.version} must be a positive integer")
+    if not args.model.is_file():
+        raise UpdaterError(f"{args.model}: no such model file")
     repo = FleetRepo(args.dir)
     with tempfile.TemporaryDirectory() as tmp:
         config, samples = make_release_samples(args.model, args.config, args.samples,
@@ -234,6 +236,8 @@ def fleet_device_key(args) -> int:
         return 0
     from engines.files import atomic_write_bytes  # noqa: PLC0415
 
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise UpdaterError(f"--out {args.out}: {args.out.parent} is not a folder")
     atomic_write_bytes(args.out, key.encode() + b"\n", 0o600)
     print(f"report key of {args.device_id!r} in {args.out}: copy it to the device and set "
           f"updater.report_key_file to its path")

@@ -34,10 +34,15 @@ def _load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
         if not sep or not name or not path:
             raise InvalidArgument(f"--input {spec!r} must look like NAME=FILE.npy")
         try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise InvalidArgument(f"--input {name}: can't read {path} as a .npy array: "
-                                  f"{exc}") from exc
+                                  f"{exc or type(exc).__name__}") from exc
+        if not isinstance(array, np.ndarray):  # an .npz archive holds several
+            array.close()
+            raise InvalidArgument(f"--input {name}: {path} is an .npz archive, not one "
+                                  f"array; save the input with numpy.save as a .npy file")
+        inputs[name] = array
     if not inputs:
         raise InvalidArgument("give at least one --input NAME=FILE.npy "
                               "('outpost' metadata shows the model's inputs)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from appliance import __version__
@@ -59,4 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UpdaterError as exc:
         print(f"outpost: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # stdout's reader went away (`outpost models list | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # A path the system refused (a data dir, --out, --samples ...): the path and why.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"outpost: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1

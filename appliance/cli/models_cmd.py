@@ -47,26 +47,64 @@ def _repo(args):
 
 
 def add_model(args) -> int:
+    from appliance.errors import InvalidArgument  # noqa: PLC0415
+
+    if args.samples is not None and not args.samples.is_file():
+        raise InvalidArgument(f"--samples {args.samples}: no such file")
     repo, config = _repo(args)
     record = repo.add(args.name, args.model, version=args.version,
                       config_path=args.model_config, samples_path=args.samples,
                       defaults=config.batching, activate=False)
-    engine_note = ("an ensemble: its members run it" if record.config().ensemble is not None
-                   else _prepare_engine(repo, config, record))
-    if not args.stage:
-        repo.set_active(record.model, record.version)
-    cfg = record.config()
-    print(f"added {record.model} version {record.version} "
-          f"(max_batch_size {cfg.max_batch_size}, inputs "
-          f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())}; "
-          f"{engine_note})")
+    try:
+        cfg = record.config()
+        if cfg.ensemble is not None:
+            what = _describe_ensemble(repo, cfg.ensemble)
+        else:
+            what = (f"max_batch_size {cfg.max_batch_size}, inputs "
+                    f"{', '.join(f'{s.name}:{s.dtype}{list(s.shape)}' for s in cfg.input_specs())}"
+                    f"; {_prepare_engine(repo, config, record)}")
+        if not args.stage:
+            repo.set_active(record.model, record.version)
+    except BaseException:
+        # Nothing half-added stays behind: a version nobody activated, with no engine.
+        repo.remove(record.model, record.version)
+        raise
+    print(f"added {record.model} version {record.version} ({what})")
     return 0
+
+
+def _describe_ensemble(repo, ensemble) -> str:
+    """What an ensemble runs; a member the repository lacks yet is said on stderr (the
+    ensemble is refused when it loads until the member is added)."""
+    import sys  # noqa: PLC0415
+
+    from appliance.errors import NotFound  # noqa: PLC0415
+
+    def label(part) -> str:
+        return part.model + (f" version {part.version}" if part.version is not None else "")
+
+    parts = ensemble.steps if ensemble.kind == "pipeline" else ensemble.members
+    for part in parts:
+        try:
+            if part.version is None:
+                repo.model(part.model)
+            else:
+                repo.version(part.model, part.version)
+        except NotFound:
+            print(f"outpost: warning: member {label(part)} is not in the repository yet; "
+                  f"the ensemble is refused when it loads until it is added",
+                  file=sys.stderr)
+    names = ", ".join(map(label, parts))
+    kind = ("pipeline" if ensemble.kind == "pipeline"
+            else f"{ensemble.combiner} of its members' {ensemble.output or 'output'}")
+    return f"an ensemble, {kind}: {names}; its members run it, checked when it loads"
 
 
 def _prepare_engine(repo, config, record) -> str:
     """Build (or find) the engine for this device's profile now, not at the first load.
 
-    A model that will not build is removed again, with one error saying why and what to try.
+    A model that will not build fails with one error saying why and what to try (the
+    caller removes the version again).
     """
     from appliance.cli.progress import BuildProgressBar, MeasureProgress  # noqa: PLC0415
     from appliance.config.profiles import choose_engine, resolve  # noqa: PLC0415
@@ -94,7 +132,6 @@ def _prepare_engine(repo, config, record) -> str:
                                  layouts.want_for(model_config, config, engine.kind),
                                  repo.engines_dir, progress=measuring)
     except EngineError as exc:
-        repo.remove(record.model, record.version)
         raise FailedPrecondition(
             f"model '{record.model}' was not added: its {engine.kind} engine for profile "
             f"{detection.profile.name} could not be prepared: {exc}") from exc

@@ -57,7 +57,12 @@ def show_profile(args) -> int:
 
 def detect_profile(args) -> int:
     from appliance.config.profiles import detect  # noqa: PLC0415
+    from appliance.errors import InvalidArgument  # noqa: PLC0415
 
+    if args.device_tree is not None and not args.device_tree.is_file():
+        # Read as "no board model" it would answer for this host, not the board named.
+        raise InvalidArgument(f"--device-tree {args.device_tree}: no such file; give a copy "
+                              f"of the board's /proc/device-tree/model")
     d = detect(device_tree=args.device_tree)
     if args.json:
         print(json.dumps({"profile": d.profile.name, "source": d.source, "reason": d.reason}))

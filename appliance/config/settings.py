@@ -45,6 +45,8 @@ def _convert(value, tp, key: str, where: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:  # an optional field: its own type's error says what is wrong
+            return _convert(value, args[0], key, where)
         for arg in args:
             try:
                 return _convert(value, arg, key, where)
