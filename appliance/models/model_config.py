@@ -118,15 +118,16 @@ class EnsembleConfig:
     def check(self) -> None:
         if self.kind == "pipeline":
             if not self.steps:
-                raise ValueError("a pipeline ensemble needs [[ensemble.steps]]")
+                raise ValueError("steps: a pipeline ensemble needs [[ensemble.steps]]")
         elif self.kind == "combine":
             if len(self.members) < 2:
-                raise ValueError("a combine ensemble needs at least two [[ensemble.members]]")
+                raise ValueError("members: a combine ensemble needs at least two "
+                                 "[[ensemble.members]]")
             if self.combiner not in COMBINERS:
                 raise ValueError(f"combiner {self.combiner!r}: use one of "
                                  f"{', '.join(COMBINERS)}")
             if any(m.weight <= 0 for m in self.members):
-                raise ValueError("member weights must be positive")
+                raise ValueError("members: member weights must be positive")
         else:
             raise ValueError(f"kind {self.kind!r}: use 'pipeline' or 'combine'")
 
