@@ -17,6 +17,9 @@ from appliance.transport.socket_server import SocketServer
 
 log = logging.getLogger("outpost.app")
 
+# Past the drain, how long a batch already running on an engine may take to finish
+UNLOAD_GRACE_S = 2.0
+
 
 async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
     """Load every active model, listen, serve until SIGTERM/SIGINT, drain, exit 0.
@@ -56,13 +59,20 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
     agent_task = asyncio.create_task(agent.run_forever()) if agent is not None else None
     await stop.wait()
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + config.server.drain_timeout_s
     if agent_task is not None:
         agent_task.cancel()
         await asyncio.gather(agent_task, return_exceptions=True)
         agent.close()
-    log.info("stopping: draining in-flight requests")
+    log.info("stopping: draining in-flight requests",
+             extra={"drain_timeout_s": config.server.drain_timeout_s})
     service.draining = True
     await asyncio.gather(server.stop(), *([http.stop()] if http else []))
+    # The versions get what is left of the drain, and at least a moment for a batch
+    # already running to finish (a worker left inside the engine can crash the exit);
+    # a stuck instance is abandoned then.
+    manager.unload_timeout_s = max(UNLOAD_GRACE_S, ends - loop.time())
     await manager.unload_all()
     repo.close()
     log.info("stopped")

@@ -39,7 +39,13 @@ class ServerConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_connections: int = 1024
     max_inflight_per_connection: int = 256
-    drain_timeout_s: float = 30.0
+    # A connection that began a frame (socket) or a request (HTTP) and sends no more of it
+    # for this long is closed; a request's own time is bounded elsewhere.
+    stall_timeout_s: float = 10.0
+    # A socket connection with nothing in flight for this long is closed; 0: never (local
+    # apps hold their connections). HTTP's keep-alive has its own, http.idle_timeout_s.
+    idle_timeout_s: float = 0.0
+    drain_timeout_s: float = 5.0  # SIGTERM: in-flight requests get this long, then exit
     # After answering, keep polling the sockets this long instead of sleeping (saves a
     # wake-up per request of a sequential client; costs that much CPU). 0: off. The
     # firmware profile's default applies where the config says nothing.
@@ -62,6 +68,10 @@ class ServerConfig:
             raise ValueError("max_connections and max_inflight_per_connection must be >= 1")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
+        if self.idle_timeout_s < 0:
+            raise ValueError("idle_timeout_s must be >= 0 (0: never)")
         check_busy_poll_us(self.busy_poll_us)
 
 
@@ -76,6 +86,8 @@ class HttpConfig:
     max_body_bytes: int = DEFAULT_MAX_FRAME_BYTES  # larger requests get 413, unread
     request_timeout_s: float = 60.0  # body read + queue + run; past it: 504
     max_inflight: int = 1024  # concurrent HTTP requests; past it: 503
+    max_connections: int = 256  # open HTTP connections; past it, a new one: 503 and closed
+    idle_timeout_s: float = 75.0  # keep-alive: a connection idle this long is closed
 
     def check(self) -> None:
         if self.address:
@@ -90,8 +102,10 @@ class HttpConfig:
             raise ValueError("max_body_bytes must lie in 1024..2147483648")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
-        if self.max_inflight < 1:
-            raise ValueError("max_inflight must be >= 1")
+        if self.max_inflight < 1 or self.max_connections < 1:
+            raise ValueError("max_inflight and max_connections must be >= 1")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be > 0")
 
     def token(self) -> str:
         """The admin token ('' for none), read from admin_token_file where that is set."""

@@ -5,17 +5,29 @@ each op's map into a ``Service`` call); responses are written as they complete, 
 order. Flow control: a connection stops being read
 while it has ``max_inflight`` requests unanswered or its transport's write buffer is
 full, and resumes at half of that.
+
+Timers, none of them on the way of a whole frame: a read that leaves a frame partly
+received starts the stall clock (``server.stall_timeout_s``, restarted by each read of
+that frame; a timer that finds the frame whole does nothing); a peer that reads none of
+its answers for that long is cut too. ``server.idle_timeout_s`` (0: never) closes a
+connection with nothing in flight; only connections of that server count their reads
+(``_IdleConnection``).
+Errors: a bug answers INTERNAL with a fixed message, its traceback logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import math
 import os
 import socket
 import stat
 from pathlib import Path
+
+import msgpack
 
 from appliance.config.schema import Config
 from appliance.errors import (
@@ -46,6 +58,16 @@ from appliance.transport.socket_ops import SocketOps, infer_request
 
 log = logging.getLogger("outpost.server")
 
+# What a bug answers: the exception's text is for the log, not for the client.
+INTERNAL_MESSAGE = "internal error; see the server log"
+
+# When the drain ends, the answers it leaves (UNAVAILABLE) get this long to be written
+# before the connections left are aborted.
+_LAST_WRITES_S = 0.1
+
+# Draining, how often a connection kept for a frame partly received is looked at
+_DRAIN_POLL_S = 0.02
+
 
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: SocketServer, needs_hello: bool):
@@ -54,7 +76,9 @@ class Connection(asyncio.BufferedProtocol):
         self.reader = BufferedFrameReader(server.max_frame_bytes)
         self.needs_hello = needs_hello
         self.transport: asyncio.Transport | None = None
-        self.pending: set = set()  # queued InferRequests, cancelled if the peer goes away
+        # Queued requests and their ids: cancelled if the peer goes away, answered
+        # UNAVAILABLE if the drain ends first.
+        self.pending: dict = {}
         self.inflight = 0
         self.max_inflight = server.max_inflight
         self.read_paused = False
@@ -69,6 +93,14 @@ class Connection(asyncio.BufferedProtocol):
         self._reading = False
         self._loop = asyncio.get_running_loop()
         self._window = window_for(self._loop)
+        self._broken_code = "INVALID_ARGUMENT"
+        # The stall clocks: a frame partly received (armed by a read that leaves it so;
+        # not stopped when it is whole, the timer then finds nothing to do), and answers
+        # the peer does not read (armed by pause_writing, or by a close with bytes left).
+        self._stall: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
+        self._write_stall: asyncio.TimerHandle | None = None
+        self._write_mark = 0
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -76,12 +108,17 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport
         self.server.connections.add(self)
         if len(self.server.connections) > self.server.max_connections:
-            self.fatal(None, f"too many connections (limit "
+            self.server.refusals.refused()
+            self.fatal(None, f"too many connections (server.max_connections = "
                              f"{self.server.max_connections}); retry later",
                        code="RESOURCE_EXHAUSTED")
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        for timer in (self._stall, self._write_stall):
+            if timer is not None:
+                timer.cancel()
+        self._stall = self._write_stall = None
         self.server.connections.discard(self)
         for request in self.pending:
             self.service.cancel(request)
@@ -90,6 +127,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._watch_writes()
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -102,18 +140,26 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._reading = True
         self._window.open()  # the frames of this read batch together
+        reader = self.reader
         broken = None
         try:
-            self.reader.buffer_updated(nbytes, self._on_body)
+            reader.buffer_updated(nbytes, self._on_body)
         except FrameError as exc:  # a bad length, or a body that is not one map
             broken = exc
         finally:
             self._window.close()  # quick models answer here, inside the read
             self._reading = False
         if broken is not None:
-            self._break(str(broken))
-        elif self._out:
-            self._flush()
+            self._break(_frame_error_message(broken))
+        else:
+            # A frame partly here? The reader's own fields (nothing else tells, and a
+            # property would cost a call on every read): bytes after the last whole
+            # frame, or a large frame's buffer being filled. The clock is not stopped
+            # when the frame completes: its timer finds nothing to do when it fires.
+            if reader._end or reader._big is not None:
+                self._partial_read()
+            if self._out:
+                self._flush()
         if not self.inflight and self.server.poller is not None:
             self.server.poller.extend()  # all answered: the next request may come soon
 
@@ -133,6 +179,74 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
         self._update_reading()
 
+    # -- stalls ----------------------------------------------------------------------------
+
+    def mid_frame(self) -> bool:
+        """Whether some of a frame has been received and the rest has not."""
+        return bool(self.reader._end) or self.reader._big is not None
+
+    def _partial_read(self) -> None:
+        """This read left a frame partly received: (re)start its stall clock."""
+        self._last_data = now = self._loop.time()
+        if self._stall is None:
+            self._stall = self._loop.call_at(now + self.server.stall_timeout_s,
+                                             self._check_stall)
+        if self.server.stopping and not self.inflight and self._out:
+            # Draining: the frames this read completed were answered; the one begun
+            # after them is not taken.
+            self.close()
+
+    def close_when_answered(self) -> None:
+        """Draining, kept for a frame partly received: close once it is whole and
+        answered (UNAVAILABLE), looked at every few milliseconds."""
+        if self.closed:
+            return
+        if not self.inflight and not self.mid_frame():
+            self.close()
+            return
+        self._loop.call_later(_DRAIN_POLL_S, self.close_when_answered)
+
+    def _check_stall(self) -> None:
+        self._stall = None
+        if self.closed or self.broken is not None or not self.mid_frame():
+            return
+        timeout = self.server.stall_timeout_s
+        now = self._loop.time()
+        if self.read_paused:  # not read by the server: its time does not count
+            self._last_data = now
+        due = self._last_data + timeout
+        if now < due:  # more of the frame came since the clock was set
+            self._stall = self._loop.call_at(due, self._check_stall)
+            return
+        log.debug("stalled connection closed", extra={"transport": "socket"})
+        self._broken_code = "DEADLINE_EXCEEDED"
+        self._break(f"a frame was begun but no more of it came for server.stall_timeout_s "
+                    f"= {timeout:g} s; closing: send each frame whole, without pausing")
+
+    def _watch_writes(self) -> None:
+        """Answers are waiting for the peer to read them (writing paused, or a close with
+        bytes left): if it reads none of them for server.stall_timeout_s, cut it."""
+        if self._write_stall is None and self.transport is not None:
+            self._write_mark = self.transport.get_write_buffer_size()
+            self._write_stall = self._loop.call_later(self.server.stall_timeout_s,
+                                                      self._check_writes)
+
+    def _check_writes(self) -> None:
+        self._write_stall = None
+        transport = self.transport
+        if transport is None:
+            return
+        waiting = transport.get_write_buffer_size()
+        if not waiting or not (self.write_paused or self.closed):
+            return
+        if waiting != self._write_mark:  # the peer read some, or answers are still coming
+            self._watch_writes()
+            return
+        log.debug("connection not reading its answers cut", extra={"transport": "socket",
+                                                                   "bytes": waiting})
+        self.closed = True
+        transport.abort()
+
     def eof_received(self):
         # The peer finished sending; keep the socket open to answer what is in flight.
         if self.inflight:
@@ -142,25 +256,25 @@ class Connection(asyncio.BufferedProtocol):
     # -- requests --------------------------------------------------------------------------
 
     def handle(self, msg: dict) -> None:
-        rid = msg.get("id")
-        if type(rid) is not int or rid < 0:
-            self.send(error_response(None, InvalidArgument(
-                f"request 'id' must be an unsigned integer, got {rid!r}")))
-            return
-        op = msg.get("op")
-        if self.needs_hello:
-            if op != "hello":
-                self.fatal(rid, "this connection must start with 'hello' carrying the "
-                                "server's token", code="UNAUTHENTICATED")
-                return
-            token = msg.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(
-                    token.encode(), self.server.token.encode()):
-                self.fatal(rid, "hello carried a missing or wrong token; use the token "
-                                "configured on the server", code="UNAUTHENTICATED")
-                return
-            self.needs_hello = False
+        rid = op = None
         try:
+            rid = msg.get("id")
+            if type(rid) is not int or rid < 0:
+                bad, rid = rid, None
+                raise InvalidArgument(f"request 'id' must be an unsigned integer, got {bad!r}")
+            op = msg.get("op")
+            if self.needs_hello:
+                if op != "hello":
+                    self.fatal(rid, "this connection must start with 'hello' carrying the "
+                                    "server's token", code="UNAUTHENTICATED")
+                    return
+                token = msg.get("token")
+                if not isinstance(token, str) or not hmac.compare_digest(
+                        token.encode(), self.server.token.encode()):
+                    self.fatal(rid, "hello carried a missing or wrong token; use the token "
+                                    "configured on the server", code="UNAUTHENTICATED")
+                    return
+                self.needs_hello = False
             if op == "infer":
                 self.infer(rid, msg)
                 return
@@ -177,9 +291,9 @@ class Connection(asyncio.BufferedProtocol):
         except OutpostError as exc:
             self.send(error_response(rid, exc))
             return
-        except Exception as exc:  # a bug: answer it, keep the connection and the server
-            log.exception("op failed", extra={"op": str(op)})
-            self.send(error_response(rid, Internal(f"op {op!r} failed: {exc}")))
+        except Exception:  # a bug: answer it, keep the connection and the server
+            log.exception("op failed", extra={"op": _op_name(op)})
+            self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
             return
         fields["id"] = rid
         fields["ok"] = True
@@ -191,7 +305,7 @@ class Connection(asyncio.BufferedProtocol):
         def reply(response, error) -> None:
             nonlocal request
             self.inflight -= 1
-            self.pending.discard(request)
+            self.pending.pop(request, None)
             # The request holds this closure (its done callback) and this closure held
             # the request: a cycle that only the cyclic collector would free, with the
             # request's input buffers (600 KB a CNN image) waiting for it. Broken here, it
@@ -204,6 +318,9 @@ class Connection(asyncio.BufferedProtocol):
                     outputs = {n: encode_tensor(a) for n, a in response.outputs.items()}
                 except OutpostError as exc:
                     self.send(error_response(rid, exc))
+                except Exception:
+                    log.exception("encoding the outputs failed", extra={"op": "infer"})
+                    self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
                 else:
                     self.send({"model": response.model, "version": response.version,
                                "outputs": outputs, "id": rid, "ok": True},
@@ -218,13 +335,13 @@ class Connection(asyncio.BufferedProtocol):
             self.inflight -= 1
             self.send(error_response(rid, exc))
             return
-        except Exception as exc:
+        except Exception:
             self.inflight -= 1
-            log.exception("infer failed")
-            self.send(error_response(rid, Internal(f"infer failed: {exc}")))
+            log.exception("op failed", extra={"op": "infer"})
+            self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
             return
         if request is not None and self.inflight:
-            self.pending.add(request)
+            self.pending[request] = rid
         if self.inflight >= self.max_inflight:
             self._update_reading()
 
@@ -244,7 +361,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.send(error_response(rid, exc))
             else:
                 log.error("op failed", exc_info=exc, extra={"op": op})
-                self.send(error_response(rid, Internal(f"op {op!r} failed: {exc}")))
+                self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
             self._update_reading()
 
         task = asyncio.get_running_loop().create_task(coro)
@@ -260,10 +377,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         try:
             parts = encode_frame_parts(message) if big else [encode_frame(message)]
-        except Exception as exc:
+        except Exception:
             log.exception("encode failed")
-            parts = [encode_frame(error_response(message.get("id"), Internal(
-                f"the response could not be encoded: {exc}")))]
+            parts = [encode_frame(error_response(message.get("id"),
+                                                 Internal(INTERNAL_MESSAGE)))]
         size = len(parts[0]) - 4 if len(parts) == 1 else HEADER.unpack_from(parts[0])[0]
         if size > self.server.max_frame_bytes:
             parts = [encode_frame(error_response(message.get("id"), ResourceExhausted(
@@ -291,13 +408,25 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():  # not forever, for a peer not reading
+                self._watch_writes()
+
+    def give_up(self, why: str) -> None:
+        """The drain is over: answer what is still in flight UNAVAILABLE (a result that
+        comes later is dropped), say why with id nil, and close."""
+        pending, self.pending = self.pending, {}
+        for request, rid in pending.items():
+            self.service.cancel(request)
+            self.send(error_response(rid, Unavailable(why)))
+        self.inflight = 0
+        self.fatal(None, why, code="UNAVAILABLE")
 
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
         if self.broken is not None:  # reading stays paused; close once all are answered
             if not self.inflight:
-                self.fatal(None, self.broken)
+                self.fatal(None, self.broken, code=self._broken_code)
             return
         should_pause = self.write_paused or self.inflight >= self.max_inflight
         if should_pause and not self.read_paused:
@@ -311,6 +440,71 @@ class Connection(asyncio.BufferedProtocol):
             self.close()
 
 
+class _IdleConnection(Connection):
+    """A connection closed after server.idle_timeout_s with nothing in flight. Only a
+    server with that timeout makes these, so the default's reads note nothing."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._last_read = self._loop.time()
+        self._idle = self._loop.call_at(self._last_read + self.server.idle_timeout_s,
+                                        self._check_idle)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_read = self._loop.time()
+        super().buffer_updated(nbytes)
+
+    def connection_lost(self, exc) -> None:
+        self._idle.cancel()
+        super().connection_lost(exc)
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        timeout = self.server.idle_timeout_s
+        now = self._loop.time()
+        if self.inflight or self.mid_frame() or self.broken is not None:
+            due = now + timeout  # busy: idle time starts once it is not
+        else:
+            due = self._last_read + timeout
+        if now < due:
+            self._idle = self._loop.call_at(due, self._check_idle)
+            return
+        self.fatal(None, f"idle for server.idle_timeout_s = {timeout:g} s; closed "
+                         f"(connect again)", code="UNAVAILABLE")
+
+
+class RefusalLog:
+    """Connections refused by a transport's limit: logged at once, then at most once a
+    minute, each line counting the refusals since the one before."""
+
+    INTERVAL_S = 60.0
+
+    def __init__(self, transport: str, setting: str, limit: int):
+        self.transport, self.setting, self.limit = transport, setting, limit
+        self.count = 0
+        self._last = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refused(self) -> None:
+        self.count += 1
+        loop = asyncio.get_running_loop()
+        due = self._last + self.INTERVAL_S
+        if loop.time() >= due:
+            self._emit()
+        elif self._timer is None:
+            self._timer = loop.call_at(due, self._emit)
+
+    def _emit(self) -> None:
+        self._timer = None
+        if self.count:
+            log.warning("connections refused: over the limit", extra={
+                "transport": self.transport, "refused": self.count, "setting": self.setting,
+                "limit": self.limit})
+            self.count = 0
+            self._last = asyncio.get_running_loop().time()
+
+
 class SocketServer:
     """Listeners and connections; ``stop`` drains gracefully."""
 
@@ -320,6 +514,9 @@ class SocketServer:
         self.max_frame_bytes = config.server.max_frame_bytes
         self.max_inflight = config.server.max_inflight_per_connection
         self.max_connections = config.server.max_connections
+        self.stall_timeout_s = config.server.stall_timeout_s
+        self.idle_timeout_s = config.server.idle_timeout_s
+        self.refusals = RefusalLog("socket", "server.max_connections", self.max_connections)
         self.token = config.token()
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
@@ -342,13 +539,14 @@ class SocketServer:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _clear_stale_socket(path)
+        kind = _IdleConnection if self.idle_timeout_s else Connection
         unix = await loop.create_unix_server(
-            lambda: Connection(self, needs_hello=bool(self.token)), str(path), backlog=1024)
+            lambda: kind(self, needs_hello=bool(self.token)), str(path), backlog=1024)
         os.chmod(path, int(self.config.server.socket_mode, 8))
         self.listeners.append(unix)
         if self.config.server.tcp:
             host, port = parse_host_port(self.config.server.tcp, "server.tcp")
-            tcp = await loop.create_server(lambda: Connection(self, needs_hello=True),
+            tcp = await loop.create_server(lambda: kind(self, needs_hello=True),
                                            host, port, backlog=1024)
             self.listeners.append(tcp)
             sockname = tcp.sockets[0].getsockname()
@@ -357,12 +555,18 @@ class SocketServer:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def stop(self) -> None:
-        """Stop accepting; answer what is in flight; close idle connections."""
+        """Stop accepting; close idle connections at once; answer what is in flight (a
+        request that arrives meanwhile is answered UNAVAILABLE, then its connection
+        closed); at the drain timeout, abort the connections left."""
         self.stopping = True
         for listener in self.listeners:
             listener.close()
         for conn in list(self.connections):
-            if not conn.inflight and conn.transport is not None:
+            if conn.inflight or conn.transport is None:
+                continue  # closed by its last answer (_update_reading)
+            if conn.mid_frame():
+                conn.close_when_answered()
+            else:
                 conn.close()  # answers finished this very loop pass still go out
         if self.connections:
             self._all_gone = asyncio.Event()
@@ -370,7 +574,18 @@ class SocketServer:
                 await asyncio.wait_for(self._all_gone.wait(),
                                        self.config.server.drain_timeout_s)
             except TimeoutError:
-                log.warning("drain timed out", extra={"connections": len(self.connections)})
+                left = list(self.connections)
+                log.warning("drain timed out: connections closed", extra={
+                    "transport": "socket", "connections": len(left),
+                    "inflight": sum(c.inflight for c in left)})
+                why = (f"the server stopped: server.drain_timeout_s = "
+                       f"{self.config.server.drain_timeout_s:g} s passed first; retry "
+                       f"against its successor")
+                for conn in left:
+                    if not conn.closed:
+                        conn.give_up(why)
+                with contextlib.suppress(TimeoutError):  # the answers leave, for a reader
+                    await asyncio.wait_for(self._all_gone.wait(), _LAST_WRITES_S)
                 for conn in list(self.connections):
                     if conn.transport is not None:
                         conn.transport.abort()
@@ -383,6 +598,18 @@ class SocketServer:
     def connection_gone(self) -> None:
         if self._all_gone is not None and not self.connections:
             self._all_gone.set()
+
+
+def _op_name(op) -> str:
+    """An op for the log: its name, or the type of what came instead (never its repr)."""
+    return op if isinstance(op, str) else type(op).__name__
+
+
+def _frame_error_message(exc: FrameError) -> str:
+    if isinstance(exc.__cause__, msgpack.StackError):
+        return ("frame nests maps and arrays deeper than msgpack's limit of 1024 levels; "
+                "send flatter requests")
+    return str(exc)
 
 
 def _clear_stale_socket(path: Path) -> None:

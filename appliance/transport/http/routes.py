@@ -182,7 +182,8 @@ class Routes:
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an oversize body before the client sends it."""
         if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is understood")
+            return error_response(417, "only 'Expect: 100-continue' is understood",
+                                  close=True)
         size = request.content_length
         if size is not None and size > self.max_body_bytes:
             return error_response(413, too_large_message(size, self.max_body_bytes),
