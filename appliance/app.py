@@ -12,6 +12,7 @@ from appliance.config.profiles import choose_engine, resolve
 from appliance.config.schema import Config
 from appliance.models.manager import ModelManager
 from appliance.models.repository import Repository
+from appliance.observe import memory
 from appliance.serving.service import Service
 from appliance.transport.socket_server import SocketServer
 
@@ -58,7 +59,9 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
     agent_task = asyncio.create_task(agent.run_forever()) if agent is not None else None
+    trimming = asyncio.create_task(_trim_memory_forever())
     await stop.wait()
+    trimming.cancel()
     loop = asyncio.get_running_loop()
     ends = loop.time() + config.server.drain_timeout_s
     if agent_task is not None:
@@ -86,6 +89,14 @@ def install_stop_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def _trim_memory_forever() -> None:
+    """Hand freed heap back to the system now and then (observe/memory.py): a burst of
+    connections or large frames otherwise leaves its high-water mark in RSS."""
+    while True:
+        await asyncio.sleep(memory.TRIM_INTERVAL_S)
+        await asyncio.to_thread(memory.trim)
 
 
 def _settle_gc() -> None:

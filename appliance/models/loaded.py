@@ -137,8 +137,12 @@ class LoadedVersion(ServedVersion):
         except (EngineError, OutpostError) as exc:
             self._fail(f"{where} failed to load: {exc}")
             raise FailedPrecondition(self.error) from exc
-        except Exception as exc:  # an engine raising something untyped: still one line
-            self._fail(f"{where} failed to load: {exc.__class__.__name__}: {exc}")
+        except Exception as exc:  # an engine raising something untyped: a bug; its text
+            # and traceback go to the log, the answer stays one line of ours
+            log.error("an engine raised an unexpected error while loading",
+                      extra={"model": self.name, "version": self.version}, exc_info=True)
+            self._fail(f"{where} failed to load: the engine raised an unexpected "
+                       f"{exc.__class__.__name__}; the server's log has its details")
             raise FailedPrecondition(self.error) from exc
         self._make_instance = make_instance
         db = self.config.dynamic_batching

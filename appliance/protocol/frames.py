@@ -306,7 +306,8 @@ def decode_body(body, borrow: bool = False) -> dict:
     except msgpack.ExtraData as exc:
         raise FrameError("frame holds more than one msgpack object; send exactly one map") from exc
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes
-        raise FrameError(f"frame is not valid msgpack ({exc.__class__.__name__}: {exc})") from exc
+        # msgpack's words say where the bytes went wrong, as a JSON parser's would
+        raise FrameError(f"frame is not valid msgpack: {exc}") from exc
     if not isinstance(message, dict):
         raise FrameError(
             f"frame holds a msgpack {type(message).__name__}, not a map; "

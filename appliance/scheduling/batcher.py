@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import math
 import time
 
 from appliance.errors import (
@@ -33,6 +35,13 @@ from appliance.scheduling.instance import PIPELINE_DEPTH, ModelInstance, run_and
 from appliance.scheduling.policy import BatchPolicy, decide, ready_rows
 from appliance.scheduling.request import DONE, QUEUED, RUNNING, QueuedRequest
 from appliance.scheduling.window import window_for
+
+log = logging.getLogger("outpost.batcher")
+
+# What a client hears when the engine raises: the engine's own words (ONNX Runtime's,
+# CUDA's) go to the log, at most once a minute per version, not into an answer.
+ENGINE_FAILED = "the engine failed on this batch; the server's log says why"
+FAILURE_LOG_INTERVAL_S = 60.0
 
 INLINE_MAX_S = 100e-6  # a batch this quick runs on the event loop, not a worker thread
 
@@ -57,6 +66,7 @@ class DynamicBatcher:
         self._window = window_for(self._loop)
         self._waiting_window = False
         self._queues = [collections.deque() for _ in range(policy.priority_levels)]
+        self._failures, self._failure_logged_at = 0, -math.inf
         self._queued = 0  # live requests waiting (expired ones may still sit in the deques)
         self._queued_rows = 0
         self._dead = 0  # expired or cancelled requests still in the deques
@@ -353,6 +363,16 @@ class DynamicBatcher:
         if self._queued:
             self._schedule()
 
+    def _engine_failed(self, instance: ModelInstance, exc: BaseException) -> Internal:
+        self._failures += 1
+        now = time.monotonic()
+        if now >= self._failure_logged_at + FAILURE_LOG_INTERVAL_S:
+            log.error("the engine failed on a batch", extra={
+                "instance": instance.name, "failures": self._failures,
+                "error": f"{exc.__class__.__name__}: {exc}"})
+            self._failure_logged_at, self._failures = now, 0
+        return Internal(ENGINE_FAILED)
+
     def _complete(self, instance: ModelInstance, batch: list[QueuedRequest],
                   result, compute_s: float | None) -> None:
         if compute_s is not None:  # None: the batch failed before the engine ran it
@@ -367,7 +387,7 @@ class DynamicBatcher:
         self._last_compute_s = compute_s or 0.0
         if isinstance(result, BaseException):
             err = (result if isinstance(result, OutpostError)
-                   else Internal(f"the engine failed on this batch: {result}"))
+                   else self._engine_failed(instance, result))
             for r in batch:
                 if r.state == RUNNING:
                     self._answer(r, None, err)

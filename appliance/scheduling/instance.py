@@ -21,6 +21,7 @@ class ModelInstance:
 
     def __init__(self, session: Session, name: str):
         self.session = session
+        self.name = name
         # Batch input buffers, reused: one set for each batch the instance may hold, taken
         # in turn (its batches run in the order they were handed over).
         self._staging: list[dict[str, np.ndarray]] = [{} for _ in range(PIPELINE_DEPTH)]

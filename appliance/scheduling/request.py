@@ -53,3 +53,10 @@ def cancel_request(request: QueuedRequest) -> None:
         request.owner.cancel(request)
     elif request.state != DONE:
         request.state = DONE
+    # Nor is its callback kept: a transport's reply may hold the request (a cycle, with
+    # its arrays, that only the cyclic collector would free once the caller is gone).
+    request.done = _no_reply
+
+
+def _no_reply(outputs, error) -> None:
+    """A cancelled request's callback: its caller is gone."""

@@ -69,6 +69,16 @@ _LAST_WRITES_S = 0.1
 _DRAIN_POLL_S = 0.02
 
 
+class _ClosedReader:
+    """A closed connection's reader: no frame pending, no buffers held."""
+
+    _end = 0
+    _big = None
+
+
+_CLOSED_READER = _ClosedReader()
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: SocketServer, needs_hello: bool):
         self.server = server
@@ -82,6 +92,7 @@ class Connection(asyncio.BufferedProtocol):
         self.inflight = 0
         self.max_inflight = server.max_inflight
         self.read_paused = False
+        self.peer_done = False  # the peer sent EOF: close once all is answered
         self.write_paused = False
         self.closed = False
         # Set by a framing error: nothing more is read, and the one error (then the close)
@@ -123,6 +134,11 @@ class Connection(asyncio.BufferedProtocol):
         for request in self.pending:
             self.service.cancel(request)
         self.pending.clear()
+        # The transport held this protocol and this protocol the transport: a cycle, freed
+        # only when the cyclic collector reached the old generation it had grown into,
+        # with the reader's buffers (256 KiB, or a large frame's) held till then.
+        self.transport = None
+        self.reader = _CLOSED_READER
         self.server.connection_gone()
 
     def pause_writing(self) -> None:
@@ -145,12 +161,14 @@ class Connection(asyncio.BufferedProtocol):
         try:
             reader.buffer_updated(nbytes, self._on_body)
         except FrameError as exc:  # a bad length, or a body that is not one map
-            broken = exc
+            # The message, not the exception: its traceback holds this frame, which
+            # holds it, a cycle of the connection only the cyclic collector would free.
+            broken = _frame_error_message(exc)
         finally:
             self._window.close()  # quick models answer here, inside the read
             self._reading = False
         if broken is not None:
-            self._break(_frame_error_message(broken))
+            self._break(broken)
         else:
             # A frame partly here? The reader's own fields (nothing else tells, and a
             # property would cost a call on every read): bytes after the last whole
@@ -248,10 +266,11 @@ class Connection(asyncio.BufferedProtocol):
         transport.abort()
 
     def eof_received(self):
-        # The peer finished sending; keep the socket open to answer what is in flight.
-        if self.inflight:
-            return True
-        return False
+        # The peer finished sending: answer what is in flight, then close. Nothing more is
+        # read, so its own close would go unseen: the connection, its descriptor and its
+        # buffers stayed open for good once its last answer was written.
+        self.peer_done = True
+        return bool(self.inflight)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -325,7 +344,7 @@ class Connection(asyncio.BufferedProtocol):
                     self.send({"model": response.model, "version": response.version,
                                "outputs": outputs, "id": rid, "ok": True},
                               has_big_tensor(outputs))
-            if self.read_paused or self.server.stopping:
+            if self.read_paused or self.server.stopping or self.peer_done:
                 self._update_reading()
 
         self.inflight += 1
@@ -436,7 +455,7 @@ class Connection(asyncio.BufferedProtocol):
               and self.inflight <= self.max_inflight // 2):
             self.read_paused = False
             self.transport.resume_reading()
-        if not self.inflight and self.server.stopping:
+        if not self.inflight and (self.server.stopping or self.peer_done):
             self.close()
 
 

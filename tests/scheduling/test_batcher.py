@@ -15,7 +15,7 @@ import pytest
 
 from appliance.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from appliance.observe.stats import VersionStats
-from appliance.scheduling.batcher import DynamicBatcher
+from appliance.scheduling.batcher import ENGINE_FAILED, DynamicBatcher
 from appliance.scheduling.instance import ModelInstance
 from appliance.scheduling.policy import BatchPolicy, decide
 from appliance.scheduling.request import QueuedRequest
@@ -223,7 +223,9 @@ def test_shapes_that_disagree_are_not_batched_together():
     assert sum(batches) == 5
 
 
-def test_engine_failure_fails_the_batch_not_the_batcher():
+def test_engine_failure_fails_the_batch_not_the_batcher(caplog):
+    """The client hears the fixed INTERNAL message; the engine's words go to the log, once
+    a minute with the count of failures since (here: the first, then none)."""
     class Failing(GatedSession):
         def run(self, feeds):
             if feeds["x"][0, 0] < 0:
@@ -231,24 +233,31 @@ def test_engine_failure_fails_the_batch_not_the_batcher():
             return super().run(feeds)
 
     async def go():
-        b = DynamicBatcher(BatchPolicy(max_batch_size=1), [ModelInstance(Failing(), "t")],
+        b = DynamicBatcher(BatchPolicy(max_batch_size=1), [ModelInstance(Failing(), "t:1#0")],
                            VersionStats())
         out = []
         finished = asyncio.Event()
 
         def done(o, e):
             out.append(e)
-            if len(out) == 2:
+            if len(out) == 3:
                 finished.set()
         b.enqueue(_request(-np.ones((1, 4), np.float32), done))
         b.enqueue(_request(np.ones((1, 4), np.float32), done))
+        b.enqueue(_request(-np.ones((1, 4), np.float32), done))
         await asyncio.wait_for(finished.wait(), 5)
         await b.stop()
         return out
 
-    out = _run(go())
-    assert out[0].code == "INTERNAL" and "boom" in str(out[0])
+    with caplog.at_level("ERROR", logger="outpost.batcher"):
+        out = _run(go())
+    assert out[0].code == "INTERNAL" and out[0].message == ENGINE_FAILED
+    assert "boom" not in str(out[0])
     assert out[1] is None
+    assert out[2].message == ENGINE_FAILED
+    logged = [r for r in caplog.records if r.name == "outpost.batcher"]
+    assert len(logged) == 1  # the second failure, within the minute, is not logged
+    assert logged[0].error == "RuntimeError: boom" and logged[0].instance == "t:1#0"
 
 
 def _hold_loop_after_opening(session: GatedSession, batches: int,

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from appliance.config.schema import ServerConfig
+from appliance.config.schema import HttpConfig, ServerConfig
 from appliance.demo.launcher import ServerProcess
 from tests.conftest import ROOT, add_demo_models
 from tests.support.wire import call, connect, frame, is_closed, recv, tensor
@@ -414,3 +414,13 @@ def test_the_unit_waits_past_the_drain_timeout():
     assert stop, "the unit sets no TimeoutStopSec"
     drain = ServerConfig().drain_timeout_s
     assert drain + 3 <= int(stop.group(1)) <= drain + 15, (stop.group(0), drain)
+
+
+def test_the_unit_allows_a_descriptor_for_every_connection():
+    """Both transports full at their default limits, plus room for the models' files:
+    systemd's default soft limit (1024) would refuse connections the config allows."""
+    unit = (ROOT / "appliance/deploy/outpost.service").read_text()
+    nofile = re.search(r"^LimitNOFILE=(\d+)$", unit, re.M)
+    assert nofile, "the unit sets no LimitNOFILE"
+    connections = ServerConfig().max_connections + HttpConfig().max_connections
+    assert int(nofile.group(1)) >= connections + 512, (nofile.group(0), connections)

@@ -163,10 +163,11 @@ class Routes:
             try:
                 body = parse_infer_body(raw, request.headers.get(HEADER_LENGTH))
             except OutpostError as exc:  # raised after the model lookup: NOT_FOUND first
-                wire_error = exc
+                wire_error = exc.with_traceback(None)  # no cycle through this frame
+            infer = infer_request(model, version, body, wire_error)
+            wire_error = None  # the request holds it, until the service raises it
             response = await self.service.infer_async(
-                infer_request(model, version, body, wire_error),
-                limit_s=max(0.0, ends - loop.time()))
+                infer, limit_s=max(0.0, ends - loop.time()))
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no answer within http.request_timeout_s = {self.request_timeout_s:g} s; "
