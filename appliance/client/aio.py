@@ -5,6 +5,7 @@ and what comes back, is ``core``'s."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from typing import TypeVar
 
 from appliance.client.blocking import widen
 from appliance.client.core import Codec, Ops, default_socket, result
-from appliance.errors import Unavailable, error_from_wire
+from appliance.client.shared_memory import SharedRegion
+from appliance.errors import OutpostError, Unavailable, error_from_wire
 from appliance.paths import parse_host_port
 
 T = TypeVar("T")
@@ -122,6 +124,24 @@ class AsyncClient(Ops):
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
+
+    @contextlib.asynccontextmanager
+    async def shared_memory(self, byte_size: int, name: str | None = None):
+        """``Client.shared_memory``, awaited: ``async with client.shared_memory(n) as r``."""
+        region = SharedRegion(byte_size, name)
+        registered = False
+        try:
+            await self.register_region(region)
+            registered = True
+            yield region
+        finally:
+            try:
+                if registered:
+                    await self.unregister_region(region.name)
+            except OutpostError:  # the connection is gone: the server let go of it
+                pass
+            finally:
+                region.close()
 
     async def _send(self, op: str, fields: dict, parse: Callable[[dict], T] | None) -> T:
         proto = self._proto

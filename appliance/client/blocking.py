@@ -3,6 +3,7 @@ back, is ``core``'s."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -11,7 +12,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from appliance.client.core import Codec, Ops, default_socket, result
-from appliance.errors import InvalidArgument, Unavailable
+from appliance.client.shared_memory import SharedRegion
+from appliance.errors import InvalidArgument, OutpostError, Unavailable
 from appliance.paths import parse_host_port
 
 # A send buffer that holds a whole image request: one write, not a ping-pong of wake-ups
@@ -94,6 +96,33 @@ class Client(Ops):
 
     def close(self) -> None:
         self._sock.close()
+
+    @contextlib.contextmanager
+    def shared_memory(self, byte_size: int, name: str | None = None):
+        """A region of ``byte_size`` bytes, created, mapped and registered; on the way out
+        unregistered and unlinked (the server lets go of it when the connection closes
+        anyway)::
+
+            with client.shared_memory(image.nbytes + 4000) as region:
+                x = region.tensor(image.shape, image.dtype)
+                y = region.tensor((1, 1000), np.float32, offset=image.nbytes)
+                x.array[...] = image
+                logits = client.infer("cnn", {"image": x}, output_regions={"logits": y})
+        """
+        region = SharedRegion(byte_size, name)
+        registered = False
+        try:
+            self.register_region(region)
+            registered = True
+            yield region
+        finally:
+            try:
+                if registered:
+                    self.unregister_region(region.name)
+            except OutpostError:  # the connection is gone: the server let go of it
+                pass
+            finally:
+                region.close()
 
     def _send(self, op: str, fields: dict, parse: Callable[[dict], T] | None) -> T:
         """Send the request, then wait for its response (or one with id nil: the server

@@ -36,7 +36,8 @@ from appliance.protocol.frames import (
     encode_frame_parts,
     has_big_tensor,
 )
-from appliance.protocol.tensors import decode_tensor, encode_tensor
+from appliance.protocol.tensors import decode_tensor, dtype_and_shape, encode_tensor
+from appliance.client.shared_memory import RegionTensor, SharedRegion
 
 T = TypeVar("T")
 
@@ -127,8 +128,32 @@ def infer_result(response: dict) -> InferResult:
     return InferResult(response["model"], response["version"], outputs)
 
 
+def region_result(output_regions: dict[str, RegionTensor]) -> Callable[[dict], InferResult]:
+    """``infer_result`` for a request whose outputs (some) went into shared memory: those
+    are views of the client's region, shaped as the server says it wrote them."""
+    def parse(response: dict) -> InferResult:
+        outputs = {}
+        for name, t in response["outputs"].items():
+            target = output_regions.get(name)
+            if target is None or "shm" not in t:
+                outputs[name] = decode_tensor(t, f"outputs.{name}")
+            else:
+                dtype, shape = dtype_and_shape(t, f"outputs.{name}")
+                outputs[name] = np.ndarray(shape, dtype, target.region.buffer, target.offset)
+        return InferResult(response["model"], response["version"], outputs)
+    return parse
+
+
+def _wire_input(value) -> dict:
+    return value.wire() if type(value) is RegionTensor else encode_tensor(value)
+
+
 def models_list(response: dict) -> list[dict]:
     return response["models"]
+
+
+def _regions_list(response: dict) -> list[dict]:
+    return response["regions"]
 
 
 # What an op returns: the value in ``Client``, an awaitable of it in ``AsyncClient``
@@ -164,13 +189,21 @@ class Ops:
             fields["token"] = token
         return self._send("hello", fields, None)
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: int | None = None,
-              outputs: list[str] | None = None, timeout_ms: int | None = None,
-              priority: int | None = None) -> Reply[InferResult]:
+    def infer(self, model: str, inputs: dict[str, np.ndarray | RegionTensor], *,
+              version: int | None = None, outputs: list[str] | None = None,
+              timeout_ms: int | None = None, priority: int | None = None,
+              output_regions: dict[str, RegionTensor] | None = None) -> Reply[InferResult]:
+        """``inputs``: arrays, or windows of a registered region (``region.tensor(...)``)
+        the server reads in place. ``output_regions``: outputs the server writes into a
+        region; the result's array for each is a view of it."""
         if not isinstance(inputs, dict):
             raise InvalidArgument("inputs must be a dict of input name to NumPy array")
         fields = {"model": model,
-                  "inputs": {name: encode_tensor(arr) for name, arr in inputs.items()}}
+                  "inputs": {name: _wire_input(arr) for name, arr in inputs.items()}}
+        parse = infer_result
+        if output_regions:
+            fields["output_shm"] = {name: t.window() for name, t in output_regions.items()}
+            parse = region_result(output_regions)
         if version is not None:
             fields["version"] = version
         if outputs is not None:
@@ -179,7 +212,7 @@ class Ops:
             fields["timeout_ms"] = timeout_ms
         if priority is not None:
             fields["priority"] = priority
-        return self._send("infer", fields, infer_result)
+        return self._send("infer", fields, parse)
 
     def models(self) -> Reply[list[dict]]:
         return self._send("models", {}, models_list)
@@ -189,6 +222,19 @@ class Ops:
         if version is not None:
             fields["version"] = version
         return self._send("metadata", fields, None)
+
+    def register_region(self, region: SharedRegion) -> Reply[dict]:
+        """Register a region with the server (``shared_memory`` does it for you); it is
+        unregistered when this connection closes."""
+        return self._send("shm_register", region.register_fields(), None)
+
+    def unregister_region(self, name: str = "") -> Reply[dict]:
+        """Unregister a region by name ("": every region)."""
+        return self._send("shm_unregister", {"name": name}, None)
+
+    def regions(self) -> Reply[list[dict]]:
+        """The regions registered with the server: name, key, offset, byte_size."""
+        return self._send("shm_status", {}, _regions_list)
 
     def health(self) -> Reply[dict]:
         return self._send("health", {}, None)

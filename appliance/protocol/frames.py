@@ -238,7 +238,7 @@ _BIN32 = struct.Struct(">BI")
 def has_big_tensor(tensors: dict) -> bool:
     """Whether any tensor map's data is large enough to be worth ``encode_frame_parts``."""
     for t in tensors.values():
-        if type(t["data"]) is memoryview:
+        if type(t.get("data")) is memoryview:  # no data: a shared memory window
             return True
     return False
 

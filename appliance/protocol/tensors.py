@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Tensors on the wire: a map of dtype, shape and data (little-endian bytes, C order), and
+the arrays they are decoded into; or, in place of data, a window of a shared memory region
+(``shm``: region, offset, nbytes), which the transport reads through its registry."""
 
 from __future__ import annotations
 
@@ -76,6 +78,17 @@ def decode_tensor(obj: object, where: str) -> np.ndarray:
     if not _NATIVE_LITTLE:  # pragma: no cover - big-endian hosts get native arrays
         array = array.astype(array.dtype.newbyteorder("="))
     return array
+
+
+def dtype_and_shape(obj: object, where: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """A tensor map's dtype and shape, checked, for a tensor whose bytes are elsewhere."""
+    try:
+        dtype, shape = _READ_DTYPES[obj["dtype"]], obj["shape"]
+    except (TypeError, KeyError):
+        raise _tensor_error(obj, where) from None
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise _tensor_error(obj, where)
+    return dtype, tuple(shape)
 
 
 def _tensor_error(obj: object, where: str) -> InvalidArgument:

@@ -23,10 +23,12 @@ from appliance.errors import (
 from appliance.models.manager import ModelManager
 from appliance.models.traffic import TrafficPolicy
 from appliance.models.versions import ServedVersion, VersionState
+from appliance.observe.protocols import ProtocolCounts
 from appliance.scheduling.request import QueuedRequest, cancel_request
 from appliance.serving.contract import InferRequest, InferResponse, ModelStatus, VersionInfo
 from appliance.serving.fields import model_name, version_number
 from appliance.serving.router import Router
+from appliance.serving.shared_memory import SharedMemoryRegistry
 
 SERVER_NAME = "outpost"
 
@@ -40,6 +42,9 @@ class Service:
         self.router = Router(manager)
         self.draining = False
         self.started = time.time()
+        # Regions clients registered (Triton's system shared memory), for every transport
+        self.shared_memory = SharedMemoryRegistry()
+        self.protocol_counts = ProtocolCounts()
 
     # -- infer ---------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from appliance.protocol.tensors import encode_tensor
 from appliance.scheduling.window import window_for
 from appliance.serving.service import Service
 from appliance.transport.busy_poll import BusyPoller
-from appliance.transport.socket_ops import SocketOps, infer_request
+from appliance.transport.socket_ops import OutputRegions, SocketOps, infer_request
 
 log = logging.getLogger("outpost.server")
 
@@ -67,6 +67,9 @@ _LAST_WRITES_S = 0.1
 
 # Draining, how often a connection kept for a frame partly received is looked at
 _DRAIN_POLL_S = 0.02
+
+
+SOCKET_OK, SOCKET_INTERNAL = ("socket", "OK"), ("socket", "INTERNAL")
 
 
 class _ClosedReader:
@@ -134,6 +137,7 @@ class Connection(asyncio.BufferedProtocol):
         for request in self.pending:
             self.service.cancel(request)
         self.pending.clear()
+        self.service.shared_memory.release(self)  # what it registered goes with it
         # The transport held this protocol and this protocol the transport: a cycle, freed
         # only when the cyclic collector reached the old generation it had grown into,
         # with the reader's buffers (256 KiB, or a large frame's) held till then.
@@ -303,10 +307,13 @@ class Connection(asyncio.BufferedProtocol):
                 self.run_async(rid, op, admin(msg))
                 return
             handler = ops.simple.get(op)
-            if handler is None:
+            if handler is not None:
+                fields = handler(msg)
+            elif op in ops.per_connection:
+                fields = ops.per_connection[op](msg, self)
+            else:
                 raise InvalidArgument(f"unknown op {op!r}; this server knows "
                                       f"{', '.join(ops.names)}")
-            fields = handler(msg)
         except OutpostError as exc:
             self.send(error_response(rid, exc))
             return
@@ -320,6 +327,15 @@ class Connection(asyncio.BufferedProtocol):
 
     def infer(self, rid: int, msg: dict) -> None:
         request = None
+        counts = self.server.counts
+        into_regions = None
+        if "output_shm" in msg:
+            try:
+                into_regions = OutputRegions(msg, self.service.shared_memory)
+            except OutpostError as exc:
+                counts[("socket", exc.code)] += 1
+                self.send(error_response(rid, exc))
+                return
 
         def reply(response, error) -> None:
             nonlocal request
@@ -331,16 +347,22 @@ class Connection(asyncio.BufferedProtocol):
             # is freed the moment it is answered.
             request = None
             if error is not None:
+                counts[("socket", error.code)] += 1
                 self.send(error_response(rid, error))
             else:
                 try:
-                    outputs = {n: encode_tensor(a) for n, a in response.outputs.items()}
+                    outputs = ({n: encode_tensor(a) for n, a in response.outputs.items()}
+                               if into_regions is None
+                               else into_regions.encode(response.outputs, encode_tensor))
                 except OutpostError as exc:
+                    counts[("socket", exc.code)] += 1
                     self.send(error_response(rid, exc))
                 except Exception:
                     log.exception("encoding the outputs failed", extra={"op": "infer"})
+                    counts[SOCKET_INTERNAL] += 1
                     self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
                 else:
+                    counts[SOCKET_OK] += 1
                     self.send({"model": response.model, "version": response.version,
                                "outputs": outputs, "id": rid, "ok": True},
                               has_big_tensor(outputs))
@@ -349,14 +371,17 @@ class Connection(asyncio.BufferedProtocol):
 
         self.inflight += 1
         try:
-            request = self.service.infer(infer_request(msg), reply, tag=self)
+            request = self.service.infer(infer_request(msg, self.service.shared_memory),
+                                         reply, tag=self)
         except OutpostError as exc:
             self.inflight -= 1
+            counts[("socket", exc.code)] += 1
             self.send(error_response(rid, exc))
             return
         except Exception:
             self.inflight -= 1
             log.exception("op failed", extra={"op": "infer"})
+            counts[SOCKET_INTERNAL] += 1
             self.send(error_response(rid, Internal(INTERNAL_MESSAGE)))
             return
         if request is not None and self.inflight:
@@ -542,6 +567,7 @@ class SocketServer:
         self.stopping = False
         self._all_gone: asyncio.Event | None = None
         self.ops = SocketOps(service, self.max_frame_bytes)
+        self.counts = service.protocol_counts.counts
         self.tasks: set[asyncio.Task] = set()
         self.socket_path = Path(config.server.socket_path)
         self.tcp_address: tuple[str, int] | None = None

@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from appliance.errors import InvalidArgument
+from appliance.serving.shared_memory import SharedMemoryRegistry
 from engines.base import DTYPE_TABLE
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -106,10 +107,15 @@ class InferBody:
     binary_flags: dict[str, bool] = field(default_factory=dict)  # per-output binary_data
     binary_default: bool = False  # request-level binary_data_output
     parameters: dict = field(default_factory=dict)
+    # Outputs to write into shared memory: name -> (region, offset, byte_size)
+    output_regions: dict[str, tuple] = field(default_factory=dict)
 
 
-def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
-    """The request's JSON header and tensors; InvalidArgument naming the field at fault."""
+def parse_infer_body(body: bytes, header_length: str | None,
+                     shm: SharedMemoryRegistry | None = None) -> InferBody:
+    """The request's JSON header and tensors; InvalidArgument naming the field at fault.
+    Tensors in shared memory (``shared_memory_region`` among their parameters) are read
+    from, or checked against, the regions ``shm`` holds."""
     if header_length is not None:
         try:
             json_len = int(header_length)
@@ -150,8 +156,14 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
         if name in inputs:
             raise InvalidArgument(f"{where} appears twice in 'inputs'")
         dtype, shape = _dtype_and_shape(tensor, where)
+        window = _shm_window(tensor, where, shm)
         size = _binary_size(tensor, where)
-        if size is not None:
+        if window is not None:
+            if "data" in tensor or size is not None:
+                raise InvalidArgument(f"{where} names a shared memory region and carries "
+                                      f"data too; send one of them")
+            inputs[name] = shm.read(*window, dtype, shape, where)
+        elif size is not None:
             if "data" in tensor:
                 raise InvalidArgument(f"{where} has both 'data' and binary_data_size; send one")
             if offset + size > len(body):
@@ -166,11 +178,29 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
         raise InvalidArgument(
             f"the body has {len(body) - offset} bytes after the last input's binary data; "
             f"binary_data_size of the inputs must add up to the binary part")
-    outputs, binary = _requested_outputs(header.get("outputs"))
+    outputs, binary, regions = _requested_outputs(header.get("outputs"), shm)
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidArgument("parameters.binary_data_output must be true or false")
-    return InferBody(rid, inputs, outputs, binary, binary_default, params)
+    return InferBody(rid, inputs, outputs, binary, binary_default, params, regions)
+
+
+def _shm_window(tensor: dict, where: str, shm: SharedMemoryRegistry | None
+                ) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) of a tensor in shared memory; None if it is not."""
+    params = _parameters(tensor, where)
+    region = params.get("shared_memory_region")
+    if region is None:
+        return None
+    if shm is None:
+        raise InvalidArgument(f"{where}: shared memory is not served here")
+    if not isinstance(region, str):
+        raise InvalidArgument(f"{where} parameters.shared_memory_region must be a string")
+    size = params.get("shared_memory_byte_size")
+    if size is None:
+        raise InvalidArgument(f"{where} names shared_memory_region but no "
+                              f"shared_memory_byte_size")
+    return region, params.get("shared_memory_offset", 0), size
 
 
 def _parameters(obj: dict, where: str) -> dict:
@@ -392,13 +422,15 @@ def _holds_bool(leaves: list, found: np.ndarray) -> bool:
     return bool in set(map(type, leaves))
 
 
-def _requested_outputs(raw: object) -> tuple[list[str] | None, dict[str, bool]]:
+def _requested_outputs(raw: object, shm: SharedMemoryRegistry | None
+                       ) -> tuple[list[str] | None, dict[str, bool], dict[str, tuple]]:
     if raw is None:
-        return None, {}
+        return None, {}, {}
     if not isinstance(raw, list):
         raise InvalidArgument("'outputs' must be a list of {name, parameters}")
     names: list[str] = []
     binary: dict[str, bool] = {}
+    regions: dict[str, tuple] = {}
     for i, out in enumerate(raw):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidArgument(f"outputs[{i}] must be an object with a string 'name'")
@@ -416,7 +448,11 @@ def _requested_outputs(raw: object) -> tuple[list[str] | None, dict[str, bool]]:
         names.append(name)
         if flag is not None:
             binary[name] = flag
-    return names, binary
+        window = _shm_window(out, f"output '{name}'", shm)
+        if window is not None:
+            shm.check_window(*window, f"output '{name}'")
+            regions[name] = window
+    return names, binary, regions
 
 
 def wants_binary(body: InferBody, name: str) -> bool:
@@ -425,7 +461,8 @@ def wants_binary(body: InferBody, name: str) -> bool:
 
 
 def encode_infer_response(model: str, version: int, body: InferBody,
-                          outputs: dict[str, np.ndarray]
+                          outputs: dict[str, np.ndarray],
+                          shm: SharedMemoryRegistry | None = None
                           ) -> tuple[list[bytes | memoryview], int | None]:
     """The response as chunks (the JSON header, then a view of each binary output's bytes),
     and the JSON header's length when binary data follows.
@@ -444,7 +481,15 @@ def encode_infer_response(model: str, version: int, body: InferBody,
         array = np.asarray(value)
         entry: dict = {"name": name, "datatype": v2_datatype_of(array.dtype),
                        "shape": list(array.shape)}
-        if wants_binary(body, name):
+        window = body.output_regions.get(name)
+        if window is not None:  # written into the region; the answer says where
+            region, offset, size = window
+            shm.write(region, offset, size, array, f"output '{name}'")
+            entry["parameters"] = {"shared_memory_region": region,
+                                   "shared_memory_byte_size": array.nbytes}
+            if offset:
+                entry["parameters"]["shared_memory_offset"] = offset
+        elif wants_binary(body, name):
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             blob = memoryview(little.reshape(-1).view(np.uint8))
             entry["parameters"] = {"binary_data_size": len(blob)}

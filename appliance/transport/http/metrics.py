@@ -98,6 +98,12 @@ class ModelCollector(Collector):
         yield GaugeMetricFamily("outpost_models_loaded",
                                 "Model versions loaded and serving", value=loaded)
         yield from self._traffic()
+        by_protocol = CounterMetricFamily(
+            "outpost_protocol_requests", "Infer requests answered, by transport (socket, "
+            "http, grpc) and outcome (OK or the error code)", labels=["protocol", "code"])
+        for (protocol, code), n in sorted(self.service.protocol_counts.counts.items()):
+            by_protocol.add_metric([protocol, code], n)
+        yield by_protocol
 
     def _traffic(self) -> Iterator[Metric]:
         """Per-variant routing counts and shadow divergence, per model."""

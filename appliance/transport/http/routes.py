@@ -37,8 +37,10 @@ from appliance.transport.http.errors import error_response
 from appliance.transport.http.metrics import render
 from appliance.transport.http.triton_config import model_config, platform
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics",
+              "system_shared_memory"]
 JSON = "application/json"
+HTTP_OK = ("http", "OK")
 
 
 class PayloadTooLarge(Exception):
@@ -65,6 +67,8 @@ class Routes:
         self.request_timeout_s = request_timeout_s
         self.admin_token = admin_token
         self.public = public
+        self.shm = service.shared_memory
+        self.counts = service.protocol_counts.counts
 
     def add_to(self, app: web.Application) -> None:
         r = app.router
@@ -90,6 +94,19 @@ class Routes:
         r.add_get("/v2/repository/models/{model}/traffic", self.traffic)
         r.add_post("/v2/repository/models/{model}/traffic", self.traffic,
                    expect_handler=self.expect)
+        # Triton's system shared memory extension (regions shared with every transport)
+        shm = "/v2/systemsharedmemory"
+        r.add_get(shm + "/status", self.shm_status)
+        r.add_get(shm + "/region/{region}/status", self.shm_status)
+        r.add_post(shm + "/region/{region}/register", self.shm_register,
+                   expect_handler=self.expect)
+        r.add_post(shm + "/unregister", self.shm_unregister, expect_handler=self.expect)
+        r.add_post(shm + "/region/{region}/unregister", self.shm_unregister,
+                   expect_handler=self.expect)
+        for path in ("/v2/cudasharedmemory/status",
+                     "/v2/cudasharedmemory/region/{region}/{action}",
+                     "/v2/cudasharedmemory/{action}"):
+            r.add_route("*", path, self.cuda_shm)
         r.add_get("/metrics", self.metrics)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -161,19 +178,24 @@ class Routes:
                 raw = await self.read_body(request)
             body, wire_error = None, None
             try:
-                body = parse_infer_body(raw, request.headers.get(HEADER_LENGTH))
+                body = parse_infer_body(raw, request.headers.get(HEADER_LENGTH), self.shm)
             except OutpostError as exc:  # raised after the model lookup: NOT_FOUND first
                 wire_error = exc.with_traceback(None)  # no cycle through this frame
             infer = infer_request(model, version, body, wire_error)
             wire_error = None  # the request holds it, until the service raises it
             response = await self.service.infer_async(
                 infer, limit_s=max(0.0, ends - loop.time()))
+            chunks, header_len = encode_infer_response(
+                response.model, response.version, body, response.outputs, self.shm)
         except TimeoutError:
+            self.counts[("http", "DEADLINE_EXCEEDED")] += 1
             raise DeadlineExceeded(
                 f"no answer within http.request_timeout_s = {self.request_timeout_s:g} s; "
                 f"lower the load or raise the timeout") from None
-        chunks, header_len = encode_infer_response(response.model, response.version, body,
-                                                   response.outputs)
+        except OutpostError as exc:
+            self.counts[("http", exc.code)] += 1
+            raise
+        self.counts[HTTP_OK] += 1
         if header_len is None:
             return web.Response(body=chunks[0], content_type=JSON)
         resp = web.Response(body=b"".join(chunks), content_type="application/octet-stream")
@@ -258,6 +280,37 @@ class Routes:
         await self.control.unload(request.match_info["model"])
         return web.Response(status=200)
 
+
+    # -- system shared memory -----------------------------------------------------------------
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        return json_response([
+            {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+            for r in self.shm.status(request.match_info.get("region", ""))])
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        # A region maps a file of this host into the server: on a public address only an
+        # admin may name one (else a remote client could read or overwrite any shared
+        # memory object the server's user can open).
+        self.require_admin(request)
+        body = await self.control_body(request)
+        unknown = set(body) - {"key", "offset", "byte_size"}
+        if unknown:
+            raise InvalidArgument(f"unknown field '{sorted(unknown)[0]}'; send key, offset "
+                                  f"and byte_size")
+        self.shm.register(request.match_info["region"], body.get("key"),
+                          body.get("offset", 0), body.get("byte_size"))
+        return web.Response(status=200)
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        self.require_admin(request)
+        await self.control_body(request)
+        self.shm.unregister(request.match_info.get("region", ""))
+        return web.Response(status=200)
+
+    async def cuda_shm(self, request: web.Request) -> web.Response:
+        raise InvalidArgument("CUDA shared memory is not served by outpost; use system "
+                              "shared memory (/v2/systemsharedmemory)")
 
     async def activate(self, request: web.Request) -> web.Response:
         """Body {"version": N}: hot swap to that version (it loads and warms first)."""
