@@ -10,7 +10,8 @@ import time
 
 from appliance.config.profiles import choose_engine, resolve
 from appliance.config.schema import Config
-from appliance.models.manager import ModelManager
+from appliance.errors import ConfigError
+from appliance.models.manager import BudgetTooSmall, ModelManager
 from appliance.models.repository import Repository
 from appliance.observe import memory
 from appliance.serving.service import Service
@@ -37,7 +38,10 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
     engine, reason = choose_engine(config.engine, detection)
     log.info("engine selected", extra={"engine": engine.kind, "reason": reason})
     manager = ModelManager(repo, engine, config)
-    await manager.load_all()
+    try:
+        await manager.load_all()
+    except BudgetTooSmall as exc:  # the budget can't hold a model at all: say so, stop
+        raise ConfigError(f"residency.memory_budget_mb: {exc}") from None
     _settle_gc()
     service = Service(manager)
     agent = make_agent(service, repo, engine) if make_agent is not None else None

@@ -26,11 +26,16 @@ from appliance.models.layout import want_for
 from appliance.models.loaded import LoadedVersion
 from appliance.models.model_config import ModelConfig
 from appliance.models.repository import Repository, VersionRecord
+from appliance.models.residency import EvictionLog
 from appliance.models.traffic import TrafficPolicy
 from appliance.models.versions import ServedVersion, StoredVersion, VersionState
 from engines import Engine, RuntimeOptions
 
 log = logging.getLogger("outpost.models")
+
+
+class BudgetTooSmall(FailedPrecondition):
+    """A version that cannot fit the memory budget even alone."""
 
 
 # States in which a version in ``loaded`` no longer takes requests: routing loads it anew.
@@ -48,6 +53,9 @@ class ModelManager:
         self.active: dict[str, int] = {}
         self.traffic: dict[str, TrafficPolicy] = {}
         self.budget_bytes = config.residency.memory_budget_mb << 20
+        self.evictions = EvictionLog()
+        # versions the budget cannot hold even alone: a start-up error (app.serve)
+        self.unfit: dict[tuple[str, int], str] = {}
         self.profile = resolve(config.profile).profile  # its build fields, for every model
         self.unload_timeout_s = config.server.drain_timeout_s
         self._configs: dict[str, ModelConfig] = {}
@@ -117,6 +125,8 @@ class ModelManager:
                     await self.ensure_loaded(name, version)
                 except OutpostError:
                     continue
+        if self.unfit:
+            raise BudgetTooSmall("; ".join(self.unfit.values()))
 
     def lookup(self, name: str, version: int) -> ServedVersion:
         """The version's server-side object, starting its load if it is servable but not
@@ -152,9 +162,13 @@ class ModelManager:
         except OutpostError as exc:
             if lv.state is not VersionState.FAILED:
                 lv._fail(str(exc))
+            if isinstance(exc, BudgetTooSmall):
+                self.unfit[(lv.name, lv.version)] = str(exc)
             log.error("load failed", extra={"model": lv.name, "version": lv.version,
                                             "error": lv.error})
             return
+        self.evictions.loaded((lv.name, lv.version))
+        self.unfit.pop((lv.name, lv.version), None)
         layout = getattr(lv, "layout", None)
         if layout is not None:
             self.repo.record_layout(lv.name, lv.version, layout.as_dict())
@@ -189,6 +203,11 @@ class ModelManager:
         """Unload least-recently-used idle versions until ``lv`` fits the memory budget."""
         if not self.budget_bytes:
             return
+        if lv.memory_bytes > self.budget_bytes:
+            raise BudgetTooSmall(
+                f"model '{lv.name}' version {lv.version} costs {lv.memory_bytes >> 20} MiB "
+                f"but residency.memory_budget_mb is {self.budget_bytes >> 20}: it cannot "
+                f"fit even alone; raise the budget or lower the model's instances")
         while True:
             others = [v for v in self.loaded.values() if v is not lv and v.state in (
                 VersionState.READY, VersionState.LOADING)]
@@ -208,6 +227,9 @@ class ModelManager:
                 "model": victim.name, "version": victim.version,
                 "for": f"{lv.name}:{lv.version}"})
             self.loaded.pop((victim.name, victim.version), None)
+            self.evictions.evicted(
+                (victim.name, victim.version),
+                f"memory budget: made room for {lv.name}:{lv.version}")
             await victim.unload(self.unload_timeout_s)
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
@@ -351,11 +373,15 @@ class ModelManager:
     # -- status --------------------------------------------------------------------------
 
     def ready(self) -> bool:
+        """Every active model will answer: loaded and READY, or not loaded but loading on
+        its first request (lazy, or evicted for memory; one that cannot fit the budget at
+        all stops the start instead, ``BudgetTooSmall``)."""
         for name, version in self.active.items():
             lv = self.loaded.get((name, version))
-            if lv is None:
-                if self.model_config(name).load == "lazy":
-                    continue  # loads on its first request
+            if lv is None or lv.state in NOT_SERVING:
+                if self.model_config(name).load == "lazy" or \
+                        self.evictions.is_out((name, version)):
+                    continue
                 return False
             if lv.state is not VersionState.READY:
                 return False

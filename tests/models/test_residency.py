@@ -18,9 +18,9 @@ from appliance.models.repository import Repository
 WIDE = 100_000  # 400 KB of weights: a loaded version is estimated at 800 KB
 
 
-def wide_add(path, c: float):
-    k = numpy_helper.from_array(np.full((WIDE,), c, np.float32), "k")
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", WIDE]) for n in "xy"]
+def wide_add(path, c: float, width: int = WIDE):
+    k = numpy_helper.from_array(np.full((width,), c, np.float32), "k")
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", width]) for n in "xy"]
     g = helper.make_graph([helper.make_node("Add", ["x", "k"], ["y"])], "wide", [io[0]],
                           [io[1]], initializer=[k])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -143,3 +143,32 @@ def test_probes_and_metadata_describe_a_lazy_model_without_loading_it(short_tmp)
         assert c.infer("c", {"x": x})["y"][0, 0] == 3.0  # a request does load it
         assert _states(c) == {"c": "ready"}
         assert status(f"{base}/v2/models/c/ready") == 200
+
+
+def test_an_active_model_evicted_at_start_is_still_ready(short_tmp):
+    """Readiness means "will answer": a version the budget evicted loads on demand."""
+    repo = Repository(short_tmp)
+    repo.add("a", wide_add(short_tmp / "a.onnx", 1))
+    repo.add("b", wide_add(short_tmp / "b.onnx", 2))
+    repo.close()
+    cfg = short_tmp / "outpost.toml"
+    cfg.write_text("[residency]\nmemory_budget_mb = 1\n")  # one of them, not both
+    x = np.zeros((1, WIDE), np.float32)
+    with ServerProcess(short_tmp, extra_args=["--config", str(cfg)]) as server, \
+            Client(server.socket_path) as c:
+        assert _states(c) == {"a": "unloaded", "b": "ready"}
+        assert c.health()["ready"]
+        assert server.ready_record()["ready"] is True
+        assert c.infer("a", {"x": x})["y"][0, 0] == 1.0  # it does answer
+
+
+def test_a_model_that_cannot_fit_the_budget_at_all_stops_the_start(short_tmp):
+    Repository(short_tmp).add("a", wide_add(short_tmp / "a.onnx", 1, width=1 << 20))
+    cfg = short_tmp / "outpost.toml"
+    cfg.write_text("[residency]\nmemory_budget_mb = 1\n")
+    server = ServerProcess(short_tmp, extra_args=["--config", str(cfg)])
+    with pytest.raises(errors.Unavailable, match="exited with 2") as info:
+        server.start()
+    assert "residency.memory_budget_mb" in str(info.value)
+    assert "model 'a' version 1 costs" in str(info.value)
+    assert "Traceback" not in str(info.value)
