@@ -14,6 +14,8 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from updater.shadow import ShadowPolicy
+
 ROLLOUT_STATES = ("active", "paused", "halted")
 
 
@@ -41,13 +43,17 @@ class Rollout:
     state: str = "active"  # active | paused | halted
     failure_threshold: float = 0.1
     min_reports: int = 5
+    shadow: ShadowPolicy | None = None  # a shadow phase before a device answers with it
 
     def as_custom(self) -> dict:
         """As TUF target ``custom`` data. Canonical JSON has no floats: those are strings."""
-        return {"id": self.id, "fraction": repr(float(self.fraction)),
-                "selector": dict(self.selector), "state": self.state,
-                "failure_threshold": repr(float(self.failure_threshold)),
-                "min_reports": self.min_reports}
+        out = {"id": self.id, "fraction": repr(float(self.fraction)),
+               "selector": dict(self.selector), "state": self.state,
+               "failure_threshold": repr(float(self.failure_threshold)),
+               "min_reports": self.min_reports}
+        if self.shadow is not None:
+            out["shadow"] = self.shadow.as_custom()
+        return out
 
     @classmethod
     def from_custom(cls, data: Mapping) -> Rollout:
@@ -55,7 +61,9 @@ class Rollout:
                    selector={str(k): str(v) for k, v in dict(data.get("selector", {})).items()},
                    state=str(data.get("state", "active")),
                    failure_threshold=float(data.get("failure_threshold", 0.1)),
-                   min_reports=int(data.get("min_reports", 5)))
+                   min_reports=int(data.get("min_reports", 5)),
+                   shadow=(ShadowPolicy.from_custom(data["shadow"])
+                           if data.get("shadow") is not None else None))
 
     def includes(self, device_id: str, labels: Mapping[str, str]) -> bool:
         return in_cohort(self.id, self.fraction, self.selector, device_id, labels)
@@ -96,9 +104,13 @@ def desired_version(releases: Iterable[Release], model: str, device_id: str,
     return best
 
 
+FINAL_STATES = ("committed", "failed", "rolled_back", "rejected_in_shadow")
+
+
 def failure_share(states: Iterable[str]) -> tuple[int, float]:
-    """Among final reports (committed, failed, rolled_back): how many, and the share failed."""
-    final = [s for s in states if s in ("committed", "failed", "rolled_back")]
+    """Among final reports (committed, failed, rolled_back, rejected_in_shadow): how many,
+    and the share that are not committed (a rejection in shadow is a failure)."""
+    final = [s for s in states if s in FINAL_STATES]
     if not final:
         return 0, 0.0
     failed = sum(1 for s in final if s != "committed")

@@ -36,6 +36,7 @@ from pathlib import Path
 from engines.files import atomic_write_bytes, replace_synced
 from updater.cohort import Release, Rollout
 from updater.errors import FleetRepoError
+from updater.shadow import ShadowPolicyError
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 SPEC_VERSION = "1.0.31"
@@ -287,6 +288,11 @@ class FleetRepo:
                     f"only grows a cohort (halt it, or start a new rollout)")
             if changes.get("state", "active") not in ("active", "paused", "halted"):
                 raise FleetRepoError(f"state {changes['state']!r}: active, paused or halted")
+            if changes.get("shadow") is not None:
+                try:
+                    changes["shadow"].check()
+                except ShadowPolicyError as exc:
+                    raise FleetRepoError(f"rollout of {name} {version}: {exc}") from exc
             new = Rollout(**{**base.__dict__, **changes})
             tf.unrecognized_fields["custom"] = {**tf.custom, "rollout": new.as_custom()}
             self._write_targets(targets)
@@ -401,8 +407,10 @@ def _release(path: str, custom: dict) -> Release:
                    rollout=Rollout.from_custom(rollout) if rollout else None)
 
 
-def releases_from_targets(targets) -> list[Release]:
-    """The releases in a verified ``Targets`` object (the device side)."""
+def releases_from_targets(targets, problems: list[str] | None = None) -> list[Release]:
+    """The releases in a verified ``Targets`` object (the device side). A target this
+    agent can't read is one it doesn't take; a rollout with a shadow limit out of range
+    is named in ``problems`` (what and where), so the device can say why."""
     out = []
     for path, tf in sorted(targets.targets.items()):
         custom = tf.custom
@@ -410,6 +418,11 @@ def releases_from_targets(targets) -> list[Release]:
             continue
         try:
             out.append(_release(path, custom))
+        except ShadowPolicyError as exc:
+            if problems is not None:
+                problems.append(f"release {path} not taken: its signed rollout has a bad "
+                                f"{exc}; the fleet must start a new rollout with valid "
+                                f"limits")
         except (KeyError, TypeError, ValueError):
-            continue  # a target this agent can't read is one it doesn't take
+            continue
     return out

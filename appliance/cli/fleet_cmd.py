@@ -70,6 +70,21 @@ def register(sub) -> None:
                     help="device labels that must match (repeat)")
     ro.add_argument("--failure-threshold", type=_fraction, default=0.1)
     ro.add_argument("--min-reports", type=int, default=5)
+    sh = ro.add_argument_group(
+        "shadow phase", "a device runs the release as a shadow of its active version on "
+        "its own live traffic, and answers with it only if it agrees (docs/ota.md)")
+    sh.add_argument("--shadow", metavar="DURATION",
+                    help="shadow window per device: 30s, 10m, 1h (no shadow phase if left "
+                         "out)")
+    sh.add_argument("--shadow-min-requests", type=int, metavar="N",
+                    help="live requests to compare at least (default 100)")
+    sh.add_argument("--max-disagreement", type=float, metavar="SHARE",
+                    help="largest share of requests answered otherwise, 0..1 (default 0.01)")
+    sh.add_argument("--max-latency-ratio", type=float, metavar="RATIO",
+                    help="largest p50 and p99 latency against the active version's, >= 1 "
+                         "(default 2)")
+    sh.add_argument("--shadow-sample", type=float, metavar="SHARE",
+                    help="share of live requests copied to the shadow, (0, 1] (default 1)")
     ro.set_defaults(func=fleet_rollout)
 
     pr = fs.add_parser("promote", help="raise a rollout's fraction (keeps its cohort)")
@@ -156,13 +171,45 @@ def fleet_rollout(args) -> int:
 
     if args.min_reports < 1:
         raise UpdaterError("--min-reports must be >= 1")
+    shadow = _shadow_policy(args)
     r = FleetRepo(args.dir).set_rollout(
         args.name, args.version, new=True, fraction=args.fraction,
         selector=_selector(args.selector), failure_threshold=args.failure_threshold,
-        min_reports=args.min_reports, state="active")
+        min_reports=args.min_reports, state="active", shadow=shadow)
     print(f"rollout {r.id}: {args.name} {args.version} to {r.fraction:.1%} of devices"
-          + (f" matching {r.selector}" if r.selector else ""))
+          + (f" matching {r.selector}" if r.selector else "")
+          + (f"; {r.shadow.describe()}" if r.shadow else ""))
     return 0
+
+
+_SHADOW_FLAGS = {"shadow_min_requests": ("--shadow-min-requests", "min_requests"),
+                 "max_disagreement": ("--max-disagreement", "max_disagreement"),
+                 "max_latency_ratio": ("--max-latency-ratio", "max_latency_ratio"),
+                 "shadow_sample": ("--shadow-sample", "sample")}
+
+
+def _shadow_policy(args):
+    """The rollout's shadow phase from the flags (None without --shadow), checked."""
+    from updater.shadow import ShadowPolicy, ShadowPolicyError, parse_duration  # noqa: PLC0415
+
+    given = {field: getattr(args, attr) for attr, (_, field) in _SHADOW_FLAGS.items()
+             if getattr(args, attr) is not None}
+    if args.shadow is None:
+        if given:
+            flag = next(f for a, (f, _) in _SHADOW_FLAGS.items() if getattr(args, a) is not None)
+            raise UpdaterError(f"{flag} is a limit of the shadow phase; give --shadow "
+                               f"DURATION too (e.g. --shadow 10m)")
+        return None
+    flags = {field: flag for flag, field in _SHADOW_FLAGS.values()}
+    try:
+        policy = ShadowPolicy(window_s=parse_duration(args.shadow), **given)
+        policy.check()
+    except ShadowPolicyError as exc:
+        text = str(exc)
+        for field, flag in {"window": "--shadow", **flags}.items():
+            text = text.replace(f"shadow {field} ", f"{flag} ", 1)
+        raise UpdaterError(text) from exc
+    return policy
 
 
 def fleet_promote(args) -> int:
