@@ -124,12 +124,28 @@ class Session(abc.ABC):
         """Run one batch; returns every output by name."""
 
     def warmup(self) -> None:
-        """Run once on zeros shaped like a batch of one, so the first request is not slow."""
+        """Run once on zeros shaped like a batch of one (a quick check that it runs);
+        ``warm_to_steady`` is what the server calls before it reports ready."""
+        self.run(self.zeros(1))
+
+    def zeros(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Inputs of zeros: ``batch_size`` rows where the model has a batch dimension,
+        1 for every other dynamic dim."""
         feeds = {}
         for spec in self.inputs:
             shape = [1 if d < 0 else d for d in spec.shape]
+            if self.max_batch_size and shape:
+                shape[0] = batch_size
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        self.run(feeds)
+        return feeds
+
+    def warm_to_steady(self, batch_sizes: tuple[int, ...], budget_s: float) -> list:
+        """Run each batch size until two consecutive runs agree (engines/warmup.py);
+        returns a ``WarmStep`` per size."""
+        from engines.warmup import warm_to_steady  # noqa: PLC0415
+
+        sizes = batch_sizes if self.max_batch_size else (1,)
+        return warm_to_steady(lambda n: self.run(self.zeros(n)), sizes, budget_s=budget_s)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what the session holds; the default has nothing to free."""

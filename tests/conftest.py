@@ -17,10 +17,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 def _fixed_layout_profiles() -> Path:
     """The shipped CPU profile with a fixed layout (one thread, one instance, no preferred
-    batch), first in the profile search path of every process the tests start: measuring
-    each model at the first load of every fresh data dir would add seconds to each server
-    start, and the tests of batching need a layout they know. The tests of the measured
-    layout (tests/models/test_layout.py) run their servers on the shipped profiles."""
+    batch) and a one-run warm-up, first in the profile search path of every process the
+    tests start: measuring each model at the first load of every fresh data dir would
+    add seconds to each server start, and the tests of batching need a layout they know.
+    The tests of the measured layout (tests/models/test_layout.py) run their servers on
+    the shipped profiles."""
     import re
     import tempfile
 
@@ -29,6 +30,9 @@ def _fixed_layout_profiles() -> Path:
     text = re.sub(r'^intra_op = .*$', "intra_op = 1\nspinning = false", text, flags=re.M)
     text = re.sub(r'^instances = .*$', "instances = 1\nauto_preferred_batch = false", text,
                   flags=re.M)
+    # and one warm-up run at batch one: warming every batch size to steady state adds
+    # about a second to each start with the demo CNN (tests/models/test_warmup.py tests it)
+    text += "\n[warmup]\nbudget_ms = 0\n"
     (folder / "x86-cpu.toml").write_text(text)
     return folder
 

@@ -59,5 +59,8 @@ def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
     server = config.server
     if "busy_poll_us" not in data.get("server", {}):
         server = dataclasses.replace(server, busy_poll_us=profile.server.busy_poll_us)
+    warmup = dataclasses.replace(config.warmup, **{
+        k: v for k, v in dataclasses.asdict(profile.warmup).items()
+        if k not in data.get("warmup", {})})
     return dataclasses.replace(config, batching=batching, threads=threads,
-                               residency=residency, server=server)
+                               residency=residency, server=server, warmup=warmup)

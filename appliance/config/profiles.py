@@ -18,7 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.config.schema import BatchingConfig, ThreadsConfig, check_busy_poll_us
+from appliance.config.schema import (
+    BatchingConfig,
+    ThreadsConfig,
+    WarmupConfig,
+    check_busy_poll_us,
+)
 from appliance.config.settings import from_mapping, read_toml
 from appliance.errors import ConfigError
 
@@ -101,6 +106,7 @@ class Profile:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     server: ServerSettings = field(default_factory=ServerSettings)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     path: str = ""  # the file it came from (not a key of the file)
 
     def check(self) -> None:
@@ -153,7 +159,7 @@ def read_profile(path: Path) -> Profile:
                           f"a profile's name is its file name: rename one to match")
     if "path" in data:
         raise ConfigError(f"{path}: unknown key 'path'; allowed here: "
-                          f"batching, device, engine, memory, name, server, threads")
+                          f"batching, device, engine, memory, name, server, threads, warmup")
     return from_mapping(Profile, {**data, "name": name, "path": str(path)}, str(path))
 
 

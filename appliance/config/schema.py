@@ -188,6 +188,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """Warm-up before a model instance is ready (engines/warmup.py)."""
+
+    # each instance runs every batch size the batcher forms until two consecutive runs
+    # agree; past this budget each size still gets two runs. 0: one run at batch one only
+    # (quickest start; the first requests at each batch size are then slow)
+    budget_ms: int = 2000
+
+    def check(self) -> None:
+        if self.budget_ms < 0:
+            raise ValueError("budget_ms must be >= 0 (0: one run at batch one)")
+
+
+@dataclass(frozen=True)
 class Config:
     # "": $OUTPOST_DATA_DIR, else $XDG_DATA_HOME/outpost, else ~/.local/share/outpost
     data_dir: str = ""
@@ -198,6 +212,7 @@ class Config:
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # [updater]: the OTA agent's table, checked key by key by updater.config.from_table
     updater: dict[str, str | int | float | bool | dict[str, str]] = field(default_factory=dict)

@@ -44,6 +44,14 @@ log = logging.getLogger("outpost.models")
 
 
 SCALE_CHECK_S = 1.0  # how often idle instances are looked for
+def warm_batch_sizes(max_batch_size: int, preferred: tuple[int, ...],
+                     opt_batch_size: int | None = None) -> tuple[int, ...]:
+    """Every batch size the batcher is likely to form: one (a lone request), the preferred
+    sizes, the maximum (a burst), and TensorRT's optimization profile opt shape."""
+    if not max_batch_size:
+        return (1,)
+    sizes = {1, max_batch_size, *preferred, *([opt_batch_size] if opt_batch_size else [])}
+    return tuple(sorted(n for n in sizes if 1 <= n <= max_batch_size))
 
 
 def build_options(config: ModelConfig, profile: Profile | None = None) -> BuildOptions:
@@ -103,10 +111,12 @@ class LoadedVersion(ServedVersion):
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
 
     async def load(self, engine: Engine, cache_dir: Path, runtime: RuntimeOptions,
-                   profile: Profile | None = None, want: Want | None = None) -> None:
+                   profile: Profile | None = None, want: Want | None = None,
+                   warmup_budget_s: float = 2.0) -> None:
         """Prepare, settle the layout (``want``: what is fixed; the rest cached or
-        measured, models/layout.py), create and warm every instance; READY only when all
-        are warm."""
+        measured, models/layout.py), create and warm every instance (to steady state
+        within ``warmup_budget_s``; 0: one run at batch one); READY only when all are
+        warm."""
         where = f"model '{self.name}' version {self.version}"
         opts = build_options(self.config, profile)
         try:
@@ -123,15 +133,38 @@ class LoadedVersion(ServedVersion):
                     self.memory_bytes = estimate_memory(self.record, self.config,
                                                         self._max_instances)
 
+            db = self.config.dynamic_batching
+            preferred = tuple(db.preferred_batch_sizes)
+            if not preferred and self.layout is not None and self.layout.preferred_batch:
+                preferred = (self.layout.preferred_batch,)
+            sizes = warm_batch_sizes(self.max_batch_size, preferred,
+                                     opts.opt_batch_size if engine.kind == "tensorrt" else None)
+
             async def make_instance(i: int) -> ModelInstance:
                 session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
                 try:
                     check_session(session, self.config, where)
-                    await asyncio.to_thread(session.warmup)
+                    t0 = time.monotonic()
+                    if not warmup_budget_s:
+                        await asyncio.to_thread(session.warmup)
+                        return ModelInstance(session, f"{self.name}:{self.version}#{i}")
+                    steps = await asyncio.to_thread(session.warm_to_steady, sizes,
+                                                    warmup_budget_s)
                 except BaseException:
                     session.close()
                     raise
-                return ModelInstance(session, f"{self.name}:{self.version}#{i}")
+                settled = all(s.settled for s in steps)
+                (log.info if settled else log.warning)(
+                    "instance warm" if settled else
+                    "warm-up did not settle within its budget; serving anyway", extra={
+                        "model": self.name, "version": self.version, "instance": i,
+                        "warmup_s": round(time.monotonic() - t0, 3),
+                        "budget_s": warmup_budget_s,
+                        "batches": [s.as_dict() for s in steps]})
+                instance = ModelInstance(session, f"{self.name}:{self.version}#{i}")
+                if self.max_batch_size:
+                    instance.prefill(session.zeros(max(sizes)))
+                return instance
 
             instances = [await make_instance(i) for i in range(self._min_instances)]
         except (EngineError, OutpostError) as exc:
@@ -145,10 +178,6 @@ class LoadedVersion(ServedVersion):
                        f"{exc.__class__.__name__}; the server's log has its details")
             raise FailedPrecondition(self.error) from exc
         self._make_instance = make_instance
-        db = self.config.dynamic_batching
-        preferred = tuple(db.preferred_batch_sizes)
-        if not preferred and self.layout is not None and self.layout.preferred_batch:
-            preferred = (self.layout.preferred_batch,)
         self.preferred_batch_sizes = preferred
         policy = BatchPolicy(
             max_batch_size=self.max_batch_size,

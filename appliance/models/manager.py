@@ -156,7 +156,8 @@ class ModelManager:
             await self._make_room(lv)
             if isinstance(lv, LoadedVersion):
                 await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile,
-                              want_for(lv.config, self.config, self.engine.kind))
+                              want_for(lv.config, self.config, self.engine.kind),
+                              self.config.warmup.budget_ms / 1e3)
             else:
                 await lv.load()
         except OutpostError as exc:

@@ -1,0 +1,148 @@
+"""The first request after "ready" against the steady state: does warm-up reach it?
+
+    python -m benchmarks.bench_first_request [--models identity,mlp,cnn,wide16] [--next 100]
+
+For each model a real server is started on a data dir holding that model alone (a first
+start prepares the engine and measures the layout, untimed), then started again warm:
+
+- c=1: the first request after ready, then the next ``--next`` one at a time;
+- burst: on a fresh start, the first burst of max_batch_size concurrent requests (one
+  batch of the largest size the batcher forms), then the next ``--next`` bursts.
+
+Printed: the first's time, the median of the rest, their ratio (target: at most 1.5x),
+and the warm start time (the ready log's start_s). ``wide16`` has a 16 MiB intermediate
+a row. Printed, never asserted.
+
+    --code DIR   run another checkout's server (a git worktree of an older commit) for
+                 the comparison before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from appliance.client import AsyncClient, Client  # noqa: E402
+from appliance.demo.launcher import ServerProcess  # noqa: E402
+from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
+from appliance.models.repository import Repository  # noqa: E402
+
+TARGET_RATIO = 1.5
+WIDE_MAX_BATCH = 4  # 64 MiB of intermediate at the largest batch
+
+
+def wide16_model(path: Path) -> Path:
+    """(n, 64) -> Tile to (n, 4Mi floats) = 16 MiB a row -> Relu -> mean: (n, 1)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    reps = numpy_helper.from_array(np.array([1, 65536], np.int64), "reps")
+    nodes = [helper.make_node("Tile", ["x", "reps"], ["t"]),
+             helper.make_node("Relu", ["t"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[1], keepdims=1)]
+    g = helper.make_graph(nodes, "wide16",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+                          initializer=[reps])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def inputs_for(name: str, batch: int = 1) -> dict[str, np.ndarray]:
+    if name == "wide16":
+        return {"x": np.ones((batch, 64), np.float32)}
+    return sample_inputs(name, batch)
+
+
+def setup(tmp: Path, name: str) -> Path:
+    data = tmp / name
+    repo = Repository(data)
+    cfg = None
+    if name == "wide16":
+        cfg = tmp / "wide16.toml"
+        cfg.write_text(f"max_batch_size = {WIDE_MAX_BATCH}\n")
+        model = wide16_model(tmp / "wide16.onnx")
+    else:
+        model = BUILDERS[name](tmp / f"{name}.onnx")
+    repo.add(name, model, config_path=cfg)
+    repo.close()
+    return data
+
+
+def c1(server: ServerProcess, name: str, n_next: int) -> tuple[float, list[float]]:
+    x = inputs_for(name)
+    with Client(server.socket_path) as c:
+        times = []
+        for _ in range(n_next + 1):
+            t0 = time.perf_counter()
+            c.infer(name, x)
+            times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
+
+
+async def _bursts(server: ServerProcess, name: str, n_next: int) -> tuple[float, list[float]]:
+    async with await AsyncClient.connect(server.socket_path) as c:
+        md = await c.metadata(name)
+        size = max(1, md["max_batch_size"])
+        x = inputs_for(name)
+        times = []
+        for _ in range(n_next + 1):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(c.infer(name, x) for _ in range(size)))
+            times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
+
+
+def run_model(tmp: Path, name: str, n_next: int, code: Path | None) -> list[dict]:
+    data = setup(tmp, name)
+    kw = {"extra_args": ["--log-level", "info"]}
+    if code is not None:
+        kw.update(command=[sys.executable, "-m", "appliance"], cwd=code,
+                  env={"PYTHONPATH": str(code)})
+    with ServerProcess(data, tmp / f"{name}.sock", **kw):
+        pass  # prepare the engine, measure the layout: cached for the starts below
+    rows = []
+    for mode in ("c=1", "burst"):
+        with ServerProcess(data, tmp / f"{name}.sock", **kw) as server:
+            start_s = server.ready_record()["start_s"]
+            if mode == "c=1":
+                first, rest = c1(server, name, n_next)
+            else:
+                first, rest = asyncio.run(_bursts(server, name, n_next))
+        med = statistics.median(rest)
+        rows.append({"model": name, "mode": mode, "first_ms": first * 1e3,
+                     "median_ms": med * 1e3, "ratio": first / med, "start_s": start_s})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="identity,mlp,cnn,wide16")
+    ap.add_argument("--next", type=int, default=100)
+    ap.add_argument("--code", type=Path, help="another checkout's server, for a before/after")
+    args = ap.parse_args()
+    print(f"{'model':9} {'mode':6} {'first ms':>9} {'median ms':>10} {'ratio':>6} "
+          f"{'start s':>8}  target <= {TARGET_RATIO}x")
+    with tempfile.TemporaryDirectory(prefix="op-first-") as tmp_name:
+        for name in args.models.split(","):
+            for r in run_model(Path(tmp_name), name, args.next, args.code):
+                ok = "ok" if r["ratio"] <= TARGET_RATIO else "MISSED"
+                print(f"{r['model']:9} {r['mode']:6} {r['first_ms']:9.2f} "
+                      f"{r['median_ms']:10.2f} {r['ratio']:6.2f} {r['start_s']:8.3f}  {ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
