@@ -84,6 +84,7 @@ def setup(tmp: Path, name: str) -> Path:
 def c1(server: ServerProcess, name: str, n_next: int) -> tuple[float, list[float]]:
     x = inputs_for(name)
     with Client(server.socket_path) as c:
+        c.health()  # connected and answered, as an app that waits for ready would be
         times = []
         for _ in range(n_next + 1):
             t0 = time.perf_counter()
@@ -94,6 +95,7 @@ def c1(server: ServerProcess, name: str, n_next: int) -> tuple[float, list[float
 
 async def _bursts(server: ServerProcess, name: str, n_next: int) -> tuple[float, list[float]]:
     async with await AsyncClient.connect(server.socket_path) as c:
+        await c.health()
         md = await c.metadata(name)
         size = max(1, md["max_batch_size"])
         x = inputs_for(name)
