@@ -3,13 +3,25 @@
 One pass (``check_once``): TUF refresh; the desired version of each model; for each
 change an update driven step by step through the journal (download with HTTP Range to
 staging, TUF length+hash check, unpack, stage in the repository, engine prepare,
-validation on the release's samples, activation, health watch, commit or roll back).
+validation on the release's samples, the rollout's shadow phase if it has one, activation,
+health watch, commit or roll back).
 Each step is journaled before it has effects, so a killed process resumes or rolls
 back on restart (``recover``). Reports queue in SQLite until the fleet takes them.
 
 Fault injection for the crash tests: OUTPOST_UPDATER_FAULT=<point> makes the process
 SIGKILL itself at that point (download-mid, download-done, stage-mid, prepare-mid,
-activate-done, watch-mid).
+shadow-mid, activate-done, watch-mid).
+
+The shadow phase (updater/shadow.py): the candidate shadows the active version on live
+traffic through the serving process's traffic policy until the window has passed and
+enough requests were compared; only a candidate within the rollout's limits is
+activated. One outside them is never activated: it is marked bad and reported
+``rejected_in_shadow`` with its figures. The figures live in the serving process, so a
+restart starts the window again; without enough traffic the update stays in the shadow
+phase (reported ``shadow_waiting``), the active version answering, until traffic comes or
+the fleet stops offering the release (then it is abandoned). A device that does not serve
+the model yet has no version to compare with: it skips the shadow phase and reports
+``shadow_skipped``.
 """
 
 from __future__ import annotations
@@ -36,9 +48,22 @@ from updater.fleet_repo import releases_from_targets, target_url_path
 from updater.health import Health, verdict, window
 from updater.journal import Journal, Step, Update
 from updater.release import extract_release
+from updater.shadow import (
+    REJECT,
+    WAIT,
+    ShadowFigures,
+    ShadowPolicy,
+    figures_from_snapshot,
+    shadow_verdict,
+)
 
 log = logging.getLogger("outpost.updater")
 FAULT_ENV = "OUTPOST_UPDATER_FAULT"
+
+
+class ShadowWaiting(Exception):
+    """The shadow phase can't be judged yet (too little traffic, or none here); the
+    update stays in it and the active version keeps answering."""
 
 
 def fault_point(name: str) -> None:
@@ -67,6 +92,8 @@ class Agent:
         self._sign = (None if key is None else
                       lambda data: report_auth.sign(key, self.device_id, data))
         self._tuf = None
+        self._shadow_started: dict[int, float] = {}  # update id -> monotonic start
+        self._shadow_waiting_told: set[int] = set()  # updates reported shadow_waiting
 
     def close(self) -> None:
         self.journal.close()
@@ -103,6 +130,9 @@ class Agent:
                     u = self.journal.advance(
                         u, Step.ROLLBACK, f"the device restarted {u.watch_restarts} times "
                         f"during the health watch")
+            if u.step is Step.SHADOW:  # check_once resumes it if the fleet still offers it
+                self.journal.note(u, "restarted during the shadow phase: the window "
+                                     "starts again (the figures were in memory)")
             if u.step in (Step.ACTIVATE, Step.WATCH, Step.ROLLBACK):
                 out.append(await self._drive(u))
         return out
@@ -110,12 +140,17 @@ class Agent:
     async def check_once(self) -> list[str]:
         """One pass: refresh, resume open updates, start the ones the metadata asks for."""
         await self.flush_reports()
-        releases = await asyncio.to_thread(self._refresh)
-        out = []
+        problems: list[str] = []
+        releases = await asyncio.to_thread(self._refresh, problems)
+        for line in problems:
+            log.warning("release not taken", extra={"why": line})
+        out = list(problems)
         for u in self.journal.open_updates():
             want = self._desired(releases, u.model)
-            if u.step in (Step.DOWNLOAD, Step.STAGE, Step.PREPARE) and (
+            if u.step in (Step.DOWNLOAD, Step.STAGE, Step.PREPARE, Step.SHADOW) and (
                     want is None or want.version != u.version):
+                if u.step is Step.SHADOW:
+                    await self.host.end_shadow(u.model, u.version)
                 self.journal.advance(u, Step.DONE, "the fleet no longer offers it",
                                      outcome="abandoned")
                 self._cleanup(u)
@@ -139,7 +174,7 @@ class Agent:
 
     # -- TUF -----------------------------------------------------------------------------
 
-    def _refresh(self) -> list[Release]:
+    def _refresh(self, problems: list[str] | None = None) -> list[Release]:
         from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
         from tuf.api.metadata import Metadata  # noqa: PLC0415
         from tuf.ngclient import Updater  # noqa: PLC0415
@@ -166,7 +201,7 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise TrustError(f"local TUF metadata in {self.tuf_dir} unusable: {exc}") from exc
         self._tuf = updater
-        return releases_from_targets(targets)
+        return releases_from_targets(targets, problems)
 
     # -- one update ----------------------------------------------------------------------
 
@@ -178,9 +213,11 @@ class Agent:
         if info.length > self.config.max_release_bytes:
             raise TrustError(f"release {release.target_path} is {info.length} bytes, over "
                              f"updater.max_release_bytes {self.config.max_release_bytes}")
+        shadow = release.rollout.shadow
         u = self.journal.begin(release.model, release.version, release.target_path,
                                rollout_id=release.rollout.id, length=info.length,
-                               sha256=info.hashes["sha256"], previous=current)
+                               sha256=info.hashes["sha256"], previous=current,
+                               shadow=json.dumps(shadow.as_custom()) if shadow else "")
         self._report(u, "downloading")
         return await self._drive(u)
 
@@ -193,6 +230,8 @@ class Agent:
             except FetchError as exc:  # the download resumes on the next pass
                 self.journal.note(u, str(exc))
                 return f"{where}: paused at {u.step.value} ({exc})"
+            except ShadowWaiting as exc:  # judged again on the next pass
+                return f"{where}: in shadow ({exc})"
             except TrustError as exc:  # never mark bad: an attacker could block a release
                 self._discard_download(u)
                 u = self.journal.advance(u, Step.DONE, str(exc), outcome="failed")
@@ -218,6 +257,12 @@ class Agent:
                 u = self.journal.advance(u, Step.DONE, why, outcome="failed")
                 self._report(u, "failed", why)
         self._cleanup(u)
+        if u.shadow:  # however it ended, the candidate shadows nothing any more
+            try:
+                await self.host.end_shadow(u.model, u.version)
+            except Exception as exc:  # the policy names a version no longer offered: harmless
+                log.warning("shadow not cleared", extra={"error": str(exc)})
+        self._shadow_started.pop(u.id, None)
         await self.flush_reports()
         return f"{where}: {u.outcome}" + (f" ({u.detail})" if u.detail else "")
 
@@ -235,12 +280,21 @@ class Agent:
                                     self._unpacked(u) / "samples.npz", self.fault)
             self._report(u, "validated")
             current = self.host.active(u.model)
-            base = self.host.health(u.model, current)
-            return self.journal.advance(
-                u, Step.ACTIVATE, previous=current if current != u.version else u.previous,
-                baseline=json.dumps(dataclasses.asdict(base)) if base else "")
+            previous = current if current != u.version else u.previous
+            if u.shadow and current is None:
+                why = (f"{u.model} is not served here yet: no active version to compare "
+                       f"with, so the shadow phase is skipped (the health watch still runs)")
+                self._report(u, "shadow_skipped", why)
+                return self._to_activate(u, previous, why)
+            if u.shadow and current != u.version:
+                return self.journal.advance(u, Step.SHADOW, previous=previous)
+            return self._to_activate(u, previous)
+        if u.step is Step.SHADOW:
+            return await self._shadow(u)
         if u.step is Step.ACTIVATE:
             await self.host.activate(u.model, u.version)
+            if u.shadow:
+                await self.host.end_shadow(u.model, u.version)  # the split, if any, stays
             self.fault("activate-done")
             self._report(u, "activated")
             return self.journal.advance(u, Step.WATCH)
@@ -251,6 +305,55 @@ class Agent:
         if u.step is Step.ROLLBACK:
             return await self._rollback(u)
         raise AssertionError(u.step)
+
+    def _to_activate(self, u: Update, previous: int | None, detail: str = "") -> Update:
+        """Next: activation, with the health of the version answering now as the watch's
+        baseline."""
+        base = self.host.health(u.model, self.host.active(u.model))
+        return self.journal.advance(
+            u, Step.ACTIVATE, detail, previous=previous,
+            baseline=json.dumps(dataclasses.asdict(base)) if base else "")
+
+    async def _shadow(self, u: Update) -> Update:
+        """Run the candidate as the shadow until the window has passed, then judge it."""
+        policy = ShadowPolicy.from_custom(json.loads(u.shadow))
+        started = self._shadow_started.get(u.id)
+        if started is None:  # first time in this process: the window (re)starts
+            if not await self.host.start_shadow(u.model, u.version, policy.sample):
+                self._tell_waiting(u, ShadowFigures(), "no server runs here")
+                raise ShadowWaiting(
+                    "no server runs here to give it live traffic; it is judged when "
+                    "`outpost serve` runs with [updater], or beside this command")
+            started = self._shadow_started[u.id] = time.monotonic()
+            self._report(u, "shadowing", policy.describe())
+        while (left := policy.window_s - (time.monotonic() - started)) > 0:
+            await asyncio.sleep(min(0.25, left))
+            self.fault("shadow-mid")
+        snap = await self.host.shadow_snapshot(u.model, u.version)
+        if snap is None:  # the server lost the policy (restarted): start again
+            self._shadow_started.pop(u.id, None)
+            raise ShadowWaiting("the serving process no longer shadows it; the window "
+                                "starts again on the next pass")
+        fig = figures_from_snapshot(snap, time.monotonic() - started)
+        verdict, why = shadow_verdict(fig, policy)
+        if verdict == WAIT:
+            self._tell_waiting(u, fig, why)
+            raise ShadowWaiting(f"{why}; waiting for live traffic while the active "
+                                f"version answers (no timeout: it is activated only on "
+                                f"evidence)")
+        if verdict == REJECT:
+            await self.host.end_shadow(u.model, u.version)
+            self._mark_bad(u, f"rejected in shadow: {why}")
+            self._report(u, "rejected_in_shadow", f"{why}; {fig.describe()}", shadow=fig)
+            return self.journal.advance(u, Step.DONE, why, outcome="rejected_in_shadow")
+        self._report(u, "shadow_passed", fig.describe(), shadow=fig)
+        return self._to_activate(u, u.previous, f"shadow passed: {why}")
+
+    def _tell_waiting(self, u: Update, fig: ShadowFigures, why: str) -> None:
+        """Report shadow_waiting once per update and process (figures in the detail)."""
+        if u.id not in self._shadow_waiting_told:
+            self._shadow_waiting_told.add(u.id)
+            self._report(u, "shadow_waiting", f"{why}; {fig.describe()}", shadow=fig)
 
     def _part(self, u: Update) -> tuple[Path, Path]:
         return self.downloads / f"{u.sha256}.part", self.downloads / f"{u.sha256}.tar"
@@ -332,6 +435,8 @@ class Agent:
 
     async def _rollback(self, u: Update) -> Update:
         why = u.detail or "the update failed"
+        if u.shadow:  # before the version is marked bad
+            await self.host.end_shadow(u.model, u.version)
         self._mark_bad(u, why)
         if u.previous is not None and u.previous != u.version and \
                 self.host.active(u.model) != u.previous:
@@ -356,11 +461,14 @@ class Agent:
 
     # -- reports -------------------------------------------------------------------------
 
-    def _report(self, u: Update, state: str, detail: str = "") -> None:
-        self.journal.queue_report({
-            "device_id": self.device_id, "model": u.model, "version": u.version,
-            "rollout_id": u.rollout_id, "state": state, "detail": detail[:2000],
-            "ts": time.time(), "labels": dict(self.config.labels)})
+    def _report(self, u: Update, state: str, detail: str = "",
+                shadow: ShadowFigures | None = None) -> None:
+        report = {"device_id": self.device_id, "model": u.model, "version": u.version,
+                  "rollout_id": u.rollout_id, "state": state, "detail": detail[:2000],
+                  "ts": time.time(), "labels": dict(self.config.labels)}
+        if shadow is not None:
+            report["shadow"] = shadow.as_report()
+        self.journal.queue_report(report)
 
     async def flush_reports(self) -> int:
         """Send the queued reports; they stay queued while the fleet is unreachable."""

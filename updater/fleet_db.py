@@ -9,8 +9,9 @@ from pathlib import Path
 
 import sqlite_utils
 
-REPORT_STATES = ("downloading", "downloaded", "staged", "validated", "activated",
-                 "committed", "failed", "rolled_back")
+REPORT_STATES = ("downloading", "downloaded", "staged", "validated", "shadowing",
+                 "shadow_waiting", "shadow_skipped", "shadow_passed", "rejected_in_shadow",
+                 "activated", "committed", "failed", "rolled_back")
 
 
 class FleetDB:

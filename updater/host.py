@@ -9,6 +9,7 @@ with the same methods.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +117,73 @@ class ApplianceHost:
             except (Unavailable, InvalidArgument):
                 pass  # no server listening, or one without the activate op: the pointer
         self.repo.set_active(model, version)
+
+    # -- the shadow phase: the candidate sees copies of live requests ------------------------
+
+    async def start_shadow(self, model: str, version: int, sample: float) -> bool:
+        """Make ``version`` the shadow of the active one (the traffic policy, with its
+        split kept; its figures start again). False when no server runs here to give it
+        live traffic. A version that can't load raises OutpostError."""
+        change = {"policy": None}
+
+        def policy(current: dict | None) -> dict:
+            return {**(current or {}), "shadow": version, "shadow_sample": sample}
+
+        if self.service is not None:
+            change["policy"] = policy(await self.service.traffic(model))
+            await self.service.traffic(model, change)
+            return True
+        return await asyncio.to_thread(self._over_socket, lambda c: c.call(
+            "traffic", model=model, policy=policy(c.call("traffic", model=model)["traffic"])))
+
+    async def shadow_snapshot(self, model: str, version: int) -> dict | None:
+        """The router's figures of ``version`` as the shadow now in force (ShadowStats
+        snapshot; {} before the first copy), or None when it is not the shadow there
+        (no server, or a server restarted since with another policy)."""
+        def pick(figures: dict, policy: dict | None) -> dict | None:
+            if not policy or policy.get("shadow") != version:
+                return None
+            return (figures.get(model) or {}).get("shadow") or {}
+
+        if self.service is not None:
+            return pick(self.service.traffic_figures(model), await self.service.traffic(model))
+        result: list = []
+        ok = await asyncio.to_thread(self._over_socket, lambda c: result.append(
+            pick(c.call("stats", model=model)["traffic"],
+                 c.call("traffic", model=model)["traffic"])))
+        return result[0] if ok else None
+
+    async def end_shadow(self, model: str, version: int) -> None:
+        """Stop shadowing ``version`` (idempotent): the split, if any, stays."""
+        def change(current: dict | None) -> dict | None:
+            if not current or current.get("shadow") != version:
+                return None
+            rest = {**current, "shadow": None}
+            return {"policy": rest} if rest.get("split") else {"clear": True}
+
+        if self.service is not None:
+            if model in self.service.manager.active:
+                c = change(await self.service.traffic(model))
+                if c is not None:
+                    await self.service.traffic(model, c)
+            return
+        await asyncio.to_thread(self._over_socket, lambda client: (
+            (c := change(client.call("traffic", model=model)["traffic"])) is not None
+            and client.call("traffic", model=model, **c)))
+
+    def _over_socket(self, use) -> bool:
+        """Run ``use(client)`` against a server beside this process; False if none runs."""
+        from appliance.client import Client  # noqa: PLC0415
+        from appliance.errors import Unavailable  # noqa: PLC0415
+
+        if self.socket_path is None or not Path(self.socket_path).exists():
+            return False
+        try:
+            with Client(self.socket_path, timeout_s=120) as client:
+                use(client)
+        except Unavailable:
+            return False
+        return True
 
     def health(self, model: str, version: int | None) -> Health | None:
         if self.service is None or version is None:

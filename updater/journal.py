@@ -21,13 +21,16 @@ class Step(enum.StrEnum):
     DOWNLOAD = "download"  # fetching into staging/downloads/<sha256>.part
     STAGE = "stage"  # verified; unpacking and adding it to the repository
     PREPARE = "prepare"  # in the repository; engine prepare and validation
+    SHADOW = "shadow"  # validated; shadowing the active version on live traffic (the
+    # rollout's shadow phase): figures live in the serving process, so a restart
+    # starts the window again
     ACTIVATE = "activate"  # validated; switching the active version
     WATCH = "watch"  # active; health watch before commit
     ROLLBACK = "rollback"  # returning to the previous version
     DONE = "done"  # outcome says how it ended
 
 
-OUTCOMES = ("committed", "rolled_back", "failed", "abandoned")
+OUTCOMES = ("committed", "rolled_back", "failed", "abandoned", "rejected_in_shadow")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Update:
     watch_restarts: int
     detail: str
     baseline: str  # JSON of the previous version's health when the new one went active
+    shadow: str = ""  # JSON of the rollout's shadow limits ("": no shadow phase)
 
 
 class Journal:
@@ -58,8 +62,11 @@ class Journal:
                 {"id": int, "model": str, "version": int, "target_path": str,
                  "rollout_id": str, "length": int, "sha256": str, "previous": int,
                  "step": str, "outcome": str, "watch_restarts": int, "detail": str,
-                 "baseline": str, "started_at": float, "updated_at": float},
+                 "baseline": str, "shadow": str, "started_at": float,
+                 "updated_at": float},
                 pk="id", if_not_exists=True)
+            if "shadow" not in self.db["update_journal"].columns_dict:  # a journal from
+                self.db["update_journal"].add_column("shadow", str)  # before shadow phases
             self.db["update_steps"].create(
                 {"id": int, "update_id": int, "ts": float, "step": str, "detail": str},
                 pk="id", if_not_exists=True)
@@ -76,7 +83,7 @@ class Journal:
         return Update(row["id"], row["model"], row["version"], row["target_path"],
                       row["rollout_id"], row["length"], row["sha256"], row["previous"],
                       Step(row["step"]), row["outcome"] or "", row["watch_restarts"] or 0,
-                      row["detail"] or "", row["baseline"] or "")
+                      row["detail"] or "", row["baseline"] or "", row.get("shadow") or "")
 
     def open_updates(self) -> list[Update]:
         return [self._row(r) for r in self.db.query(
@@ -97,14 +104,15 @@ class Journal:
             [update_id])]
 
     def begin(self, model: str, version: int, target_path: str, *, rollout_id: str,
-              length: int, sha256: str, previous: int | None) -> Update:
+              length: int, sha256: str, previous: int | None, shadow: str = "") -> Update:
         now = time.time()
         with self.db.conn:
             uid = self.db["update_journal"].insert({
                 "model": model, "version": version, "target_path": target_path,
                 "rollout_id": rollout_id, "length": length, "sha256": sha256,
                 "previous": previous, "step": Step.DOWNLOAD.value, "outcome": "",
-                "watch_restarts": 0, "detail": "", "baseline": "", "started_at": now,
+                "watch_restarts": 0, "detail": "", "baseline": "", "shadow": shadow,
+                "started_at": now,
                 "updated_at": now,
             }).last_pk
             self._log(uid, Step.DOWNLOAD, "")

@@ -21,6 +21,7 @@ MAX_LATENCY_RATIO = 1000.0
 # Latencies below this are not held against a candidate: a ratio of two sub-millisecond
 # figures is noise (a 0.1 ms model against a 0.2 ms one is not "twice as slow" in use).
 LATENCY_FLOOR_MS = 1.0
+P99_MIN_REQUESTS = 100  # p99 is judged only over at least this many compared requests
 
 DEFAULTS = {"min_requests": 100, "max_disagreement": 0.01, "max_latency_ratio": 2.0,
             "sample": 1.0}
@@ -188,6 +189,8 @@ def shadow_verdict(fig: ShadowFigures, policy: ShadowPolicy) -> tuple[str, str]:
                         f"above the limit {policy.max_disagreement:.1%}")
     for name, new, old in (("p50", fig.p50_ms, fig.live_p50_ms),
                            ("p99", fig.p99_ms, fig.live_p99_ms)):
+        if name == "p99" and fig.requests < P99_MIN_REQUESTS:
+            continue  # the 99th percentile of a few requests is their slowest one
         if new > LATENCY_FLOOR_MS and new > policy.max_latency_ratio * max(old,
                                                                            LATENCY_FLOOR_MS):
             return REJECT, (f"{name} latency {new:.2f} ms against {old:.2f} ms for the "

@@ -41,7 +41,8 @@ def update_check(args) -> int:
         print(line)
     if not lines:
         print("up to date")
-    return 1 if any(": failed" in line or ": rolled_back" in line for line in lines) else 0
+    return 1 if any(f": {bad}" in line for line in lines
+                    for bad in ("failed", "rolled_back", "rejected_in_shadow")) else 0
 
 
 def device_agent(config, repo=None, engine=None, service=None):

@@ -32,6 +32,7 @@ class TrafficPolicy:
     sticky: bool = False
     shadow: int | None = None
     shadow_timeout_ms: int = 1000
+    shadow_sample: float = 1.0  # share of live requests copied to the shadow
 
     def check(self, model: str = "this model") -> None:
         if self.split:
@@ -54,6 +55,9 @@ class TrafficPolicy:
                                   f"traffic and shadow it")
         if self.shadow_timeout_ms < 1:
             raise InvalidArgument("shadow_timeout_ms must be >= 1")
+        if not 0.0 < self.shadow_sample <= 1.0:
+            raise InvalidArgument(f"shadow_sample {self.shadow_sample:g} must be a share in "
+                                  f"(0, 1] of live requests to copy")
 
     def versions(self) -> set[int]:
         out = {v.version for v in self.split}
@@ -64,16 +68,18 @@ class TrafficPolicy:
     def as_dict(self) -> dict:
         return {"split": [{"version": v.version, "fraction": v.fraction} for v in self.split],
                 "sticky": self.sticky, "shadow": self.shadow,
-                "shadow_timeout_ms": self.shadow_timeout_ms}
+                "shadow_timeout_ms": self.shadow_timeout_ms,
+                "shadow_sample": self.shadow_sample}
 
     @classmethod
     def from_dict(cls, data: dict, model: str) -> TrafficPolicy:
         if not isinstance(data, dict):
             raise InvalidArgument("traffic policy must be a map")
-        unknown = set(data) - {"split", "sticky", "shadow", "shadow_timeout_ms"}
+        unknown = set(data) - {"split", "sticky", "shadow", "shadow_timeout_ms",
+                               "shadow_sample"}
         if unknown:
             raise InvalidArgument(f"unknown traffic field '{sorted(unknown)[0]}'; allowed: "
-                                  f"split, sticky, shadow, shadow_timeout_ms")
+                                  f"split, sticky, shadow, shadow_timeout_ms, shadow_sample")
         split = data.get("split") or []
         if not isinstance(split, list):
             raise InvalidArgument("'split' must be a list of {version, fraction}")
@@ -94,6 +100,10 @@ class TrafficPolicy:
         if not isinstance(sticky, bool) or type(timeout) is not int:
             raise InvalidArgument("'sticky' must be true/false and 'shadow_timeout_ms' an "
                                   "integer")
-        policy = cls(tuple(variants), sticky, shadow, timeout)
+        sample = data.get("shadow_sample", 1.0)
+        if not isinstance(sample, (int, float)) or isinstance(sample, bool):
+            raise InvalidArgument(f"'shadow_sample' must be a number in (0, 1], got "
+                                  f"{sample!r}")
+        policy = cls(tuple(variants), sticky, shadow, timeout, float(sample))
         policy.check(model)
         return policy

@@ -40,61 +40,118 @@ def pick(policy: TrafficPolicy, routing_key: str | None, rng: random.Random) -> 
     return policy.split[-1].version
 
 
+def is_distribution(a: np.ndarray) -> bool:
+    """Classifier-like: a float output whose rows are probability distributions (in
+    [0, 1], summing to 1), as a softmax head gives. Its answers agree on the top class."""
+    if a.dtype.kind != "f" or a.ndim < 1 or a.shape[-1] < 2 or not a.size:
+        return False
+    if not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0:
+        return False
+    return bool(np.allclose(a.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
+
+
+def answers_agree(live: np.ndarray, shadow: np.ndarray, rtol: float, atol: float) -> bool:
+    """One output of one request: the same top class in every row for a classifier-like
+    output, else every element within the tolerances (NaN never agrees)."""
+    if is_distribution(live):
+        if shadow.dtype.kind != "f" or not np.all(np.isfinite(shadow)):
+            return False
+        return bool(np.all(np.argmax(live, axis=-1) == np.argmax(shadow, axis=-1)))
+    try:
+        return bool(np.allclose(live, shadow, rtol=rtol, atol=atol))
+    except TypeError:  # non-numeric outputs: only equality counts
+        return bool(np.array_equal(live, shadow))
+
+
+RECENT = 4096  # latencies kept per series: the recent ones are what a judgement needs
+
+
 @dataclass
 class ShadowStats:
     """How a shadow version's answers compare with the live ones."""
 
     compared: int = 0
+    agreed: int = 0  # requests answered alike (answers_agree on every output)
     top1_agree: int = 0
     top1_total: int = 0
     max_abs_diff: float = 0.0
     sum_max_abs_diff: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
-    dropped: int = 0  # not sent: the shadow was busy or not ready
+    dropped: int = 0  # not sent: the shadow was busy, not ready, or shed
+    shed: int = 0  # of those, not sent because live traffic needed the device
+    sampled_out: int = 0  # not copied: outside the policy's shadow_sample
     latencies_s: list[float] = field(default_factory=list)
+    live_latencies_s: list[float] = field(default_factory=list)  # the same requests, live
 
     def compare(self, live: dict[str, np.ndarray], shadow: dict[str, np.ndarray],
-                latency_s: float) -> None:
-        self._latency(latency_s)
+                latency_s: float, live_latency_s: float | None = None,
+                rtol: float = 1e-3, atol: float = 1e-4) -> None:
+        _recent(self.latencies_s, latency_s)
+        if live_latency_s is not None:
+            _recent(self.live_latencies_s, live_latency_s)
         worst = 0.0
+        agree = True
         for name, a in live.items():
             b = shadow.get(name)
             if b is None or b.shape != a.shape:
                 self.error("shape_mismatch" if b is not None else "missing_output")
                 return
             if a.size:
+                agree = agree and answers_agree(a, b, rtol, atol)
                 diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
                 worst = max(worst, float(np.nanmax(diff)) if np.isfinite(diff).any()
                             else float("inf"))
                 if a.ndim >= 1 and a.shape[-1] > 1 and np.issubdtype(a.dtype, np.floating):
-                    agree = np.argmax(a, axis=-1) == np.argmax(b, axis=-1)
-                    self.top1_agree += int(agree.sum())
-                    self.top1_total += int(agree.size)
+                    top = np.argmax(a, axis=-1) == np.argmax(b, axis=-1)
+                    self.top1_agree += int(top.sum())
+                    self.top1_total += int(top.size)
         self.compared += 1
+        self.agreed += agree
         self.max_abs_diff = max(self.max_abs_diff, worst)
         self.sum_max_abs_diff += worst
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
-    def _latency(self, s: float) -> None:
-        self.latencies_s.append(s)
-        if len(self.latencies_s) > 4096:
-            del self.latencies_s[:2048]
-
     def snapshot(self) -> dict:
-        lat = np.array(self.latencies_s) * 1e3
         return {
             "compared": self.compared,
+            "agreed": self.agreed,
             "max_abs_diff": self.max_abs_diff,
             "mean_max_abs_diff": self.sum_max_abs_diff / self.compared if self.compared
             else 0.0,
             "top1_agreement": self.top1_agree / self.top1_total if self.top1_total else None,
             "errors": dict(self.errors),
             "dropped": self.dropped,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else 0.0,
-                           "p99": float(np.percentile(lat, 99)) if lat.size else 0.0},
+            "shed": self.shed,
+            "sampled_out": self.sampled_out,
+            "latency_ms": _percentiles(self.latencies_s),
+            "live_latency_ms": _percentiles(self.live_latencies_s),
         }
+
+
+def _recent(series: list[float], value: float) -> None:
+    series.append(value)
+    if len(series) > RECENT:
+        del series[:RECENT // 2]
+
+
+def _percentiles(series: list[float]) -> dict:
+    lat = np.array(series) * 1e3
+    return {"p50": float(np.percentile(lat, 50)) if lat.size else 0.0,
+            "p99": float(np.percentile(lat, 99)) if lat.size else 0.0}
+
+
+def shed_copy(live_inflight: int, live_capacity: int, shadow_inflight: int,
+              shadow_capacity: int) -> bool:
+    """Live traffic first: no copy while the live version has more waiting than it can
+    run at once, or while the shadow still holds as many copies as it can run at once."""
+    return live_inflight > live_capacity or shadow_inflight >= shadow_capacity
+
+
+def run_capacity(version: ServedVersion) -> int:
+    """Requests a version can run at once: a full batch on each instance."""
+    return max(version.max_batch_size, 1) * max(getattr(version, "instance_count", 1), 1)
 
 
 class Router:
@@ -131,28 +188,46 @@ class Router:
         counts[version] = counts.get(version, 0) + 1
         shadow = None
         if policy is not None and policy.shadow is not None and policy.shadow != version:
+            if policy.shadow_sample < 1.0 and self._rng.random() >= policy.shadow_sample:
+                self.shadows.setdefault(name, ShadowStats()).sampled_out += 1
+                return lv, None
             try:
                 shadow = self.manager.lookup(name, policy.shadow)
             except OutpostError:
                 self.shadows.setdefault(name, ShadowStats()).dropped += 1
         return lv, shadow
 
-    def shadow_copy(self, name: str, shadow: ServedVersion, feeds: dict[str, np.ndarray]):
+    def shadow_copy(self, name: str, shadow: ServedVersion, feeds: dict[str, np.ndarray],
+                    live: ServedVersion | None = None):
         """Send a copy of a live request to ``shadow``; returns ``on_live(outputs)`` to call
         with the live answer, or None when the copy could not be sent. Nothing the shadow
-        does reaches the live request."""
+        does reaches the live request.
+
+        Copies come last: they go at the shadow's lowest priority level, and are shed
+        (counted in ``shed``) while ``live`` (the version answering) is behind or the
+        shadow is still busy with earlier copies (``shed_copy``)."""
         stats = self.shadows.setdefault(name, ShadowStats())
         if shadow.state is not VersionState.READY:
             stats.dropped += 1
             return None
+        if shed_copy(live.inflight_count() if live is not None else 0,
+                     run_capacity(live) if live is not None else 1,
+                     shadow.inflight_count(), run_capacity(shadow)):
+            stats.dropped += 1
+            stats.shed += 1
+            return None
         policy = self.manager.traffic_policy(name)
         timeout_ms = policy.shadow_timeout_ms if policy is not None else 1000
+        validation = getattr(shadow.config, "validation", None)
+        rtol = validation.rtol if validation is not None else 1e-3
+        atol = validation.atol if validation is not None else 1e-4
         pair: dict = {}
         t0 = time.monotonic()
 
         def maybe_compare() -> None:
             if "live" in pair and "shadow" in pair:
-                stats.compare(pair.pop("live"), pair.pop("shadow"), pair.pop("latency"))
+                stats.compare(pair.pop("live"), pair.pop("shadow"), pair.pop("latency"),
+                              pair.pop("live_latency"), rtol, atol)
 
         def on_shadow(outputs, error) -> None:
             if error is not None:
@@ -167,10 +242,12 @@ class Router:
         def on_live(outputs) -> None:
             if not pair.get("failed"):
                 pair["live"] = outputs
+                pair["live_latency"] = time.monotonic() - t0
                 maybe_compare()
 
         try:
-            request = shadow.request_from_arrays(feeds, None, t0 + timeout_ms / 1e3,
+            lowest = shadow.config.dynamic_batching.priority_levels - 1
+            request = shadow.request_from_arrays(feeds, lowest, t0 + timeout_ms / 1e3,
                                                  on_shadow)
             shadow.submit(request)
         except ResourceExhausted:

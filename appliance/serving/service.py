@@ -86,7 +86,7 @@ class Service:
             raise
         lv.submit(queued)
         if shadow is not None:
-            on_live = self.router.shadow_copy(name, shadow, feeds)
+            on_live = self.router.shadow_copy(name, shadow, feeds, lv)
         return queued
 
     async def infer_async(self, request: InferRequest, *,

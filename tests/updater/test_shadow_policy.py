@@ -120,6 +120,14 @@ def test_verdict_counts_errors_as_disagreement_and_judges_latency():
                          live_p99_ms=8.0)
     verdict, why = shadow_verdict(slow, LIMITS)
     assert verdict == REJECT and why.startswith("p50 latency 4.00 ms against 2.00 ms")
+    tail = ShadowFigures(10.0, 100, 100, p50_ms=2.0, p99_ms=30.0, live_p50_ms=2.0,
+                         live_p99_ms=8.0)
+    verdict, why = shadow_verdict(tail, LIMITS)
+    assert verdict == REJECT and why.startswith("p99 latency 30.00 ms against 8.00 ms")
+    # p99 of fewer than 100 requests is their slowest one: not judged.
+    assert shadow_verdict(ShadowFigures(10.0, 99, 99, p50_ms=2.0, p99_ms=30.0,
+                                        live_p50_ms=2.0, live_p99_ms=8.0),
+                          ShadowPolicy(10.0, 50, 0.02, 1.5))[0] == PASS
     # Below a millisecond a ratio is noise: not held against the candidate.
     fast = ShadowFigures(10.0, 100, 100, p50_ms=0.4, p99_ms=0.9, live_p50_ms=0.1,
                          live_p99_ms=0.2)
