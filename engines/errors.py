@@ -23,3 +23,10 @@ class LoadError(EngineError):
 
 class RunError(EngineError):
     """Running a batch failed inside the engine."""
+
+
+class ConversionRefused(PrepareError):
+    """The graph converted to a lower precision would break the model (overflow, NaN, a
+    gross error): the build is refused and ``fallback`` is the precision to build with."""
+
+    fallback = "fp32"

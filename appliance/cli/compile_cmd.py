@@ -2,11 +2,15 @@
 
 The plan is built on this host's GPU with the profile's build fields (precision,
 workspace, optimisation level, DLA core) and the model's batch range; it runs on GPUs of
-the same model and TensorRT version (or later ones, with version_compatible).
+the same model and TensorRT version (or later ones, with version_compatible). It says how
+the precision was built: weakly typed with builder flags (TensorRT before 10.12), or
+strongly typed from a graph converted to fp16 (10.12 and later), and why. A conversion that
+would break the model is refused with the fp32 build offered (``--precision fp32``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -14,7 +18,9 @@ from pathlib import Path
 
 from appliance.cli.common import add_config_options, config_from_args
 from appliance.cli.progress import BuildProgressBar
+from appliance.config.profiles import PRECISIONS
 from appliance.errors import FailedPrecondition, InvalidArgument
+from engines.errors import ConversionRefused
 
 
 def register(sub) -> None:
@@ -28,6 +34,9 @@ def register(sub) -> None:
                    help="where to write the plan (default: MODEL.PROFILE.plan beside it)")
     p.add_argument("--config", dest="model_config", type=Path,
                    help="the model's config.toml (max_batch_size, tensor dims)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="build in this precision instead of the profile's (fp32: when the "
+                        "fp16 conversion is refused)")
     p.add_argument("--no-progress", action="store_true", help="print no progress bar")
     p.set_defaults(func=compile_model)
 
@@ -50,20 +59,28 @@ def compile_model(args, engine=None) -> int:
     model_config = complete(load_model_config(args.model_config), model, config.batching,
                             str(args.model_config or model))
     options = build_options(model_config, profile)
+    if args.precision:
+        options = dataclasses.replace(options, precision=args.precision)
     if engine is None:
         engine = _tensorrt_here()
     _warn_other_gpu(engine.gpu, profile)
     out = args.output or model.with_name(f"{model.stem}.{profile.name}.plan")
-    timing = Path(config.data_dir) / "engines"
-    timing.mkdir(parents=True, exist_ok=True)
+    cache = Path(config.data_dir) / "engines"  # the timing cache, a converted graph
+    cache.mkdir(parents=True, exist_ok=True)
+    path = engine.precision_path(options)
     bar = None if args.no_progress else BuildProgressBar()
     t0 = time.monotonic()
-    plan = _build_interruptibly(engine, model, options, engine.timing_cache_path(timing), bar)
+    try:
+        plan = _build_interruptibly(engine, model, options, engine.timing_cache_path(cache),
+                                    cache, bar)
+    except ConversionRefused as exc:
+        raise ConversionRefused(f"{exc} (here: add --precision {exc.fallback})") from exc
     atomic_write_bytes(out, plan)
     print(f"wrote {out} ({len(plan) / (1 << 20):.1f} MiB): {model.name} for {engine.gpu.name} "
           f"({engine.gpu.sm}) with TensorRT {engine.version()}, profile {profile.name} "
           f"(precision {options.precision}, batch 1..{options.max_batch_size or 1}), "
           f"built in {time.monotonic() - t0:.1f} s")
+    print(f"precision {path.describe()}")
     return 0
 
 
@@ -88,13 +105,14 @@ def _warn_other_gpu(gpu, profile) -> None:
               file=sys.stderr)
 
 
-def _build_interruptibly(engine, model, options, timing, bar) -> bytes:
+def _build_interruptibly(engine, model, options, timing, cache, bar) -> bytes:
     """Build in a worker thread, so Ctrl-C asks TensorRT to cancel instead of killing it."""
     result: dict = {}
 
     def work():
         try:
-            result["plan"] = engine.build(model, options, timing_cache=timing, progress=bar)
+            result["plan"] = engine.build(model, options, timing_cache=timing, progress=bar,
+                                          cache_dir=cache)
         except BaseException as exc:  # re-raised in the caller's thread
             result["error"] = exc
 

@@ -1,4 +1,6 @@
-"""`outpost info`: version, the detected profile, and the engine that would serve, and why."""
+"""`outpost info`: version, the detected profile, the engine that would serve and why, and
+how it builds the profile's precision (TensorRT: weakly typed flags or a strongly typed
+network from a converted graph, and why)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def gather(config) -> dict:
         "engine": engine.kind,
         "engine_version": engine.version(),
         "engine_reason": reason,
+        "precision": _precision(engine, detection.profile),
         "cpus": {**cpus.as_dict(), "profile_cores": detection.profile.device.cpu_cores},
         "layout_policy": {"threads": config.threads.intra_op,
                           "spinning": config.threads.spinning,
@@ -45,6 +48,20 @@ def gather(config) -> dict:
                           else "none"},
         "layouts": _layouts(config),
     }
+
+
+def _precision(engine, profile) -> str:
+    """How ``engine`` builds the profile's precision, in one line."""
+    from engines import BuildOptions, EngineError  # noqa: PLC0415
+
+    precision = profile.engine.precision
+    if engine.kind != "tensorrt":
+        note = "" if precision == "fp32" else f" (the profile's {precision} is for TensorRT)"
+        return f"fp32: {engine.kind} runs the graph as it is{note}"
+    try:
+        return engine.precision_path(BuildOptions(precision=precision)).describe()
+    except EngineError as exc:
+        return f"{precision}: cannot be built here: {exc}"
 
 
 def _layouts(config) -> list[dict]:
@@ -77,6 +94,7 @@ def show_info(args) -> int:
     print(f"profile:  {info['profile']} (from {info['profile_source']}: "
           f"{info['profile_reason']})")
     print(f"engine:   {info['engine']} {info['engine_version']} ({info['engine_reason']})")
+    print(f"precision: {info['precision']}")
     cpus, policy = info["cpus"], info["layout_policy"]
     print(f"cpus:     {cpus['count']} usable ({cpus['reason']})"
           + (f"; the profile's board has {cpus['profile_cores']}" if cpus["profile_cores"]

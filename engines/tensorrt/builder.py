@@ -1,8 +1,10 @@
-"""ONNX to a serialized TensorRT plan with the TensorRT 10 Python API.
+"""ONNX to a serialized TensorRT plan with the TensorRT 10 and 11 Python APIs.
 
-Parse (naming every node the parser refused), configure from the firmware profile's build
-fields (precision, workspace pool, optimisation level, DLA core and GPU fallback,
-version-compatible), one optimisation profile covering batch 1..max_batch_size plus the
+Parse (naming every node the parser refused) into a network typed as the precision path
+says (``engines.tensorrt.precision``: strongly typed from TensorRT 10.12, weakly typed with
+precision flags before), configure from the firmware profile's build fields (workspace
+pool, optimisation level, DLA core and GPU fallback, version-compatible), one optimisation
+profile covering batch 1..max_batch_size plus the
 declared dynamic dims, the device's persistent timing cache, and progress reported through
 TensorRT's IProgressMonitor. Every failure is a PrepareError or ModelInvalid whose message
 says what failed and what to try.
@@ -20,8 +22,7 @@ from typing import Protocol
 from engines.base import BuildOptions
 from engines.errors import ModelInvalid, PrepareError
 from engines.files import atomic_write_bytes
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+from engines.tensorrt.precision import PrecisionPath
 
 
 class BuildProgress(Protocol):
@@ -72,13 +73,6 @@ def _monitor(trt, progress: BuildProgress):
     return Monitor()
 
 
-def _major(trt) -> int:
-    try:
-        return int(str(trt.__version__).split(".")[0])
-    except ValueError:
-        return 0
-
-
 def has_qdq(model_path: Path) -> bool:
     """Whether the ONNX graph is explicitly quantized (int8 needs QuantizeLinear nodes)."""
     import onnx  # noqa: PLC0415
@@ -87,13 +81,25 @@ def has_qdq(model_path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
 
 
-def parse_onnx(trt, builder, logger, model_path: Path):
-    """The network definition, or ModelInvalid naming each node the parser refused."""
+def network_flags(trt, path: PrecisionPath) -> int:
+    """The create_network flags of ``path``: STRONGLY_TYPED on 10.12 to 10.x, none on 11
+    (always strongly typed there), EXPLICIT_BATCH before 10."""
     flags = 0
-    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    if explicit is not None and _major(trt) < 10:  # the default (and deprecated) from 10
-        flags |= 1 << int(explicit)
-    network = builder.create_network(flags)
+    for name in path.network_flags:
+        member = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if member is None:
+            raise PrepareError(f"TensorRT {trt.__version__} has no "
+                               f"NetworkDefinitionCreationFlag.{name}, which a {path.typing}ly "
+                               f"typed build on this version needs; reinstall TensorRT")
+        flags |= 1 << int(member)
+    return flags
+
+
+def parse_onnx(trt, builder, logger, model_path: Path, path: PrecisionPath,
+               shown: Path | None = None):
+    """The network definition, or ModelInvalid naming each node the parser refused
+    (``shown``: the model the user gave, when ``model_path`` is its converted graph)."""
+    network = builder.create_network(network_flags(trt, path))
     parser = trt.OnnxParser(network, logger)
     if parser.parse_from_file(str(model_path)):
         return network, parser
@@ -112,7 +118,7 @@ def parse_onnx(trt, builder, logger, model_path: Path):
             f"{', '.join(sorted(set(ops)))} as exported here: re-export with another opset, "
             f"replace the op, or serve this model with engine = \"onnxruntime\""
             if ops else "check the file with onnx.checker, or re-export it")
-    raise ModelInvalid(f"TensorRT's ONNX parser rejected {model_path}: "
+    raise ModelInvalid(f"TensorRT's ONNX parser rejected {shown or model_path}: "
                        f"{'; '.join(problems)}. {hint}")
 
 
@@ -155,27 +161,19 @@ def shape_profile(network, options: BuildOptions) -> dict[str, tuple[tuple, tupl
     return shapes
 
 
-def configure(trt, builder, network, options: BuildOptions, model_path: Path):
+def configure(trt, builder, network, options: BuildOptions, path: PrecisionPath):
     """The builder config for these options; PrepareError when the device can't honour them."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_bytes))
     if hasattr(config, "builder_optimization_level"):  # TensorRT 8.6+
         config.builder_optimization_level = int(options.optimization_level)
-    if options.precision not in PRECISIONS:
-        raise PrepareError(f"precision {options.precision!r}: use one of "
-                           f"{', '.join(PRECISIONS)}")
-    if options.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif options.precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif options.precision == "int8":
-        if not has_qdq(model_path):
-            raise PrepareError(
-                f"precision int8 needs an explicitly quantized model (QuantizeLinear/"
-                f"DequantizeLinear nodes) and {model_path} has none: quantize it first, "
-                f"or build with precision fp16")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)  # layers left unquantized may use fp16
+    for name in path.builder_flags:  # weak typing only: strong typing takes none of them
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:
+            raise PrepareError(f"TensorRT {trt.__version__} has no BuilderFlag.{name} for "
+                               f"precision {path.precision}; set precision = \"fp32\" in "
+                               f"the profile, or install TensorRT 10.12 or later")
+        config.set_flag(flag)
     if options.dla_core >= 0:
         available = int(getattr(builder, "num_DLA_cores", 0))
         if options.dla_core >= available:
@@ -219,14 +217,15 @@ def _attach_timing_cache(config, path: Path | None):
     return cache
 
 
-def build_plan(trt, model_path: Path, options: BuildOptions, *,
-               timing_cache: Path | None = None,
-               progress: BuildProgress | None = None) -> bytes:
-    """Serialized plan bytes for ``model_path`` built with ``options`` on this GPU."""
+def build_plan(trt, model_path: Path, options: BuildOptions, path: PrecisionPath, *,
+               timing_cache: Path | None = None, progress: BuildProgress | None = None,
+               shown: Path | None = None) -> bytes:
+    """Serialized plan bytes for ``model_path`` (already converted when ``path`` says so;
+    ``shown`` names the user's model in errors) built with ``options`` on this GPU."""
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    network, _parser = parse_onnx(trt, builder, logger, model_path)
-    config = configure(trt, builder, network, options, model_path)
+    network, _parser = parse_onnx(trt, builder, logger, model_path, path, shown)
+    config = configure(trt, builder, network, options, path)
     _attach_timing_cache(config, timing_cache)
     monitor = None
     if progress is not None and hasattr(config, "progress_monitor"):  # TensorRT 10+
@@ -234,14 +233,16 @@ def build_plan(trt, model_path: Path, options: BuildOptions, *,
         config.progress_monitor = monitor
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise PrepareError(_build_failure(trt, model_path, options, logger.errors()))
+        raise PrepareError(_build_failure(trt, shown or model_path, options, path,
+                                          logger.errors()))
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     del monitor  # it must outlive the build (TensorRT holds a raw pointer until now)
     return bytes(plan)
 
 
-def _build_failure(trt, model_path: Path, options: BuildOptions, errors: list[str]) -> str:
+def _build_failure(trt, model_path: Path, options: BuildOptions, path: PrecisionPath,
+                   errors: list[str]) -> str:
     said = " | ".join(errors[-3:]) or "TensorRT gave no reason"
     text = " ".join(errors).lower()
     tries = []
@@ -258,5 +259,6 @@ def _build_failure(trt, model_path: Path, options: BuildOptions, errors: list[st
         tries.append("precision = \"fp16\"")
     tries.append("another opset when exporting, or engine = \"onnxruntime\"")
     return (f"TensorRT {trt.__version__} could not build {model_path} "
-            f"(precision {options.precision}, workspace {options.workspace_bytes >> 20} MiB): "
+            f"(precision {options.precision}, {path.typing}ly typed, workspace "
+            f"{options.workspace_bytes >> 20} MiB): "
             f"{said}. Try: {'; '.join(tries)}")

@@ -2,15 +2,18 @@
 
 A GPU is confirmed through the CUDA module before any TensorRT object exists: without a
 usable GPU, ``trt.Runtime`` can hand back an object that crashes the process on first use.
-Plans are cached under ``<data_dir>/engines/<key>.plan`` (key: DESIGN section 3) beside a
-sidecar naming what they were built for; a plan that does not deserialize here is rebuilt,
-never served. The timing cache is kept per device in the same folder.
+Plans are cached under ``<data_dir>/engines/<key>.plan`` (key: DESIGN section 3, plus the
+precision path: TensorRT's major version, weak or strong typing, and the graph converter
+and its version) beside a sidecar naming what they were built for; a plan that does not
+deserialize here is rebuilt, never served. The timing cache is kept per device in the same
+folder, and so are graphs converted to fp16 for strongly typed builds.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import re
 import threading
 from pathlib import Path
@@ -18,9 +21,13 @@ from pathlib import Path
 from engines.base import Artifact, BuildOptions, Engine, RuntimeOptions, Session, file_sha256
 from engines.cache import cache_key, get_or_build
 from engines.errors import EngineUnavailable, LoadError
-from engines.tensorrt.builder import BuildProgress, build_plan, make_logger
+from engines.tensorrt.builder import BuildProgress, build_plan, has_qdq, make_logger
+from engines.tensorrt.convert import converted_key, fp16_graph, load_converter
 from engines.tensorrt.cuda import CudaApi, GpuInfo, load_cuda, usable_gpus
+from engines.tensorrt.precision import PrecisionPath, check_model_fits, precision_path
 from engines.tensorrt.runtime import TensorRTSession
+
+log = logging.getLogger("outpost.engines")
 
 INSTALL_HINT = "JetPack's python3-libnvinfer or pip's tensorrt provides it"
 
@@ -103,10 +110,21 @@ class TensorRTEngine(Engine):
         gpu = self.gpu
         return {"gpu": gpu.name, "compute_capability": list(gpu.compute_capability)}
 
-    def key_for(self, source_sha256: str, options: BuildOptions) -> str:
+    def precision_path(self, options: BuildOptions) -> PrecisionPath:
+        """How this TensorRT builds ``options.precision``, the graph converter included;
+        PrepareError when it can't here (an unknown precision, no converter installed)."""
+        path = precision_path(self.version(), options.precision)
+        if path.convert_to:
+            path = path.with_converter(load_converter(path.convert_to, path.trt_version).id)
+        return path
+
+    def key_for(self, source_sha256: str, options: BuildOptions,
+                path: PrecisionPath | None = None) -> str:
+        path = path or self.precision_path(options)
         return cache_key(source_sha256=source_sha256, kind=self.kind,
                          engine_version=self.version(), device=self.device_fields(),
-                         build_fields=options.cache_fields())
+                         build_fields={**options.cache_fields(),
+                                       "precision_path": path.cache_fields()})
 
     def timing_cache_path(self, cache_dir: Path) -> Path:
         gpu = self.gpu
@@ -115,25 +133,41 @@ class TensorRTEngine(Engine):
     # -- build ---------------------------------------------------------------------------
 
     def build(self, model_path: Path, options: BuildOptions, *,
-              timing_cache: Path | None = None,
-              progress: BuildProgress | None = None) -> bytes:
-        """A plan for this GPU, not cached (``outpost compile``)."""
+              timing_cache: Path | None = None, progress: BuildProgress | None = None,
+              cache_dir: Path | None = None) -> bytes:
+        """A plan for this GPU, not cached (``outpost compile``); a graph converted for it
+        is cached in ``cache_dir`` when one is given."""
         trt, cuda, gpu = self._ready()
+        model_path = Path(model_path)
+        path = self.precision_path(options)
+        if path.precision != "fp32":
+            check_model_fits(path, has_qdq(model_path), str(model_path))
+        graph = model_path
+        if path.convert_to:
+            converter = load_converter(path.convert_to, path.trt_version)
+            graph = fp16_graph(converter, model_path, options, cache_dir)
+        log.info("tensorrt build", extra={"model": str(model_path), "path": path.describe()})
         with cuda.activate(gpu.index):
-            return build_plan(trt, Path(model_path), options, timing_cache=timing_cache,
-                              progress=progress or self.progress)
+            return build_plan(trt, graph, options, path, timing_cache=timing_cache,
+                              progress=progress or self.progress, shown=model_path)
 
     def prepare(self, model_path: Path, options: BuildOptions, cache_dir: Path) -> Artifact:
         model_path, cache_dir = Path(model_path), Path(cache_dir)
         source_sha = file_sha256(model_path)
-        key = self.key_for(source_sha, options)
+        precision = self.precision_path(options)
+        key = self.key_for(source_sha, options, precision)
+        # The sidecar carries the TensorRT major version and typing mode: a plan of the
+        # other generation found under this key is rebuilt, never served.
         meta = {"kind": self.kind, "engine_version": self.version(),
                 "device": self.device_fields(), "source_sha256": source_sha,
-                "build": options.cache_fields()}
+                "build": options.cache_fields(), "precision_path": precision.cache_fields()}
+        if precision.convert_to:
+            meta["graph"] = converted_key(source_sha, precision.convert_to,
+                                          precision.converter) + ".onnx"
         timing = self.timing_cache_path(cache_dir)
         path, _built = get_or_build(
             cache_dir, key, ".plan",
-            lambda: self.build(model_path, options, timing_cache=timing),
+            lambda: self.build(model_path, options, timing_cache=timing, cache_dir=cache_dir),
             meta=meta, usable=lambda p: self._deserialize_complaint(p, options))
         return Artifact(self.kind, path, key, source_sha)
 

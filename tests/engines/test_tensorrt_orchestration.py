@@ -1,5 +1,7 @@
 """The TensorRT engine's build and runtime orchestration, against the stand-ins of
-tests/trt_standin.py (documented TensorRT 10 API; ONNX Runtime computes the outputs)."""
+tests/support/trt_standin.py, once per API generation: 10.x as JetPack 6 has it (10.3,
+weakly typed, precision flags) and 11.x (strongly typed, the graph converted to fp16).
+ONNX Runtime computes the outputs from the graph each plan was built from."""
 
 from __future__ import annotations
 
@@ -21,14 +23,30 @@ def cuda():
     return StandinCuda()
 
 
+@pytest.fixture(params=[10, 11], ids=["trt10.3-weak", "trt11.4-strong"])
+def generation(request):
+    return request.param
+
+
 @pytest.fixture
-def trt(cuda):
-    return make_trt(cuda)
+def trt(cuda, generation):
+    return make_trt(cuda, generation=generation)
 
 
 def reference(model_path, feeds):
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+def plan_reference(eng, feeds):
+    """What the graph the plan was built from (converted, on a strongly typed fp16 build)
+    gives for ``feeds``: the session must return exactly that."""
+    (engine_obj,) = eng._engines.values()
+    sess = ort.InferenceSession(engine_obj.onnx, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+FP16_FLAGS = {10: ["FP16"], 11: []}  # weak typing sets the flag; strong typing converts
 
 
 def engine(trt, cuda, **kw):
@@ -47,29 +65,34 @@ def test_cnn_builds_loads_and_matches_onnxruntime(trt, cuda, demo_files, tmp_pat
     assert [s.as_dict() for s in session.inputs] == [
         {"name": "image", "dtype": "float32", "shape": [-1, 3, 224, 224]}]
     assert session.outputs[0].name == "probs" and session.max_batch_size == 4
+    assert session.outputs[0].dtype == "float32"  # fp32 outputs kept by the conversion
     feeds = sample_inputs("cnn", batch=3)
     out = session.run(feeds)
-    np.testing.assert_allclose(out["probs"], reference(demo_files["cnn"], feeds)["probs"],
+    np.testing.assert_allclose(out["probs"], plan_reference(eng, feeds)["probs"],
                                rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probs"], reference(demo_files["cnn"], feeds)["probs"],
+                               rtol=1e-2, atol=1e-3)
     session.close()
 
 
-def test_builder_config_follows_the_options(trt, cuda, demo_files, tmp_path):
+def test_builder_config_follows_the_options(trt, cuda, demo_files, tmp_path, generation):
     opts = BuildOptions(precision="fp16", workspace_bytes=123 << 20, optimization_level=5,
                         max_batch_size=8, opt_batch_size=4, version_compatible=True)
     engine(trt, cuda).prepare(demo_files["mlp"], opts, tmp_path)
     (build,) = trt.builds
     assert build["workspace"] == 123 << 20
     assert build["opt_level"] == 5
-    assert build["flags"] == ["FP16", "VERSION_COMPATIBLE"]
+    assert build["flags"] == sorted([*FP16_FLAGS[generation], "VERSION_COMPATIBLE"])
+    assert build["typing"] == {10: "weak", 11: "strong"}[generation]
+    assert build["graph_types"] == {10: ["float32"], 11: ["float16"]}[generation]
     assert build["device_type"] == "GPU"
     # one profile: batch 1..max, opt at the typical batch
     assert build["num_profiles"] == 1
     assert build["shapes"] == {"features": [[1, 32], [4, 32], [8, 32]]}
 
 
-def test_dla_core_with_gpu_fallback(cuda, demo_files, tmp_path):
-    trt = make_trt(cuda, dla_cores=2)
+def test_dla_core_with_gpu_fallback(cuda, demo_files, tmp_path, generation):
+    trt = make_trt(cuda, generation=generation, dla_cores=2)
     opts = BuildOptions(precision="fp16", dla_core=1, gpu_fallback=True, max_batch_size=2)
     engine(trt, cuda).prepare(demo_files["mlp"], opts, tmp_path)
     build = trt.builds[0]
@@ -89,7 +112,7 @@ def test_options_the_device_or_model_cannot_honour(trt, cuda, demo_files, tmp_pa
     assert not list(tmp_path.glob("*.plan"))
 
 
-def test_unsupported_op_names_node_and_op(cuda, tmp_path):
+def test_unsupported_op_names_node_and_op(cuda, tmp_path, generation):
     import onnx
     from onnx import TensorProto, helper
 
@@ -102,21 +125,25 @@ def test_unsupported_op_names_node_and_op(cuda, tmp_path):
     path = tmp_path / "odd.onnx"
     onnx.save(model, str(path))
     with pytest.raises(ModelInvalid) as info:
-        engine(make_trt(cuda), cuda).prepare(path, BuildOptions(), tmp_path / "cache")
+        engine(make_trt(cuda, generation=generation), cuda).prepare(
+            path, BuildOptions(precision="fp16"), tmp_path / "cache")
     text = str(info.value)
-    assert "node 'odd_one' (NonZeroX)" in text
+    assert "node 'odd_one' (NonZeroX)" in text and str(path) in text  # the user's file
     assert "another opset" in text and "onnxruntime" in text
 
 
-def test_build_failure_quotes_tensorrt_and_says_what_to_try(cuda, demo_files, tmp_path):
-    trt = make_trt(cuda, fail_build="[optimizer.cpp::computeCosts] Error Code 10: Internal "
-                                    "Error (Could not find any implementation for node conv0.)")
+def test_build_failure_quotes_tensorrt_and_says_what_to_try(cuda, demo_files, tmp_path,
+                                                           generation):
+    trt = make_trt(cuda, generation=generation,
+                   fail_build="[optimizer.cpp::computeCosts] Error Code 10: Internal "
+                              "Error (Could not find any implementation for node conv0.)")
     with pytest.raises(PrepareError) as info:
         engine(trt, cuda).prepare(demo_files["cnn"], OPTS, tmp_path)
     text = str(info.value)
     assert "Could not find any implementation for node conv0" in text
     assert "larger workspace" in text and "256 MiB" in text
-    assert "precision = \"fp32\"" in text
+    assert "precision = \"fp32\"" in text and str(demo_files["cnn"]) in text
+    assert {10: "weakly typed", 11: "strongly typed"}[generation] in text
     assert not list(tmp_path.glob("*.plan"))
 
 
@@ -155,7 +182,7 @@ def test_buffers_sized_from_profile_max_and_reused(trt, cuda, demo_files, tmp_pa
     for batch in (4, 1, 3, 1):  # a smaller batch after a larger must not see stale rows
         feeds = sample_inputs("mlp", batch=batch, seed=batch)
         out = session.run(feeds)
-        np.testing.assert_allclose(out["probs"], reference(demo_files["mlp"], feeds)["probs"],
+        np.testing.assert_allclose(out["probs"], plan_reference(eng, feeds)["probs"],
                                    rtol=1e-6)
     assert cuda.device_allocs == allocs  # nothing allocated per batch
     # set_input_shape for every input on every batch (after the load-time max shape)
@@ -194,8 +221,8 @@ def test_warmup_runs_min_and_opt_shapes(trt, cuda, demo_files, tmp_path):
     assert [s for _, s in trt_ctx(eng).shape_calls[1:]] == [(1, 32), (2, 32)]
 
 
-def test_run_errors_are_surfaced(cuda, demo_files, tmp_path):
-    trt = make_trt(cuda)
+def test_run_errors_are_surfaced(cuda, demo_files, tmp_path, generation):
+    trt = make_trt(cuda, generation=generation)
     eng = engine(trt, cuda)
     session = eng.load(eng.prepare(demo_files["mlp"], OPTS, tmp_path), OPTS, RuntimeOptions())
     with pytest.raises(RunError, match="built for \\[1, 32\\] to \\[4, 32\\]"):
@@ -209,9 +236,9 @@ def test_run_errors_are_surfaced(cuda, demo_files, tmp_path):
         session.run(sample_inputs("mlp", batch=1))
 
 
-def test_no_gpu_means_no_tensorrt_object(demo_files, tmp_path):
+def test_no_gpu_means_no_tensorrt_object(demo_files, tmp_path, generation):
     cuda = StandinCuda(gpus=[])
-    trt = make_trt(cuda)
+    trt = make_trt(cuda, generation=generation)
     eng = engine(trt, cuda)
     with pytest.raises(EngineUnavailable, match="no CUDA-capable device"):
         eng.prepare(demo_files["mlp"], OPTS, tmp_path)
@@ -223,7 +250,7 @@ def test_no_gpu_means_no_tensorrt_object(demo_files, tmp_path):
 
 def test_probe_with_a_gpu(trt, cuda):
     ok, reason = probe(trt=trt, cuda=cuda)
-    assert ok and "TensorRT 10.99.0" in reason and "Standin Orin (sm_87" in reason
+    assert ok and f"TensorRT {trt.__version__}" in reason and "Standin Orin (sm_87" in reason
 
 
 def test_progress_monitor_reports_and_can_cancel(trt, cuda, demo_files, tmp_path):
@@ -256,7 +283,7 @@ def test_timing_cache_is_kept_per_device(trt, cuda, demo_files, tmp_path):
     eng = engine(trt, cuda)
     eng.prepare(demo_files["mlp"], OPTS, tmp_path)
     (timing,) = tmp_path.glob("timing-*.cache")
-    assert timing.name == "timing-standin-orin-sm_87-trt10.99.0.cache"
+    assert timing.name == f"timing-standin-orin-sm_87-trt{trt.__version__}.cache"
     assert json.loads(timing.read_bytes())["entries"] == 1
     eng.prepare(demo_files["identity"], OPTS, tmp_path)  # another model reuses it
     assert [d for e, d in trt.events if e == "timing_cache_loaded"] == [0, 1]
@@ -288,16 +315,17 @@ def test_plan_that_does_not_deserialize_is_rebuilt_not_served(trt, cuda, demo_fi
     session = eng.load(again, OPTS, RuntimeOptions())
     feeds = sample_inputs("mlp", batch=2)
     np.testing.assert_allclose(session.run(feeds)["probs"],
-                               reference(demo_files["mlp"], feeds)["probs"], rtol=1e-6)
+                               plan_reference(eng, feeds)["probs"], rtol=1e-6)
 
 
-def test_plan_built_on_another_gpu_is_rebuilt(demo_files, tmp_path):
+def test_plan_built_on_another_gpu_is_rebuilt(demo_files, tmp_path, generation):
     from engines.tensorrt.cuda import GpuInfo
 
     orin = StandinCuda()
-    art = engine(make_trt(orin), orin).prepare(demo_files["mlp"], OPTS, tmp_path)
+    art = engine(make_trt(orin, generation=generation), orin).prepare(
+        demo_files["mlp"], OPTS, tmp_path)
     other = StandinCuda([GpuInfo(0, "Standin Xavier", (7, 2), 8 << 30)])
-    trt2 = make_trt(other)
+    trt2 = make_trt(other, generation=generation)
     again = engine(trt2, other).prepare(demo_files["mlp"], OPTS, tmp_path)
     assert again.cache_key != art.cache_key and len(trt2.builds) == 1
     # the Orin plan copied under the Xavier's key: its sidecar names another GPU
@@ -312,8 +340,8 @@ def test_plan_built_on_another_gpu_is_rebuilt(demo_files, tmp_path):
 # -- the CLI over the stand-in ------------------------------------------------------------
 
 
-def test_compile_writes_a_plan_with_the_profile_settings(trt, cuda, demo_files, tmp_path,
-                                                         capsys):
+def test_compile_writes_a_plan_with_the_profile_settings(trt, cuda, demo_files, tmp_path,  # noqa: PLR0917
+                                                         capsys, generation):
     from appliance.cli.compile_cmd import compile_model
     from appliance.cli.main import build_parser
 
@@ -324,10 +352,13 @@ def test_compile_writes_a_plan_with_the_profile_settings(trt, cuda, demo_files, 
     assert compile_model(args, engine=engine(trt, cuda)) == 0
     assert out.read_bytes().startswith(b"STANDIN-TRT-PLAN")
     (build,) = trt.builds
-    assert build["workspace"] == 1024 << 20 and build["flags"] == ["FP16"]
+    assert build["workspace"] == 1024 << 20 and build["flags"] == FP16_FLAGS[generation]
     assert build["shapes"]["features"][2] == [16, 32]  # the profile's max_batch_size
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "profile jetson-orin-nx-16gb" in printed
+    assert {10: "weakly typed network, builder flags FP16, TensorRT 10.3.0",
+            11: "strongly typed network, graph converted to fp16 by onnxconverter-common"
+            }[generation] in printed
     assert list((tmp_path / "data" / "engines").glob("timing-*.cache"))
 
 
@@ -348,13 +379,15 @@ def test_compile_without_tensorrt_says_where_to_build(demo_files, tmp_path):
     assert "on the target device" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_files, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_models_add_reports_an_unbuildable_model_and_keeps_nothing(cuda, demo_files, tmp_path,  # noqa: PLR0917
+                                                                   monkeypatch, capsys,
+                                                                   generation):
     from appliance.cli.main import main
     from appliance.config import profiles
     from appliance.models.repository import Repository
 
-    trt = make_trt(cuda, unsupported_ops=("Softmax",))  # as if this TensorRT lacked it
+    trt = make_trt(cuda, generation=generation,
+                   unsupported_ops=("Softmax",))  # as if this TensorRT lacked it
     monkeypatch.setattr(profiles, "choose_engine",
                         lambda *_: (engine(trt, cuda), "stand-in TensorRT"))
     data = tmp_path / "data"
