@@ -51,6 +51,12 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
 
         http = HttpServer(service, config)
         await http.start()
+    grpc = None
+    if config.grpc.address:  # likewise
+        from appliance.transport.grpc.server import GrpcServer  # noqa: PLC0415 (off by default)
+
+        grpc = GrpcServer(service, config)
+        await grpc.start()
     server = SocketServer(service, config)
     await server.start()
     if ready_hook is not None:
@@ -60,6 +66,7 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
         "tcp": f"{server.tcp_address[0]}:{server.tcp_address[1]}" if server.tcp_address
         else None,
         "http": http.url if http else None,
+        "grpc": grpc.target if grpc else None,
         "models": sorted(f"{n}:{v}" for n, v in manager.active.items()),
         "ready": manager.ready(), "start_s": round(time.monotonic() - t0, 3)})
     agent_task = asyncio.create_task(agent.run_forever()) if agent is not None else None
@@ -75,7 +82,7 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
     log.info("stopping: draining in-flight requests",
              extra={"drain_timeout_s": config.server.drain_timeout_s})
     service.draining = True
-    await asyncio.gather(server.stop(), *([http.stop()] if http else []))
+    await asyncio.gather(server.stop(), *(v2.stop() for v2 in (http, grpc) if v2))
     # The versions get what is left of the drain, and at least a moment for a batch
     # already running to finish (a worker left inside the engine can crash the exit);
     # a stuck instance is abandoned then.

@@ -21,7 +21,8 @@ def show_config(args) -> int:
     data = to_mapping(config_from_args(args))
     if data["server"]["token"]:
         data["server"]["token"] = "<set, not shown>"
-    if data["http"]["admin_token"]:
-        data["http"]["admin_token"] = "<set, not shown>"
+    for section in ("http", "grpc"):
+        if data[section]["admin_token"]:
+            data[section]["admin_token"] = "<set, not shown>"
     print(tomli_w.dumps(data), end="")
     return 0

@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--token-file", help="file holding the connection token")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="also serve the Open Inference Protocol v2 over HTTP (http.address)")
+    p.add_argument("--grpc", metavar="HOST:PORT",
+                   help="also serve Triton's KServe v2 gRPC protocol (grpc.address)")
     p.add_argument("--engine", help="auto | onnxruntime | tensorrt")
     p.add_argument("--profile", help="firmware profile name (default: detect)")
     p.add_argument("--threads", type=_threads, metavar="N|auto",
@@ -48,13 +50,14 @@ def serve(args) -> int:
         args,
         **{"server.socket_path": args.socket, "server.socket_mode": args.socket_mode,
            "server.tcp": args.tcp, "server.token_file": args.token_file,
-           "http.address": args.http,
+           "http.address": args.http, "grpc.address": args.grpc,
            "engine": args.engine, "profile": args.profile, "threads.intra_op": args.threads,
            "server.max_frame_bytes": args.max_frame_bytes,
            "logging.level": args.log_level, "logging.format": args.log_format})
     setup_logging(config.logging.level, config.logging.format)
     config.token()  # a token file that can't be read fails here, before anything starts
     config.http.token()
+    config.grpc.token()
     if args.demo:
         from appliance.demo.models import ensure_demo_models  # noqa: PLC0415
         from appliance.models.repository import Repository  # noqa: PLC0415

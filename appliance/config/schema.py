@@ -22,6 +22,9 @@ LOG_FORMATS = ("auto", "json", "text")
 
 MAX_BUSY_POLL_US = 10_000
 
+# gRPC keeps message limits in a C int
+MAX_GRPC_MESSAGE_BYTES = (1 << 31) - 1
+
 
 def check_busy_poll_us(value: int) -> None:
     """server.busy_poll_us, in the appliance config or a firmware profile."""
@@ -119,6 +122,42 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class GrpcConfig:
+    """Triton's KServe v2 gRPC endpoint (docs/grpc.md); off unless address is set."""
+
+    address: str = ""  # "HOST:PORT"; "" keeps gRPC off
+    public: bool = False  # false: address must be loopback (127.0.0.0/8, ::1, localhost)
+    admin_token: str = ""  # when set, model control needs "authorization: Bearer <token>"
+    admin_token_file: str = ""  # read the admin token from this file instead (first line)
+    max_message_bytes: int = DEFAULT_MAX_FRAME_BYTES  # a request or response; past it: refused
+    max_inflight: int = 1024  # concurrent inference and control calls (a stream is one)
+
+    def check(self) -> None:
+        if self.address:
+            host, _ = parse_host_port(self.address, "address")
+            if not self.public and not is_loopback(host):
+                raise ValueError(
+                    f"address {self.address!r} is not a loopback address; set grpc.public = "
+                    f"true to serve beyond this machine (and set grpc.admin_token)")
+        if self.admin_token and self.admin_token_file:
+            raise ValueError("set admin_token or admin_token_file, not both")
+        if not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must lie in 1024..{MAX_GRPC_MESSAGE_BYTES}")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+
+    def token(self) -> str:
+        """The admin token ('' for none), read from admin_token_file where that is set."""
+        if self.admin_token_file:
+            try:
+                return Path(self.admin_token_file).read_text().strip().splitlines()[0]
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"grpc.admin_token_file {self.admin_token_file}: can't read "
+                                  f"a token from it") from exc
+        return self.admin_token
+
+
+@dataclass(frozen=True)
 class ThreadsConfig:
     """Threads of each model instance. "auto": measured per model at its first load, within
     the cores this process may use (appliance/scheduling/tuning.py)."""
@@ -209,6 +248,7 @@ class Config:
     engine: str = "auto"  # auto | onnxruntime | tensorrt
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)

@@ -30,15 +30,18 @@ from appliance.transport.http.codec import (
     encode_infer_response,
     loads_json,
     parse_infer_body,
-    v2_datatype,
 )
 from appliance.transport.http.control import ModelControl
 from appliance.transport.http.errors import error_response
 from appliance.transport.http.metrics import render
-from appliance.transport.http.triton_config import model_config, platform
+from appliance.transport.http.triton_config import (
+    EXTENSIONS,
+    model_config,
+    model_statistics,
+    platform,
+    tensor_metadata,
+)
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics",
-              "system_shared_memory"]
 JSON = "application/json"
 HTTP_OK = ("http", "OK")
 
@@ -146,8 +149,8 @@ class Routes:
             "name": info.name,
             "versions": [str(v) for v in self.service.served_versions(info.name)],
             "platform": platform(info.engine_kind),
-            "inputs": [_tensor_metadata(s) for s in info.inputs],
-            "outputs": [_tensor_metadata(s) for s in info.outputs],
+            "inputs": [tensor_metadata(s) for s in info.inputs],
+            "outputs": [tensor_metadata(s) for s in info.outputs],
         })
 
     async def config(self, request: web.Request) -> web.Response:
@@ -159,7 +162,7 @@ class Routes:
             versions = [self.describe(request)]
         else:
             versions = self.service.statistics()
-        return json_response({"model_stats": [_triton_stats(v) for v in versions]})
+        return json_response({"model_stats": [model_statistics(v) for v in versions]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = render(self.registry)
@@ -356,35 +359,6 @@ def infer_request(model: str, version: int | None, body: InferBody | None,
             request.deadline = (time.monotonic() + timeout_us / 1e6 if timeout_us
                                 else NO_DEADLINE)
     return request
-
-
-def _tensor_metadata(spec) -> dict:
-    return {"name": spec.name, "datatype": v2_datatype(spec.dtype), "shape": list(spec.shape)}
-
-
-def _duration(count: int, seconds: float) -> dict:
-    return {"count": count, "ns": int(seconds * 1e9)}
-
-
-def _triton_stats(info: VersionInfo) -> dict:
-    st = info.stats
-    ok = st.request_success
-    return {
-        "name": info.name, "version": str(info.version),
-        "last_inference": 0,
-        "inference_count": st.inference_count, "execution_count": st.execution_count,
-        "inference_stats": {
-            "success": _duration(ok, st.request_s_total),
-            "fail": _duration(st.request_failure, 0.0),
-            "queue": _duration(ok, st.queue_s_total),
-            "compute_input": _duration(ok, 0.0),
-            "compute_infer": _duration(ok, st.compute_s_total),
-            "compute_output": _duration(ok, 0.0),
-            "cache_hit": _duration(0, 0.0),
-            "cache_miss": _duration(0, 0.0),
-        },
-        "batch_stats": [],
-    }
 
 
 def not_found_route(request: web.Request) -> OutpostError:
