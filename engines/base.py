@@ -147,6 +147,11 @@ class Session(abc.ABC):
         sizes = batch_sizes if self.max_batch_size else (1,)
         return warm_to_steady(lambda n: self.run(self.zeros(n)), sizes, budget_s=budget_s)
 
+    def device_memory_bytes(self) -> int:
+        """Accelerator memory this instance holds that the process's RSS does not show
+        (a GPU engine's context and buffers); 0 for a CPU engine."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what the session holds; the default has nothing to free."""
 

@@ -28,6 +28,8 @@ def register(sub) -> None:
     ls = msub.add_parser("list", help="list models and versions")
     add_config_options(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--socket", help="the running server's socket, for its live figures "
+                                     "(default: the config's)")
     ls.set_defaults(func=list_models)
 
     rm = msub.add_parser("remove", help="remove a model, or one version of it")
@@ -145,14 +147,17 @@ def _prepare_engine(repo, config, record) -> str:
 
 
 def list_models(args) -> int:
-    repo, _ = _repo(args)
+    repo, config = _repo(args)
     models = repo.models()
     layouts = repo.layouts()
+    live = _live_memory(args.socket or config.server.socket_path, config)
+    serving = {(v["model"], v["version"]): v for v in (live or {}).get("versions", [])}
     if args.json:
         print(json.dumps([
             {"name": m.name, "active_version": m.active_version,
              "versions": [{"version": v.version, "state": v.state, "sha256": v.sha256,
-                           "path": str(v.path), "layout": layouts.get((m.name, v.version))}
+                           "path": str(v.path), "layout": layouts.get((m.name, v.version)),
+                           "serving": serving.get((m.name, v.version))}
                           for v in m.versions]}
             for m in models], indent=2))
         return 0
@@ -165,7 +170,41 @@ def list_models(args) -> int:
         print(f"{m.name:20} versions: {versions}")
         if m.active_version is not None and (m.name, m.active_version) in layouts:
             print(f"{'':20} layout: {_describe(layouts[(m.name, m.active_version)])}")
+        for v in m.versions:
+            live_v = serving.get((m.name, v.version))
+            if live_v is not None:
+                print(f"{'':20} serving: {_describe_serving(v.version, live_v)}")
+    if live is not None and live["budget_bytes"]:
+        print(f"memory: {_mib(live['accounted_bytes'])} of a {_mib(live['budget_bytes'])} "
+              f"MiB budget accounted (the process {_mib(live['baseline_bytes'])} MiB before any "
+              f"model; resident now {_mib(live['resident_bytes'])} MiB)")
     return 0
+
+
+def _live_memory(socket_path, config) -> dict | None:
+    """The running server's memory account (the stats op), or None where none answers."""
+    from appliance.client import Client  # noqa: PLC0415
+    from appliance.errors import OutpostError  # noqa: PLC0415
+
+    try:
+        with Client(socket_path, token=config.token() or None, timeout_s=5) as c:
+            return c.stats().get("memory")
+    except (OutpostError, OSError):
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def _describe_serving(version: int, v: dict) -> str:
+    text = (f"version {version} {v['state']}, {v['instances']} instance(s), "
+            f"{_mib(v['memory_bytes'])} MiB measured ({_mib(v['instance_bytes'])} MiB an "
+            f"instance)")
+    if v["evictions"]:
+        text += (f"; evicted {v['evictions']}x{' (out now)' if v['evicted'] else ''}: "
+                 f"{v['eviction_reason']}")
+    return text
 
 
 def _describe(layout: dict) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from appliance.config.profiles import resolve
+from appliance.config.profiles import host_memory_mb, resolve
 from appliance.config.schema import Config
 from appliance.config.settings import from_mapping, read_toml
 from appliance.errors import ConfigError
@@ -54,8 +54,14 @@ def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
         k: v for k, v in dataclasses.asdict(profile.threads).items() if k not in given_t})
     residency = config.residency
     if "memory_budget_mb" not in data.get("residency", {}):
-        residency = dataclasses.replace(residency,
-                                        memory_budget_mb=profile.memory.model_budget_mb)
+        residency = dataclasses.replace(
+            residency, memory_budget_mb=profile.memory.budget_mb(host_memory_mb()))
+    elif residency.memory_budget_mb <= 0:
+        raise ConfigError(f"{where}: residency.memory_budget_mb = "
+                          f"{residency.memory_budget_mb}: a budget is a positive number of "
+                          f"MiB (the whole process's memory); leave the key out for the "
+                          f"firmware profile's default ({profile.name}: "
+                          f"{_profile_budget(profile)})")
     server = config.server
     if "busy_poll_us" not in data.get("server", {}):
         server = dataclasses.replace(server, busy_poll_us=profile.server.busy_poll_us)
@@ -64,3 +70,10 @@ def _with_profile_defaults(config: Config, data: dict, where: str) -> Config:
         if k not in data.get("warmup", {})})
     return dataclasses.replace(config, batching=batching, threads=threads,
                                residency=residency, server=server, warmup=warmup)
+
+
+def _profile_budget(profile) -> str:
+    m = profile.memory
+    if m.model_budget_mb:
+        return f"{m.model_budget_mb} MiB"
+    return f"{m.budget_percent}% of this device's memory" if m.budget_percent else "none"

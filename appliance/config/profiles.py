@@ -79,11 +79,21 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    model_budget_mb: int = 0  # device memory resident models may take; 0: no limit
+    # The default of residency.memory_budget_mb (the whole process): a share of this
+    # device's memory (MemTotal; on a Jetson the unified memory CPU and GPU share), or a
+    # fixed model_budget_mb where that is set. Both 0: no budget.
+    budget_percent: int = 0
+    model_budget_mb: int = 0
 
     def check(self) -> None:
         if self.model_budget_mb < 0:
             raise ValueError("model_budget_mb must be >= 0")
+        if not 0 <= self.budget_percent <= 100:
+            raise ValueError(f"budget_percent {self.budget_percent}: use 0 to 100")
+
+    def budget_mb(self, memory_mb: int) -> int:
+        """The budget on a device with ``memory_mb`` of memory."""
+        return self.model_budget_mb or self.budget_percent * memory_mb // 100
 
 
 @dataclass(frozen=True)

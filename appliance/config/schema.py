@@ -205,13 +205,17 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class ResidencyConfig:
-    """How much memory loaded models may hold; past it, idle versions unload (LRU)."""
+    """How much memory the whole process may hold, models measured as they load; past
+    it, idle versions unload (LRU). docs/operations.md, "Memory budget"."""
 
-    memory_budget_mb: int = 0  # 0: no budget
+    # MiB; left out: the firmware profile's share of this device's memory (0 then: none)
+    memory_budget_mb: int = 0
 
     def check(self) -> None:
         if self.memory_budget_mb < 0:
-            raise ValueError("memory_budget_mb must be >= 0")
+            raise ValueError(f"memory_budget_mb = {self.memory_budget_mb}: a budget is a "
+                             f"positive number of MiB (the whole process's memory); leave "
+                             f"the key out for the firmware profile's default")
 
 
 @dataclass(frozen=True)

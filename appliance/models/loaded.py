@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from appliance.models.layout import runtime_for
 from appliance.models.model_config import ModelConfig
 from appliance.models.repository import VersionRecord
 from appliance.models.versions import ServedVersion, VersionState, describe_from_config
+from appliance.observe import memory
 from appliance.scheduling.batcher import DynamicBatcher
 from appliance.scheduling.clock import LoopClock
 from appliance.scheduling.holding import HoldingQueue
@@ -44,6 +46,9 @@ log = logging.getLogger("outpost.models")
 
 
 SCALE_CHECK_S = 1.0  # how often idle instances are looked for
+SCALE_REFUSED_RETRY_S = 5.0  # after the memory budget refused a scale-up, wait this long
+# Instances are measured one at a time: the measure is the whole process's RSS
+_MEASURING = threading.Lock()
 def warm_batch_sizes(max_batch_size: int, preferred: tuple[int, ...],
                      opt_batch_size: int | None = None) -> tuple[int, ...]:
     """Every batch size the batcher is likely to form: one (a lone request), the preferred
@@ -94,7 +99,10 @@ class LoadedVersion(ServedVersion):
         self.state = VersionState.LOADING
         self.batcher: DynamicBatcher | None = None
         self.last_used = time.monotonic()
-        self.memory_bytes = estimate_memory(record, config)
+        # measured as each instance loads (``_measured_instance``); until the first load
+        # the manager plans with an earlier measure of this version, or the weights' size
+        self.memory_bytes = 0
+        self.instance_bytes = 0  # the latest instance's measure
         self._clock = LoopClock(asyncio.get_running_loop())
         self._held = HoldingQueue(  # requests that come while it loads
             f"model '{self.name}' version {self.version}",
@@ -106,6 +114,10 @@ class LoadedVersion(ServedVersion):
         self._idle_since: float | None = None
         self._make_instance = None
         self.layout: Layout | None = None  # settled at load
+        # set by the manager: makes room in the memory budget for one more instance of
+        # this version (evicting idle versions) or raises why it can't
+        self.room_for_instance = None
+        self._scale_refused_until = 0.0
 
     def __repr__(self) -> str:
         return f"<LoadedVersion {self.name}:{self.version} {self.state.value}>"
@@ -130,8 +142,6 @@ class LoadedVersion(ServedVersion):
                     self._min_instances = self.layout.instances
                     self._max_instances = max(self.config.max_instances or 0,
                                               self._min_instances)
-                    self.memory_bytes = estimate_memory(self.record, self.config,
-                                                        self._max_instances)
 
             db = self.config.dynamic_batching
             preferred = tuple(db.preferred_batch_sizes)
@@ -141,29 +151,21 @@ class LoadedVersion(ServedVersion):
                                      opts.opt_batch_size if engine.kind == "tensorrt" else None)
 
             async def make_instance(i: int) -> ModelInstance:
-                session = await asyncio.to_thread(engine.load, artifact, opts, runtime)
-                try:
-                    check_session(session, self.config, where)
-                    t0 = time.monotonic()
-                    if not warmup_budget_s:
-                        await asyncio.to_thread(session.warmup)
-                        return ModelInstance(session, f"{self.name}:{self.version}#{i}")
-                    steps = await asyncio.to_thread(session.warm_to_steady, sizes,
-                                                    warmup_budget_s)
-                except BaseException:
-                    session.close()
-                    raise
-                settled = all(s.settled for s in steps)
-                (log.info if settled else log.warning)(
-                    "instance warm" if settled else
-                    "warm-up did not settle within its budget; serving anyway", extra={
-                        "model": self.name, "version": self.version, "instance": i,
-                        "warmup_s": round(time.monotonic() - t0, 3),
-                        "budget_s": warmup_budget_s,
-                        "batches": [s.as_dict() for s in steps]})
-                instance = ModelInstance(session, f"{self.name}:{self.version}#{i}")
-                if self.max_batch_size:
-                    instance.prefill(session.zeros(max(sizes)))
+                t0 = time.monotonic()
+                instance, steps = await asyncio.to_thread(
+                    self._measured_instance, i, engine, artifact, opts, runtime, sizes,
+                    warmup_budget_s)
+                self.memory_bytes += instance.memory_bytes
+                self.instance_bytes = instance.memory_bytes
+                if steps is not None:
+                    settled = all(s.settled for s in steps)
+                    (log.info if settled else log.warning)(
+                        "instance warm" if settled else
+                        "warm-up did not settle within its budget; serving anyway", extra={
+                            "model": self.name, "version": self.version, "instance": i,
+                            "warmup_s": round(time.monotonic() - t0, 3),
+                            "budget_s": warmup_budget_s, "memory_bytes": instance.memory_bytes,
+                            "batches": [s.as_dict() for s in steps]})
                 return instance
 
             instances = [await make_instance(i) for i in range(self._min_instances)]
@@ -192,6 +194,37 @@ class LoadedVersion(ServedVersion):
         if self._max_instances > self._min_instances:
             self._arm_scale_check()
 
+    def _measured_instance(self, i: int, engine: Engine, artifact, opts: BuildOptions,
+                           runtime: RuntimeOptions, sizes: tuple[int, ...],
+                           warmup_budget_s: float) -> tuple[ModelInstance, list | None]:
+        """One instance, loaded and warm (in a worker thread), and what it costs: the
+        process's resident memory across its load, warm-up at the largest batch and batch
+        buffers (the ONNX Runtime arena's growth included: it stays resident), plus the
+        device memory the engine reports (TensorRT). One instance is measured at a time."""
+        where = f"model '{self.name}' version {self.version}"
+        with _MEASURING:
+            before = memory.settled_resident_bytes()
+            session = engine.load(artifact, opts, runtime)
+            try:
+                check_session(session, self.config, where)
+                steps = None
+                if warmup_budget_s:
+                    steps = session.warm_to_steady(sizes, warmup_budget_s)
+                else:
+                    session.warmup()
+                instance = ModelInstance(session, f"{self.name}:{self.version}#{i}")
+            except BaseException:
+                session.close()
+                raise
+            if self.max_batch_size and warmup_budget_s:
+                instance.prefill(session.zeros(max(sizes)))
+            grown = memory.settled_resident_bytes() - before
+        # at least the engine file: its weights are in memory once, however the
+        # allocator's pages fell (a tiny model's growth can read as none)
+        instance.memory_bytes = (max(grown, _file_bytes(artifact.path))
+                                 + session.device_memory_bytes())
+        return instance, steps
+
     def _fail(self, message: str) -> None:
         self.state = VersionState.FAILED
         self.error = message
@@ -210,6 +243,7 @@ class LoadedVersion(ServedVersion):
             log.warning("unload timed out; a stuck instance was abandoned",
                         extra={"model": self.name, "version": self.version})
         self.batcher = None
+        self.memory_bytes = 0
         self.state = VersionState.UNLOADED
 
     def inflight_count(self) -> int:
@@ -244,10 +278,22 @@ class LoadedVersion(ServedVersion):
 
     async def _scale_up(self) -> None:
         try:
+            if time.monotonic() < self._scale_refused_until:
+                return
+            if self.room_for_instance is not None:
+                try:
+                    await self.room_for_instance(self)
+                except OutpostError as exc:  # the budget said no: serve with what it has
+                    self._scale_refused_until = time.monotonic() + SCALE_REFUSED_RETRY_S
+                    log.warning("scale-up refused", extra={
+                        "model": self.name, "version": self.version,
+                        "instances": self.batcher.instance_count, "reason": str(exc)})
+                    return
             n = self.batcher.instance_count
             inst = await self._make_instance(n)
             if self.batcher is None or self.state is not VersionState.READY:
                 await asyncio.to_thread(inst.stop)
+                self.memory_bytes -= inst.memory_bytes
                 return
             self.batcher.add_instance(inst)
             log.info("instance added", extra={"model": self.name, "version": self.version,
@@ -275,6 +321,7 @@ class LoadedVersion(ServedVersion):
               and b.instance_count > self._min_instances):
             inst = b.remove_idle_instance()
             if inst is not None:
+                self.memory_bytes -= inst.memory_bytes
                 asyncio.get_running_loop().run_in_executor(None, inst.stop)
                 log.info("instance removed", extra={"model": self.name,
                                                     "version": self.version,
@@ -287,11 +334,15 @@ class LoadedVersion(ServedVersion):
         return self.batcher.instance_count if self.batcher else 0
 
 
-def estimate_memory(record: VersionRecord, config: ModelConfig,
-                    instances: int | None = None) -> int:
-    """Bytes a loaded version is expected to hold: its weights once per instance (the most
-    it may run; ``instances`` once its layout says), plus one copy for the engine's
-    optimised graph."""
-    weights = sum(p.stat().st_size for p in record.path.rglob("*")
-                  if p.is_file() and p.name not in ("config.toml", "samples.npz"))
-    return weights * ((instances or config.max_instances or config.instances or 1) + 1)
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def weights_bytes(record: VersionRecord) -> int:
+    """The model's files (its weights), what a version's first load plans with before
+    anything of it was measured."""
+    return sum(p.stat().st_size for p in record.path.rglob("*")
+               if p.is_file() and p.name not in ("config.toml", "samples.npz"))

@@ -23,15 +23,20 @@ from appliance.errors import (
 )
 from appliance.models.ensemble import EnsembleVersion
 from appliance.models.layout import want_for
-from appliance.models.loaded import LoadedVersion
+from appliance.models.loaded import LoadedVersion, weights_bytes
 from appliance.models.model_config import ModelConfig
 from appliance.models.repository import Repository, VersionRecord
 from appliance.models.residency import EvictionLog
 from appliance.models.traffic import TrafficPolicy
 from appliance.models.versions import ServedVersion, StoredVersion, VersionState
+from appliance.observe import memory
 from engines import Engine, RuntimeOptions
 
 log = logging.getLogger("outpost.models")
+
+
+def _mib(n: int) -> int:
+    return round(n / (1 << 20))
 
 
 class BudgetTooSmall(FailedPrecondition):
@@ -54,6 +59,11 @@ class ModelManager:
         self.traffic: dict[str, TrafficPolicy] = {}
         self.budget_bytes = config.residency.memory_budget_mb << 20
         self.evictions = EvictionLog()
+        self.measured: dict[tuple[str, int], int] = {}  # bytes at the last load, per version
+        # The budget covers the whole process: what it holds before any model (the
+        # interpreter, libraries, the engine's runtime, imported now) counts first
+        engine.version()
+        self.baseline_bytes = memory.settled_resident_bytes()
         # versions the budget cannot hold even alone: a start-up error (app.serve)
         self.unfit: dict[tuple[str, int], str] = {}
         self.profile = resolve(config.profile).profile  # its build fields, for every model
@@ -106,6 +116,11 @@ class ModelManager:
     async def load_all(self) -> None:
         """Load every model's resident versions (ensembles after their members); a version
         that fails is logged and leaves its model not ready."""
+        if self.budget_bytes and self.baseline_bytes >= self.budget_bytes:
+            raise BudgetTooSmall(
+                f"the process holds {_mib(self.baseline_bytes)} MiB before any model loads "
+                f"but residency.memory_budget_mb is {_mib(self.budget_bytes)}; the budget "
+                f"covers the whole process: raise it")
         models = self.repo.models()
         for m in models:
             if m.active_version is not None:
@@ -144,6 +159,7 @@ class ModelManager:
             lv: ServedVersion = EnsembleVersion(record, config, self)
         else:
             lv = LoadedVersion(record, config, self.engine.kind)
+            lv.room_for_instance = self._room_for_instance
         self.loaded[key] = lv
         task = asyncio.get_running_loop().create_task(self._load(lv))
         self._loading[key] = task
@@ -152,12 +168,20 @@ class ModelManager:
 
     async def _load(self, lv: ServedVersion) -> None:
         t0 = time.monotonic()
+        key = (lv.name, lv.version)
         try:
-            await self._make_room(lv)
             if isinstance(lv, LoadedVersion):
+                # planned with this version's last measure (the weights before its first)
+                await self._make_room(lv, self.measured.get(key) or weights_bytes(lv.record))
                 await lv.load(self.engine, self.repo.engines_dir, self.runtime, self.profile,
                               want_for(lv.config, self.config, self.engine.kind),
                               self.config.warmup.budget_ms / 1e3)
+                self.measured[key] = lv.memory_bytes
+                try:  # now measured: does it fit?
+                    await self._make_room(lv, 0)
+                except OutpostError:
+                    await lv.unload(self.unload_timeout_s)
+                    raise
             else:
                 await lv.load()
         except OutpostError as exc:
@@ -175,7 +199,7 @@ class ModelManager:
             self.repo.record_layout(lv.name, lv.version, layout.as_dict())
         log.info("model loaded", extra={
             "model": lv.name, "version": lv.version, "engine": lv.engine_kind,
-            "load_s": round(time.monotonic() - t0, 3), "memory_mb": lv.memory_bytes >> 20,
+            "load_s": round(time.monotonic() - t0, 3), "memory_mb": _mib(lv.memory_bytes),
             **({"layout": layout.describe()} if layout is not None else {})})
 
     async def ensure_loaded(self, name: str, version: int) -> ServedVersion:
@@ -200,38 +224,74 @@ class ModelManager:
         """Load a version whatever the policies say (the caller decides it is wanted)."""
         return await self.ensure_loaded(record.model, record.version)
 
-    async def _make_room(self, lv: ServedVersion) -> None:
-        """Unload least-recently-used idle versions until ``lv`` fits the memory budget."""
+    async def _make_room(self, lv: ServedVersion, need: int) -> None:
+        """Unload least recently used idle versions until ``need`` more bytes of ``lv``
+        fit the budget beside the process's baseline and what every loaded version holds
+        (``lv``'s own measured bytes included). A version a request waits on is never
+        unloaded: then RESOURCE_EXHAUSTED. More than the budget even alone:
+        ``BudgetTooSmall``."""
         if not self.budget_bytes:
             return
-        if lv.memory_bytes > self.budget_bytes:
-            raise BudgetTooSmall(
-                f"model '{lv.name}' version {lv.version} costs {lv.memory_bytes >> 20} MiB "
-                f"but residency.memory_budget_mb is {self.budget_bytes >> 20}: it cannot "
-                f"fit even alone; raise the budget or lower the model's instances")
+        own = lv.memory_bytes + need
+        if self.baseline_bytes + own > self.budget_bytes:
+            raise BudgetTooSmall(self._too_small(lv, own))
         while True:
             others = [v for v in self.loaded.values() if v is not lv and v.state in (
                 VersionState.READY, VersionState.LOADING)]
-            used = sum(v.memory_bytes for v in others)
-            if used + lv.memory_bytes <= self.budget_bytes:
+            used = self.baseline_bytes + sum(v.memory_bytes for v in others)
+            if used + own <= self.budget_bytes:
                 return
             idle = [v for v in others if v.state is VersionState.READY
                     and not v.inflight_count() and not getattr(v, "pinned", False)]
             if not idle:
                 raise ResourceExhausted(
-                    f"model '{lv.name}' version {lv.version} needs "
-                    f"{lv.memory_bytes >> 20} MiB but {used >> 20} of the "
-                    f"{self.budget_bytes >> 20} MiB memory budget are held by busy "
-                    f"versions; raise residency.memory_budget_mb or retry when idle")
+                    f"model '{lv.name}' version {lv.version} needs {_mib(own)} MiB but "
+                    f"{_mib(used)} of the {_mib(self.budget_bytes)} MiB memory budget are "
+                    f"held by the process and busy versions; raise "
+                    f"residency.memory_budget_mb or retry when idle")
             victim = min(idle, key=lambda v: v.last_used)
+            reason = (f"memory budget: made room for {lv.name}:{lv.version} "
+                      f"({_mib(need)} MiB more)")
             log.info("unloading to stay within the memory budget", extra={
                 "model": victim.name, "version": victim.version,
-                "for": f"{lv.name}:{lv.version}"})
+                "for": f"{lv.name}:{lv.version}", "freed_mb": _mib(victim.memory_bytes)})
             self.loaded.pop((victim.name, victim.version), None)
-            self.evictions.evicted(
-                (victim.name, victim.version),
-                f"memory budget: made room for {lv.name}:{lv.version}")
+            self.evictions.evicted((victim.name, victim.version), reason)
             await victim.unload(self.unload_timeout_s)
+
+    def _too_small(self, lv: ServedVersion, cost: int) -> str:
+        measured = getattr(lv, "instance_bytes", 0)
+        how = (f"measured: {lv.instance_count} instance(s) x {_mib(measured)} MiB"
+               if measured else "its weights, not yet measured")
+        return (f"model '{lv.name}' version {lv.version} costs {_mib(cost)} MiB ({how}) and "
+                f"the process {_mib(self.baseline_bytes)} MiB before any model, but "
+                f"residency.memory_budget_mb is {_mib(self.budget_bytes)}: it cannot fit "
+                f"even alone; raise the budget to at least "
+                f"{_mib(self.baseline_bytes + cost) + 1} or lower the model's instances "
+                f"or max_batch_size")
+
+    async def _room_for_instance(self, lv: LoadedVersion) -> None:
+        """Room for one more instance of ``lv`` (a scale-up), measured like the last."""
+        await self._make_room(lv, lv.instance_bytes)
+
+    def residency(self) -> dict:
+        """The memory account: the budget, the process's baseline, what each version
+        holds (measured), and the evictions, for the stats op, /metrics and the CLI."""
+        versions = []
+        keys = sorted(set(self.loaded) | set(self.evictions.keys()))
+        for key in keys:
+            lv = self.loaded.get(key)
+            versions.append({
+                "model": key[0], "version": key[1],
+                "state": lv.state.value if lv is not None else "unloaded",
+                "memory_bytes": lv.memory_bytes if lv is not None else 0,
+                "instance_bytes": getattr(lv, "instance_bytes", 0),
+                "instances": getattr(lv, "instance_count", 0),
+                **self.evictions.of(key).as_dict()})
+        accounted = self.baseline_bytes + sum(v["memory_bytes"] for v in versions)
+        return {"budget_bytes": self.budget_bytes, "baseline_bytes": self.baseline_bytes,
+                "accounted_bytes": accounted, "resident_bytes": memory.resident_bytes(),
+                "versions": versions}
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
         """Unload one version, or every loaded version of a model; returns those unloaded."""

@@ -43,5 +43,8 @@ class EvictionLog:
         e = self._by_key.get(key)
         return e is not None and e.out
 
+    def keys(self) -> list[Key]:
+        return list(self._by_key)
+
     def of(self, key: Key) -> Evictions:
         return self._by_key.get(key) or Evictions()

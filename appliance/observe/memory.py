@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 log = logging.getLogger("outpost.memory")
 
@@ -36,3 +37,21 @@ def trim() -> bool:
     fn = _malloc_trim()
     return bool(fn(0)) if fn is not None else False
 
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident set (RSS) now; 0 where /proc is absent."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def settled_resident_bytes() -> int:
+    """RSS after handing freed heap back: what the process holds, not what it once did."""
+    trim()
+    return resident_bytes()

@@ -22,6 +22,7 @@ class ModelInstance:
     def __init__(self, session: Session, name: str):
         self.session = session
         self.name = name
+        self.memory_bytes = 0  # what loading and warming it cost, measured (models/loaded.py)
         # Batch input buffers, reused: one set for each batch the instance may hold, taken
         # in turn (its batches run in the order they were handed over).
         self._staging: list[dict[str, np.ndarray]] = [{} for _ in range(PIPELINE_DEPTH)]

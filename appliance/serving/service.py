@@ -172,6 +172,11 @@ class Service:
             raise NotFound(f"model '{model}' is not loaded here")
         return rows
 
+    def memory(self) -> dict:
+        """The memory account: budget, baseline, measured bytes, instances and evictions
+        per version (models/manager.py ``residency``)."""
+        return self.manager.residency()
+
     def traffic_figures(self, model: str | None = None) -> dict[str, dict]:
         """Per model with a policy or routed requests: the policy, requests routed to each
         version, and the shadow's comparison with the live answers."""

@@ -159,6 +159,7 @@ class SocketOps:
         model = msg.get("model")
         rows = [_stats_row(info) for info in self.service.statistics(model)]
         return {"models": rows, "traffic": self.service.traffic_figures(model),
+                "memory": self.service.memory(),
                 "uptime_s": round(time.time() - self.service.started, 3), "pid": os.getpid()}
 
     def shm_register(self, msg: dict, owner: object) -> dict:

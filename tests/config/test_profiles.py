@@ -41,7 +41,7 @@ def test_shipped_profiles_load_with_their_figures():
     for p in loaded.values():
         assert Path(p.path).read_text().startswith("#"), f"{p.name} has no comment header"
         if p.engine.kind == "tensorrt":
-            assert p.memory.model_budget_mb > 0 and p.engine.precision == "fp16"
+            assert p.memory.budget_percent > 0 and p.engine.precision == "fp16"
 
 
 @pytest.fixture
@@ -145,7 +145,10 @@ def test_profile_defaults_feed_the_config_where_it_is_silent(tmp_path):
     path.write_text("profile = \"jetson-agx-orin-64gb\"\n[batching]\nmax_batch_size = 4\n")
     cli = load_config(path, {"threads.intra_op": 3})
     assert cli.threads.intra_op == 3  # and a flag wins
-    assert config.residency.memory_budget_mb == 32768  # the profile's model budget
+    # the profile's share of this host's memory (on the board itself: its unified memory)
+    from appliance.config.profiles import host_memory_mb
+
+    assert config.residency.memory_budget_mb == 50 * host_memory_mb() // 100
     path.write_text("profile = \"jetson-agx-orin-64gb\"\n[residency]\nmemory_budget_mb = 100\n")
     assert load_config(path).residency.memory_budget_mb == 100
 

@@ -98,12 +98,48 @@ class ModelCollector(Collector):
         yield GaugeMetricFamily("outpost_models_loaded",
                                 "Model versions loaded and serving", value=loaded)
         yield from self._traffic()
+        yield from self._memory()
         by_protocol = CounterMetricFamily(
             "outpost_protocol_requests", "Infer requests answered, by transport (socket, "
             "http, grpc) and outcome (OK or the error code)", labels=["protocol", "code"])
         for (protocol, code), n in sorted(self.service.protocol_counts.counts.items()):
             by_protocol.add_metric([protocol, code], n)
         yield by_protocol
+
+    def _memory(self) -> Iterator[Metric]:
+        """The memory budget's account: measured bytes, instances and evictions."""
+        account = self.service.memory()
+        held = GaugeMetricFamily(
+            "outpost_model_memory_bytes", "What a loaded version holds, measured at load "
+            "and as instances are added: RSS and arena growth across load and warm-up, "
+            "plus the device memory its engine reports", labels=LABELS)
+        per_instance = GaugeMetricFamily(
+            "outpost_model_instance_memory_bytes", "The latest instance's measured cost",
+            labels=LABELS)
+        instances = GaugeMetricFamily(
+            "outpost_model_instances", "Instances (sessions) now: what autoscaling did",
+            labels=LABELS)
+        evictions = CounterMetricFamily(
+            "outpost_model_evictions", "Times the memory budget unloaded this version",
+            labels=LABELS)
+        evicted = GaugeMetricFamily(
+            "outpost_model_evicted", "1 while the budget keeps this version unloaded (it "
+            "loads on its next request); the label says why", labels=[*LABELS, "reason"])
+        for v in account["versions"]:
+            labels = [v["model"], str(v["version"])]
+            held.add_metric(labels, v["memory_bytes"])
+            per_instance.add_metric(labels, v["instance_bytes"])
+            instances.add_metric(labels, v["instances"])
+            evictions.add_metric(labels, v["evictions"])
+            if v["evictions"]:
+                evicted.add_metric([*labels, v["eviction_reason"]], int(v["evicted"]))
+        yield from (held, per_instance, instances, evictions, evicted)
+        for key, doc in (
+                ("budget_bytes", "residency.memory_budget_mb in bytes (0: no budget)"),
+                ("baseline_bytes", "The process's RSS before any model loaded"),
+                ("accounted_bytes", "Baseline plus every loaded version's measured bytes: "
+                                    "what the budget is checked against")):
+            yield GaugeMetricFamily(f"outpost_memory_{key}", doc, value=account[key])
 
     def _traffic(self) -> Iterator[Metric]:
         """Per-variant routing counts and shadow divergence, per model."""
