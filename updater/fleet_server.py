@@ -30,7 +30,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from updater.cohort import should_halt
+from updater.cohort import FINAL_STATES, should_halt
 from updater.errors import UpdaterError
 from updater.fleet_db import REPORT_STATES, FleetDB
 from updater.fleet_repo import FleetRepo
@@ -93,7 +93,39 @@ def check_report(r: object, i: int) -> dict:
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ValueError(f"reports[{i}].labels must map strings to strings")
     return {**{k: r[k] for k in _STR_FIELDS}, "version": r["version"], "ts": float(ts),
-            "labels": labels}
+            "labels": labels, "shadow": check_shadow_figures(r.get("shadow"), i)}
+
+
+_SHADOW_NUMBERS = ("elapsed_s", "requests", "agreed", "errors", "shed", "p50_ms", "p99_ms",
+                   "live_p50_ms", "live_p99_ms", "disagreement")
+
+
+def check_shadow_figures(fig: object, i: int) -> dict | None:
+    """A report's optional shadow figures (updater/shadow.py ShadowFigures.as_report)."""
+    if fig is None:
+        return None
+    where = f"reports[{i}].shadow"
+    if not isinstance(fig, dict):
+        raise ValueError(f"{where} must be an object of figures")
+    unknown = set(fig) - {*_SHADOW_NUMBERS, "error_codes"}
+    if unknown:
+        raise ValueError(f"{where} has an unknown figure '{sorted(unknown)[0]}'")
+    out = {}
+    for k in _SHADOW_NUMBERS:
+        v = fig.get(k, 0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or v < 0:
+            raise ValueError(f"{where}.{k} must be a number >= 0")
+        out[k] = v
+    if out["disagreement"] > 1:
+        raise ValueError(f"{where}.disagreement must be a share in 0..1")
+    codes = fig.get("error_codes", {})
+    if not isinstance(codes, dict) or len(codes) > 32 or not all(
+            isinstance(k, str) and len(k) <= 64 and type(v) is int and v >= 0
+            for k, v in codes.items()):
+        raise ValueError(f"{where}.error_codes must map at most 32 codes to counts")
+    out["error_codes"] = codes
+    return out
 
 
 class FleetServer:
@@ -240,26 +272,35 @@ class FleetServer:
         states = [s for dev, labels, s in self.db.states(rollout_id)
                   if rollout.includes(dev, labels)]
         if should_halt(rollout, states):
-            failed = sum(s in ("failed", "rolled_back") for s in states)
-            why = (f"{failed} of {sum(s in ('committed', 'failed', 'rolled_back') for s in states)}"
-                   f" reporting cohort devices failed (threshold {rollout.failure_threshold})")
+            final = [s for s in states if s in FINAL_STATES]
+            failed = sum(s != "committed" for s in final)
+            rejected = final.count("rejected_in_shadow")
+            why = (f"{failed} of {len(final)} reporting cohort devices failed"
+                   + (f" ({rejected} rejected it in shadow)" if rejected else "")
+                   + f" (threshold {rollout.failure_threshold})")
             await asyncio.to_thread(self.repo.set_rollout, release.model, release.version,
                                     state="halted")
             self.halts.append((release.model, release.version, why, time.time()))
             if self.on_halt is not None:
                 self.on_halt(release.model, release.version, why)
-            log.warning("rollout halted", extra={"model": release.model,
-                                                 "version": release.version, "why": why})
+            log.warning("rollout of %s %s halted: %s", release.model, release.version, why,
+                        extra={"model": release.model, "version": release.version,
+                               "why": why})
 
     async def status(self, _request: web.Request) -> web.Response:
         return web.json_response(status_report(self.repo, self.db))
 
 
 def status_report(repo: FleetRepo, db: FleetDB) -> list[dict]:
+    """Per release: its rollout, how many devices report each state, and, for a rollout
+    with a shadow phase, the devices' shadow figures aggregated (FleetDB.shadow_summary).
+    Per-stage figures wait for rollout plans; this is the whole rollout's."""
     counts = db.counts()
     return [{"model": r.model, "version": r.version,
              "rollout": dataclasses.asdict(r.rollout) if r.rollout else None,
-             "devices": counts.get(r.rollout.id, {}) if r.rollout else {}}
+             "devices": counts.get(r.rollout.id, {}) if r.rollout else {},
+             "shadow": db.shadow_summary(r.rollout.id)
+             if r.rollout and r.rollout.shadow else None}
             for r in repo.releases()]
 
 

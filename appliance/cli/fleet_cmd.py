@@ -256,7 +256,22 @@ def fleet_status(args) -> int:
             else "published, not rolled out")
         devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
         print(head + (f"; devices: {devices}" if devices else ""))
+        if r.get("shadow") is not None:
+            print("  " + _shadow_line(ro["shadow"], r["shadow"]))
     return 0
+
+
+def _shadow_line(limits: dict, s: dict) -> str:
+    """One line of a rollout's shadow phase: its limits and what the devices measured."""
+    ratio = s["worst_p99_ratio"]
+    return (f"shadow {limits['window_s']:g}s, >= {limits['min_requests']} requests, "
+            f"disagreement <= {limits['max_disagreement']:.1%}: {s['devices']} devices "
+            f"(passed {s['passed']}, rejected {s['rejected']}, shadowing {s['shadowing']}, "
+            f"waiting for traffic {s['waiting']}, skipped {s['skipped']}); "
+            f"{s['requests']} requests compared, disagreement {s['disagreement']:.1%} "
+            f"(worst device {s['worst_disagreement']:.1%}), {s['errors']} errors, "
+            f"{s['shed']} copies shed"
+            + (f", worst p99 {ratio:.2f}x the active version's" if ratio is not None else ""))
 
 
 def fleet_rotate_key(args) -> int:

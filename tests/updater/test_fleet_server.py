@@ -14,6 +14,7 @@ from tests.support.updater_support import Fleet
 from updater import report_auth
 from updater.cohort import in_cohort
 from updater.report_auth import device_key
+from updater.shadow import ShadowFigures, ShadowPolicy
 
 
 @pytest.fixture
@@ -195,6 +196,13 @@ def test_serves_targets_with_range_and_never_the_keys(fleet):
      "reports[0].state 'exploded'"),
     ({"reports": [{**_report("d", "r", "committed"), "version": "2"}]},
      "version must be an integer"),
+    ({"reports": [{**_report("d", "r", "rejected_in_shadow"), "shadow": [1]}]},
+     "reports[0].shadow must be an object of figures"),
+    ({"reports": [{**_report("d", "r", "rejected_in_shadow"),
+                   "shadow": {"disagreement": 2.0}}]},
+     "reports[0].shadow.disagreement must be a share in 0..1"),
+    ({"reports": [{**_report("d", "r", "rejected_in_shadow"), "shadow": {"mood": 1}}]},
+     "reports[0].shadow has an unknown figure 'mood'"),
 ])
 def test_bad_reports_get_one_clear_error(fleet, body, message):
     status, answer = _post(fleet, body)
@@ -300,3 +308,53 @@ def test_server_renews_a_timestamp_near_its_expiry(tmp_path, demo_files):
         assert renewed.expires > datetime.now(UTC) + timedelta(hours=23)
     finally:
         f.stop()
+
+
+def _shadow_report(device, rollout_id, state, agreed, requests=200, p99_ms=3.0):
+    fig = ShadowFigures(elapsed_s=60.0, requests=requests, agreed=agreed, shed=4,
+                        p50_ms=1.5, p99_ms=p99_ms, live_p50_ms=1.4, live_p99_ms=2.5)
+    return {**_report(device, rollout_id, state), "shadow": fig.as_report(),
+            "detail": fig.describe()}
+
+
+def test_shadow_rejections_count_as_failures_and_status_shows_the_figures(fleet):
+    r = fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0, failure_threshold=0.3,
+                               min_reports=4, shadow=ShadowPolicy(60.0, 100, 0.02, 1.5))
+    devices = [f"d{i}" for i in range(6)]
+    assert _post_each(fleet, [_shadow_report(d, r.id, "shadowing", 0, 0)
+                              for d in devices]) == {200}
+    # Three pass their shadow phase and commit; one is still waiting for traffic.
+    passed = [_shadow_report(d, r.id, "shadow_passed", 199) for d in devices[:3]]
+    assert _post_each(fleet, passed) == {200}
+    assert _post_each(fleet, [_report(d, r.id, "committed") for d in devices[:3]]) == {200}
+    assert _post_each(fleet, [_shadow_report(devices[5], r.id, "shadow_waiting", 3, 3)]) \
+        == {200}
+    # One rejection: 1 of 4 final, 25%, under the threshold.
+    assert _post_each(fleet, [_shadow_report(devices[3], r.id, "rejected_in_shadow", 150,
+                                             p99_ms=10.0)]) == {200}
+    assert fleet.repo.release("identity", 2).rollout.state == "active"
+    _, body = _get(f"{fleet.url}/v1/status")
+    [row] = json.loads(body)
+    assert row["rollout"]["shadow"]["max_disagreement"] == 0.02
+    sh = row["shadow"]
+    assert (sh["devices"], sh["passed"], sh["rejected"], sh["waiting"], sh["shadowing"]) \
+        == (6, 3, 1, 1, 1)
+    assert sh["requests"] == 3 * 200 + 200 + 3
+    assert sh["worst_disagreement"] == 0.25 and sh["worst_p99_ratio"] == 4.0
+    assert sh["disagreement"] == pytest.approx((3 * 1 + 50) / 803, abs=1e-6)
+    # A second rejection: 2 of 5, 40%: the fleet halts the rollout by itself.
+    assert _post_each(fleet, [_shadow_report(devices[4], r.id, "rejected_in_shadow", 100)]) \
+        == {200}
+    assert fleet.repo.release("identity", 2).rollout.state == "halted"
+    from tests.support.updater_support import run_outpost
+
+    out = run_outpost("fleet", "status", fleet.dir, "identity")
+    assert out.returncode == 0, out.stderr
+    assert "identity 2: halted at 100.0%" in out.stdout
+    assert "rejected_in_shadow 2" in out.stdout
+    assert "shadow 60s, >= 100 requests, disagreement <= 2.0%: 6 devices (passed 3, " \
+           "rejected 2, shadowing 0, waiting for traffic 1, skipped 0)" in out.stdout
+    assert "worst p99 4.00x the active version's" in out.stdout
+    js = json.loads(run_outpost("fleet", "status", fleet.dir, "--json").stdout)
+    assert js[0]["shadow"]["rejected"] == 2
+    assert "rejected it in shadow" in (fleet.dir / "server.log").read_text()

@@ -149,11 +149,14 @@ def test_agreeing_candidate_answers_only_after_its_shadow_phase_disagreeing_ones
     renamed = _device_states(fleet, 4)[-1]
     assert renamed["state"] == "rejected_in_shadow"
     assert "missing_output" in renamed["detail"], renamed
-    assert [r["state"] for r in _device_states(fleet, 2)][-4:] == [
-        "shadow_passed", "activated", "committed"][-4:] or \
-        "shadow_passed" in [r["state"] for r in _device_states(fleet, 2)]
+    states = [r["state"] for r in _device_states(fleet, 2)]
+    assert states[states.index("shadowing"):] == ["shadowing", "shadow_passed", "activated",
+                                                  "committed"], states
     status = run_outpost("fleet", "status", fleet.dir, "identity")
-    assert "rejected_in_shadow 1" in status.stdout, status.stdout
+    assert "identity 3: active at 100.0%" in status.stdout, status.stdout
+    assert "rejected_in_shadow 1" in status.stdout
+    assert "1 devices (passed 0, rejected 1," in status.stdout.split("identity 3:")[1]
+    assert "disagreement 100.0%" in status.stdout.split("identity 3:")[1]
 
 
 def test_a_device_killed_in_the_shadow_phase_starts_the_window_again(fleet, short_tmp,
