@@ -2,7 +2,10 @@
 
 Runs without network: device buffers, pinned copies, streams and a batch round trip
 through ``engines.tensorrt.cuda`` (pycuda or cuda.bindings), then, where TensorRT is
-installed, the demo CNN built as an fp16 engine, served, and compared with ONNX Runtime.
+installed, the demo CNN built as an fp16 engine, served, and compared with ONNX Runtime,
+once per typing mode outpost uses on that TensorRT: weakly typed (the FP16 builder flag)
+before 10.12, strongly typed (the graph converted to fp16) on 11.x, and both on 10.12 to
+10.x, where the flags still exist.
 Every step prints RAN, SKIP (with the reason) or FAIL (with the error), and the figures it
 measured. Exit status: 0 when nothing failed, 1 when a step failed (or, with
 --require-gpu, when CUDA or a GPU is missing), 2 for bad arguments.
@@ -212,29 +215,49 @@ def check_tensorrt_import(load_trt):
     return trt, f"tensorrt {trt.__version__}"
 
 
+def typing_modes(trt) -> list[str]:
+    """The typing modes outpost builds with on this TensorRT: strong from 10.12 (and weak too
+    while 10.x still has the precision flags), weak before 10.12, strong only on 11."""
+    from engines.tensorrt.precision import STRONG_TYPING_FROM, parse_version
+
+    major, minor = parse_version(trt.__version__)
+    if major >= 11:
+        return ["strong"]
+    return ["strong", "weak"] if (major, minor) >= STRONG_TYPING_FROM else ["weak"]
+
+
 def check_demo_cnn(trt, api, gpu, max_batch, keep: Path | None):
+    folder = keep or Path(tempfile.mkdtemp(prefix="outpost-gpu-check-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    details = [_demo_cnn_as(typing, trt, api, gpu, max_batch, folder)
+               for typing in typing_modes(trt)]
+    return None, " | ".join(details)
+
+
+def _demo_cnn_as(typing, trt, api, gpu, max_batch, folder: Path) -> str:
+    """The demo CNN built fp16 with one typing mode, cached, served and compared."""
     import onnxruntime as ort
 
     from appliance.demo.models import cnn_model, sample_inputs
     from engines import BuildOptions, RuntimeOptions
     from engines.tensorrt import TensorRTEngine
 
-    folder = keep or Path(tempfile.mkdtemp(prefix="outpost-gpu-check-"))
-    folder.mkdir(parents=True, exist_ok=True)
     model = cnn_model(folder / "cnn.onnx")
     opts = BuildOptions(precision="fp16", workspace_bytes=1 << 30, max_batch_size=max_batch,
                         opt_batch_size=max(1, max_batch // 2))
-    engine = TensorRTEngine(trt=trt, cuda=api, device_index=gpu.index)
+    engine = TensorRTEngine(trt=trt, cuda=api, device_index=gpu.index, typing=typing)
+    path = engine.precision_path(opts)
     t0 = time.perf_counter()
     artifact = engine.prepare(model, opts, folder / "engines")
     build_s = time.perf_counter() - t0
     mtime = artifact.path.stat().st_mtime_ns
     t0 = time.perf_counter()
-    again = TensorRTEngine(trt=trt, cuda=api, device_index=gpu.index).prepare(
+    again = TensorRTEngine(trt=trt, cuda=api, device_index=gpu.index, typing=typing).prepare(
         model, opts, folder / "engines")
     cached_s = time.perf_counter() - t0
     if again.path != artifact.path or again.path.stat().st_mtime_ns != mtime:
-        raise RuntimeError("a second prepare rebuilt the plan instead of using the cache")
+        raise RuntimeError(f"{typing}ly typed: a second prepare rebuilt the plan instead of "
+                           f"using the cache")
     session = engine.load(artifact, opts, RuntimeOptions(device_id=gpu.index))
     try:
         session.warmup()
@@ -245,7 +268,7 @@ def check_demo_cnn(trt, api, gpu, max_batch, keep: Path | None):
             got = session.run(feeds)["probs"]
             want = ref.run(["probs"], feeds)[0]
             np.testing.assert_allclose(got, want, rtol=FP16_RTOL, atol=FP16_ATOL,
-                                       err_msg=f"batch {batch}")
+                                       err_msg=f"{typing}ly typed, batch {batch}")
             worst = max(worst, float(np.max(np.abs(got - want))))
         feeds = sample_inputs("cnn", batch=max_batch)
         times = []
@@ -255,10 +278,13 @@ def check_demo_cnn(trt, api, gpu, max_batch, keep: Path | None):
             times.append(time.perf_counter() - t)
     finally:
         session.close()
-    return None, (f"fp16 plan built in {build_s:.1f} s ({artifact.path.stat().st_size >> 10} "
-                  f"KiB), cache hit in {cached_s:.2f} s; batches {max_batch}/.../1 match "
-                  f"onnxruntime (max abs diff {worst:.2e}); batch {max_batch} median "
-                  f"{statistics.median(times) * 1e3:.2f} ms over 20 runs, copies included")
+    how = (f"graph converted by {path.converter}" if path.convert_to else
+           f"flags {', '.join(path.builder_flags)}" if path.builder_flags else "no flags")
+    return (f"fp16 {typing}ly typed ({how}) on TensorRT {trt.__version__}: plan built in "
+            f"{build_s:.1f} s ({artifact.path.stat().st_size >> 10} KiB), cache hit in "
+            f"{cached_s:.2f} s; batches {max_batch}/.../1 match onnxruntime (max abs diff "
+            f"{worst:.2e}); batch {max_batch} median "
+            f"{statistics.median(times) * 1e3:.2f} ms over 20 runs, copies included")
 
 
 def main(argv=None, *, load_cuda=None, load_trt=None, out=None) -> int:

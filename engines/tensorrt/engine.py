@@ -69,8 +69,11 @@ class TensorRTEngine(Engine):
     kind = "tensorrt"
 
     def __init__(self, *, trt=None, cuda: CudaApi | None = None, device_index: int = 0,
-                 progress: BuildProgress | None = None):
+                 progress: BuildProgress | None = None, typing: str | None = None):
         self._trt = trt
+        # None: weak or strong typing as the TensorRT version says; "weak" or "strong"
+        # forces one where the version has both (build/gpu_check runs both on 10.x)
+        self.typing = typing
         self._cuda = cuda
         self._gpu: GpuInfo | None = None
         self.device_index = device_index
@@ -113,7 +116,7 @@ class TensorRTEngine(Engine):
     def precision_path(self, options: BuildOptions) -> PrecisionPath:
         """How this TensorRT builds ``options.precision``, the graph converter included;
         PrepareError when it can't here (an unknown precision, no converter installed)."""
-        path = precision_path(self.version(), options.precision)
+        path = precision_path(self.version(), options.precision, self.typing)
         if path.convert_to:
             path = path.with_converter(load_converter(path.convert_to, path.trt_version).id)
         return path

@@ -67,12 +67,25 @@ def parse_version(version: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def precision_path(trt_version: str, precision: str) -> PrecisionPath:
-    """The build path for ``precision`` on this TensorRT (PrepareError for a bad name)."""
+def precision_path(trt_version: str, precision: str, typing: str | None = None
+                   ) -> PrecisionPath:
+    """The build path for ``precision`` on this TensorRT (PrepareError for a bad name).
+
+    ``typing`` ("weak" or "strong") forces a mode where this TensorRT has both (10.x), for
+    build/gpu_check; None follows the version.
+    """
     if precision not in PRECISIONS:
         raise PrepareError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     major, minor = parse_version(trt_version)
-    if (major, minor) < STRONG_TYPING_FROM:
+    if typing not in (None, "weak", "strong"):
+        raise PrepareError(f"typing {typing!r}: use weak or strong")
+    if typing == "weak" and major >= 11:
+        raise PrepareError(f"TensorRT {trt_version} builds strongly typed networks only (11.0 "
+                           f"removed weak typing)")
+    if typing == "strong" and major < 10:
+        raise PrepareError(f"outpost builds strongly typed networks on TensorRT 10 and later, "
+                           f"not {trt_version}")
+    if typing == "weak" or (typing is None and (major, minor) < STRONG_TYPING_FROM):
         flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",),
                  # layers left unquantized may use fp16
                  "int8": ("INT8", "FP16")}[precision]
@@ -80,11 +93,13 @@ def precision_path(trt_version: str, precision: str) -> PrecisionPath:
             precision, str(trt_version), major, "weak",
             ("EXPLICIT_BATCH",) if major < 10 else (),  # the default (then ignored) from 10
             flags, None,
-            reason=f"TensorRT before {_dotted(STRONG_TYPING_FROM)} chooses layer precisions "
+            reason="weak typing asked for" if typing else
+                   f"TensorRT before {_dotted(STRONG_TYPING_FROM)} chooses layer precisions "
                    f"itself from the builder flags")
     network = () if major >= 11 else ("STRONGLY_TYPED",)
     why = ("TensorRT 11 removed the precision builder flags: every network is strongly typed"
            if major >= 11 else
+           "strong typing asked for" if (major, minor) < STRONG_TYPING_FROM else
            f"TensorRT {_dotted(STRONG_TYPING_FROM)} deprecated the precision builder flags "
            f"for strongly typed networks")
     if precision in ("fp16", "bf16"):

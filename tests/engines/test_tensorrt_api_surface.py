@@ -26,7 +26,7 @@ from engines.errors import EngineError
 from engines.tensorrt import TensorRTEngine, probe
 from engines.tensorrt.precision import precision_path
 from tests.support import trt_wheels
-from tests.support.trt_models import qdq_model
+from tests.support.trt_models import CONVERTER_INSTALLED, qdq_model
 from tests.support.trt_standin import TEST_HOOKS, StandinCuda, make_trt, record_engine_use
 
 BUILDER_SIDE = frozenset({"Builder", "OnnxParser", "IBuilderConfig", "INetworkDefinition",
@@ -58,8 +58,9 @@ def _engine_paths(generation: int, version: str, models: dict, tmp) -> None:
                    unsupported_ops=("Softmax",))
     eng = TensorRTEngine(trt=trt, cuda=cuda)
     probe(trt=trt, cuda=cuda)
-    opts = BuildOptions(precision="fp16", max_batch_size=4, opt_batch_size=2,
-                        version_compatible=True)
+    # (without the converter a strongly typed build takes the same TensorRT names in fp32)
+    opts = BuildOptions(precision="fp16" if CONVERTER_INSTALLED else "fp32", max_batch_size=4,
+                        opt_batch_size=2, version_compatible=True)
     session = eng.load(eng.prepare(models["identity"], opts, tmp / "c"), opts, RuntimeOptions())
     session.warmup()
     session.run(sample_inputs("identity", batch=3))
@@ -67,7 +68,7 @@ def _engine_paths(generation: int, version: str, models: dict, tmp) -> None:
     for opts, model in [
             (BuildOptions(precision="fp32", max_batch_size=2), models["identity"]),
             (BuildOptions(precision="int8", max_batch_size=2), models["qdq"]),
-            (BuildOptions(precision="fp16", max_batch_size=2, dla_core=0), models["identity"]),
+            (BuildOptions(precision="int8", max_batch_size=2, dla_core=0), models["qdq"]),
             (BuildOptions(precision="fp16", max_batch_size=2), models["mlp"])]:  # refused
         try:
             eng.build(model, opts, timing_cache=tmp / "timing.cache", progress=Bar(),

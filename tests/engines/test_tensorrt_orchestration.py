@@ -15,6 +15,7 @@ from appliance.demo.models import sample_inputs
 from engines import BuildOptions, RuntimeOptions, ShapeRange
 from engines.errors import EngineUnavailable, ModelInvalid, PrepareError, RunError
 from engines.tensorrt import TensorRTEngine, probe
+from tests.support.trt_models import needs_converter
 from tests.support.trt_standin import StandinCuda, make_trt
 
 
@@ -23,7 +24,8 @@ def cuda():
     return StandinCuda()
 
 
-@pytest.fixture(params=[10, 11], ids=["trt10.3-weak", "trt11.4-strong"])
+@pytest.fixture(params=[10, pytest.param(11, marks=needs_converter)],
+                ids=["trt10.3-weak", "trt11.4-strong"])
 def generation(request):
     return request.param
 

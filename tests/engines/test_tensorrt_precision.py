@@ -23,7 +23,12 @@ from engines.cache import meta_path
 from engines.errors import ConversionRefused, PrepareError
 from engines.tensorrt import TensorRTEngine
 from engines.tensorrt.precision import precision_path
-from tests.support.trt_models import big_constant_model, overflowing_model, qdq_model
+from tests.support.trt_models import (
+    big_constant_model,
+    needs_converter,
+    overflowing_model,
+    qdq_model,
+)
 from tests.support.trt_standin import StandinCuda, make_trt
 
 FP16 = BuildOptions(precision="fp16", max_batch_size=4, opt_batch_size=2)
@@ -64,8 +69,8 @@ def test_the_path_follows_the_version(version, precision, typing, network, flags
 
 @pytest.mark.parametrize("generation, version, typing, network_flags, flags", [
     (10, "10.3.0", "weak", 0, ["FP16"]),
-    (10, "10.13.0", "strong", 1 << 1, []),  # STRONGLY_TYPED is bit 1
-    (11, "11.4.0", "strong", 0, []),  # always strongly typed: no flag
+    pytest.param(10, "10.13.0", "strong", 1 << 1, [], marks=needs_converter),  # bit 1
+    pytest.param(11, "11.4.0", "strong", 0, [], marks=needs_converter),  # always strong
 ])
 def test_fp16_builds_on_each_path(demo_files, tmp_path, generation, version, typing,  # noqa: PLR0917
                                   network_flags, flags):
@@ -88,6 +93,7 @@ def test_fp16_builds_on_each_path(demo_files, tmp_path, generation, version, typ
     session.close()
 
 
+@needs_converter
 def test_the_converted_graph_is_cached_with_the_converter_named(demo_files, tmp_path):
     eng, trt = engine(11)
     first = eng.prepare(demo_files["cnn"], FP16, tmp_path)
@@ -110,6 +116,7 @@ def test_the_converted_graph_is_cached_with_the_converter_named(demo_files, tmp_
     assert eng.key_for(first.source_sha256, FP16, path) == first.cache_key
 
 
+@needs_converter
 def test_a_converted_model_passes_the_release_samples_within_the_fp16_tolerance(
         demo_files, tmp_path):
     """The updater's validation (updater/validation.py) of a strongly typed fp16 plan:
@@ -134,6 +141,7 @@ def test_a_converted_model_passes_the_release_samples_within_the_fp16_tolerance(
 # -- what is refused ------------------------------------------------------------------------
 
 
+@needs_converter
 @pytest.mark.parametrize("maker, words", [
     (big_constant_model, "'big' holds 1e+05"),
     (overflowing_model, "'b' from node 'scale_up_again' (Mul) reaches"),
@@ -227,7 +235,7 @@ def test_bf16_on_a_strongly_typed_build_says_what_to_use(demo_files, tmp_path):
     assert trt10.builds[0]["flags"] == ["BF16"]
 
 
-@pytest.mark.parametrize("generation", [10, 11])
+@pytest.mark.parametrize("generation", [10, pytest.param(11, marks=needs_converter)])
 def test_qdq_models_build_int8_and_are_refused_under_fp16(tmp_path, generation):
     """The rule: a Q/DQ model's precision is its own. int8 builds it (weakly typed: INT8
     and FP16 flags; strongly typed: as the graph says, no conversion); fp16 or bf16 refuses
@@ -255,6 +263,7 @@ def test_qdq_models_build_int8_and_are_refused_under_fp16(tmp_path, generation):
 # -- the cache keeps the generations apart --------------------------------------------------
 
 
+@needs_converter
 def test_a_plan_of_the_other_generation_is_rebuilt_never_served(demo_files, tmp_path):
     cuda = StandinCuda()
     old_trt = make_trt(cuda, generation=10)
@@ -303,6 +312,7 @@ def stand_in_compile(monkeypatch):
     return use
 
 
+@needs_converter
 def test_compile_offers_fp32_when_the_conversion_is_refused(tmp_path, stand_in_compile,
                                                             capsys):
     model = overflowing_model(tmp_path / "model.onnx")
@@ -319,6 +329,7 @@ def test_compile_offers_fp32_when_the_conversion_is_refused(tmp_path, stand_in_c
     assert trt.builds[-1]["graph_types"] == ["float32"]
 
 
+@needs_converter
 def test_compile_says_which_path_and_why(tmp_path, demo_files, stand_in_compile, capsys):
     stand_in_compile(11)
     assert _compile(tmp_path, demo_files["mlp"]) == 0
@@ -335,8 +346,8 @@ def test_compile_says_which_path_and_why(tmp_path, demo_files, stand_in_compile,
 
 @pytest.mark.parametrize("generation, words", [
     (10, "precision: fp16: weakly typed network, builder flags FP16, TensorRT 10.3.0"),
-    (11, "precision: fp16: strongly typed network, graph converted to fp16 by "
-         "onnxconverter-common 1.16.0"),
+    pytest.param(11, "precision: fp16: strongly typed network, graph converted to fp16 by "
+                     "onnxconverter-common 1.16.0", marks=needs_converter),
 ])
 def test_info_says_how_the_profiles_precision_is_built(tmp_path, monkeypatch, capsys,  # noqa: PLR0917
                                                         generation, words):
@@ -361,3 +372,38 @@ def test_info_says_when_the_converter_is_missing(tmp_path, monkeypatch, capsys, 
     out = capsys.readouterr().out
     assert "precision: fp16: cannot be built here:" in out
     assert "pip install onnxconverter-common" in out
+
+
+def test_a_typing_mode_can_be_forced_where_the_version_has_both():
+    assert precision_path("10.13.0", "fp16", "weak").builder_flags == ("FP16",)
+    assert precision_path("10.3.0", "fp16", "strong").network_flags == ("STRONGLY_TYPED",)
+    with pytest.raises(PrepareError, match="strongly typed networks only"):
+        precision_path("11.4.0", "fp16", "weak")
+
+
+@needs_converter
+@pytest.mark.parametrize("generation, version, modes", [
+    (10, "10.13.0", ["strong", "weak"]),  # both: 10.12+ still has the precision flags
+    (11, "11.4.0", ["strong"]),
+])
+def test_gpu_check_runs_each_typing_mode_the_tensorrt_allows(tmp_path, generation, version,  # noqa: PLR0917
+                                                             modes):
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent.parent
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "build" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    cuda = StandinCuda()
+    trt = make_trt(cuda, generation=generation, version=version)
+    out = io.StringIO()
+    assert check.main(["--batch", "2", "--keep", str(tmp_path)], load_cuda=lambda _b: cuda,
+                      load_trt=lambda: trt, out=out) == 0, out.getvalue()
+    (row,) = [line for line in out.getvalue().splitlines() if " demo-cnn " in line]
+    assert row.startswith("RAN")
+    assert [b["typing"] for b in trt.builds] == modes
+    assert (f"fp16 strongly typed (graph converted by onnxconverter-common 1.16.0) on "
+            f"TensorRT {version}") in row
+    assert ("fp16 weakly typed (flags FP16)" in row) == ("weak" in modes)

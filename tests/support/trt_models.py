@@ -1,11 +1,20 @@
 """Small ONNX models for the TensorRT precision paths: an explicitly quantized (Q/DQ) one,
-and two that fp16 breaks (a constant past 65504, an intermediate that overflows)."""
+and two that fp16 breaks (a constant past 65504, an intermediate that overflows); and the
+skip for tests of the strongly typed fp16 path where its converter is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+CONVERTER_INSTALLED = importlib.util.find_spec("onnxconverter_common") is not None
+needs_converter = pytest.mark.skipif(
+    not CONVERTER_INSTALLED,
+    reason="onnxconverter-common is not installed: strongly typed fp16 builds (TensorRT "
+           "10.12 and later) convert the graph with it; pip install onnxconverter-common")
 
 
 def _save(path: Path, nodes, inits, width: int = 4) -> Path:
