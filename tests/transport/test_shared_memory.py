@@ -212,7 +212,7 @@ def test_tritonclient_http_shared_memory_in_and_out(served, http):
         out.set_shared_memory("output", expected.nbytes)
         result = http.infer("cnn", [inp], outputs=[out])
         meta = result.get_output("probs")
-        assert meta["parameters"]["shared_memory_region"] == "output"
+        assert "data" not in meta and "parameters" not in meta  # the bytes are in the region
         got = shm.get_contents_as_numpy(region_out, np.float32, meta["shape"])
         np.testing.assert_allclose(got, expected, rtol=1e-6)
         assert mapped(proc.pid, key_in)
@@ -247,8 +247,10 @@ def test_tritonclient_http_bad_regions(served, http):
         with pytest.raises(InferenceServerException, match="no shared memory region named "
                                                            "'missing'"):
             http.infer("identity", [inp])
+        assert http.get_cuda_shared_memory_status() == []  # none is ever registered
+        http.unregister_cuda_shared_memory()  # nothing to do: perf_analyzer does it each run
         with pytest.raises(InferenceServerException, match="CUDA shared memory is not served"):
-            http.get_cuda_shared_memory_status()
+            http.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 64)
         with pytest.raises(InferenceServerException, match="no shared memory region named "
                                                            "'nope'"):
             http.get_system_shared_memory_status("nope")

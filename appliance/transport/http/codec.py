@@ -482,13 +482,11 @@ def encode_infer_response(model: str, version: int, body: InferBody,
         entry: dict = {"name": name, "datatype": v2_datatype_of(array.dtype),
                        "shape": list(array.shape)}
         window = body.output_regions.get(name)
-        if window is not None:  # written into the region; the answer says where
+        if window is not None:
+            # Written into the region; the entry carries no data and, as Triton's, no
+            # parameters (clients read 'binary_data_size' from any parameters they see)
             region, offset, size = window
             shm.write(region, offset, size, array, f"output '{name}'")
-            entry["parameters"] = {"shared_memory_region": region,
-                                   "shared_memory_byte_size": array.nbytes}
-            if offset:
-                entry["parameters"]["shared_memory_offset"] = offset
         elif wants_binary(body, name):
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             blob = memoryview(little.reshape(-1).view(np.uint8))

@@ -106,10 +106,15 @@ class Routes:
         r.add_post(shm + "/unregister", self.shm_unregister, expect_handler=self.expect)
         r.add_post(shm + "/region/{region}/unregister", self.shm_unregister,
                    expect_handler=self.expect)
-        for path in ("/v2/cudasharedmemory/status",
-                     "/v2/cudasharedmemory/region/{region}/{action}",
-                     "/v2/cudasharedmemory/{action}"):
-            r.add_route("*", path, self.cuda_shm)
+        # CUDA shared memory is not served: none is ever registered, so status lists none
+        # and unregister has nothing to do (perf_analyzer unregisters every run); only a
+        # registration is refused.
+        cuda = "/v2/cudasharedmemory"
+        r.add_get(cuda + "/status", self.cuda_shm_none)
+        r.add_get(cuda + "/region/{region}/status", self.cuda_shm_none)
+        r.add_post(cuda + "/unregister", self.cuda_shm_none)
+        r.add_post(cuda + "/region/{region}/unregister", self.cuda_shm_none)
+        r.add_post(cuda + "/region/{region}/register", self.cuda_shm)
         r.add_get("/metrics", self.metrics)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -314,6 +319,15 @@ class Routes:
     async def cuda_shm(self, request: web.Request) -> web.Response:
         raise InvalidArgument("CUDA shared memory is not served by outpost; use system "
                               "shared memory (/v2/systemsharedmemory)")
+
+    async def cuda_shm_none(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            if "region" in request.match_info:
+                raise NotFound(f"no CUDA shared memory region named "
+                               f"'{request.match_info['region']}': CUDA shared memory is not "
+                               f"served by outpost")
+            return json_response([])
+        return web.Response(status=200)
 
     async def activate(self, request: web.Request) -> web.Response:
         """Body {"version": N}: hot swap to that version (it loads and warms first)."""
