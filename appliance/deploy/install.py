@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import __version__
+from appliance.deploy import sandbox
 from appliance.errors import ConfigError, FailedPrecondition, InvalidArgument
 from engines.files import atomic_symlink, atomic_write_bytes
 
@@ -40,6 +41,8 @@ BIN_LINK = Path("/usr/local/bin/outpost")
 CONFIG_DIR = Path("/etc/outpost")
 CONFIG_PATH = CONFIG_DIR / "config.toml"
 UNIT_PATH = Path("/etc/systemd/system/outpost.service")
+# where a reinstall keeps a unit that differed from the one it writes (not a unit folder)
+UNIT_KEPT_PATH = CONFIG_DIR / "outpost.service.replaced"
 UNIT_FILE = "outpost.service"  # the shipped unit, beside this module: written for the defaults
 SYSUSERS_PATH = Path("/etc/sysusers.d/outpost.conf")
 STATE_DIR = Path("/var/lib/outpost")
@@ -243,11 +246,14 @@ def plan(options: Options) -> list[Step]:
                           lambda: atomic_symlink(under(root, BIN_LINK),
                                                   PREFIX / "current" / "outpost")))
         exec_start = str(PREFIX / "current" / "outpost")
+        needed = sandbox.frozen_needs(PREFIX / "current" / "outpost", PREFIX / version)
     else:
-        # From source (a venv install): the service runs this same Python's outpost.
+        # From source (a venv install): the service runs this same Python's outpost, if
+        # the unit's sandboxing lets it see that Python (checked below).
         from appliance.paths import outpost_command  # noqa: PLC0415
 
         exec_start = shlex.join(outpost_command())
+        needed = sandbox.source_needs()
         steps.append(Step(f"no frozen build given (--from): the service will run "
                           f"'{exec_start}'"))
 
@@ -279,6 +285,24 @@ def plan(options: Options) -> list[Step]:
 
     unit = under(root, UNIT_PATH)
     unit_text = render_unit(exec_start, options.user, _group_exists(root, "video"))
+    needed += sandbox.state_needs(STATE_DIR, RUNTIME_DIR)
+    refused = sandbox.problems(unit_text, needed, check_access=source is None)
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        kind = "this source checkout" if source is None else f"the build {source}"
+        raise FailedPrecondition(
+            f"the service could not start from {kind}: {refused[0]}{more}; install a "
+            f"self-contained frozen build instead: build/freeze.sh, then 'outpost install "
+            f"--from dist/outpost'")
+    steps.append(Step(f"check the {len(needed)} paths the service needs against the unit's "
+                      f"sandboxing (ProtectHome, PrivateTmp, ProtectSystem): all reachable"))
+    if unit.is_file() and unit.read_bytes() != unit_text.encode():
+        kept = under(root, UNIT_KEPT_PATH)
+        steps.append(Step(
+            f"replace {unit}, which differs from the unit this install writes (edited by "
+            f"hand, or an older outpost's): the old one is kept as {kept}; local changes "
+            f"belong in a drop-in ('systemctl edit outpost'), which a reinstall leaves alone",
+            lambda: atomic_write_bytes(kept, unit.read_bytes(), 0o644)))
     steps.append(Step(f"write the systemd unit {unit}",
                       lambda: atomic_write_bytes(unit, unit_text.encode())))
     if live:
@@ -294,6 +318,29 @@ def check_can_apply(options: Options) -> None:
         raise FailedPrecondition(
             "installing into / needs root: run 'sudo outpost install', or see what it would "
             "do with --dry-run, or install into a folder with --root DIR")
+    _check_writable(options.root)
+
+
+def _check_writable(root: Path) -> None:
+    """Try to write where the install begins (the root, or its nearest existing folder):
+    a root that can't be written stops the install before its first step, not inside it.
+    Tried, not read off the mode bits: root may write what they forbid, and a read-only
+    file system refuses root too."""
+    import tempfile  # noqa: PLC0415
+
+    folder = root
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return  # a file in the way: the first step says so
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".outpost-install-", dir=folder)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"--root {root}: can't write there ({folder}: {exc.strerror}); install into a "
+            f"folder you can write to, or as a user who can") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def next_steps(options: Options) -> list[str]:

@@ -206,3 +206,116 @@ def test_a_step_that_fails_stops_the_install_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("outpost: FAILED_PRECONDITION: install stopped at 'copy the build")
     assert root.read_text() == "a file where the root folder should be"
+
+
+# -- what the unit's sandboxing lets the service see (appliance/deploy/sandbox.py) -----------
+
+
+def _verify(unit: Path, root: Path | None = None) -> subprocess.CompletedProcess:
+    args = ["systemd-analyze", "verify", *([f"--root={root}"] if root else []), str(unit)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+NO_SYSTEMD_ANALYZE = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is absent: install Debian's 'systemd' package to run this")
+
+
+@NO_SYSTEMD_ANALYZE
+def test_a_frozen_install_verifies_inside_its_root(tmp_path):
+    root = tmp_path / "root"
+    build = fake_build(tmp_path / "dist", "1.2.3")
+    r = outpost("install", "--root", str(root), "--from", str(build))
+    assert r.returncode == 0, r.stderr
+    assert "paths the service needs against the unit's sandboxing" in r.stdout
+    # systemd's own units, so that verify resolves the unit's dependencies in the root
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    v = _verify(Path("/etc/systemd/system/outpost.service"), root)
+    assert v.returncode == 0 and v.stderr == "", v.stderr
+    (root / "opt/outpost/1.2.3/outpost").unlink()  # verify does look at ExecStart in there
+    assert "is not executable" in _verify(Path("/etc/systemd/system/outpost.service"),
+                                          root).stderr
+
+
+@NO_SYSTEMD_ANALYZE
+def test_a_source_install_is_checked_against_the_units_sandboxing(tmp_path):
+    """systemd-analyze verify accepts a unit whose interpreter the sandbox hides (it looks
+    at the host, unsandboxed); the install's own check is what refuses it."""
+    import shlex
+
+    from appliance.deploy import sandbox
+    from appliance.paths import outpost_command
+
+    text = render_unit(shlex.join(outpost_command()))
+    unit = tmp_path / "outpost.service"
+    unit.write_text(text)
+    v = _verify(unit)
+    assert v.returncode == 0, v.stderr
+    expected = sandbox.problems(text, sandbox.source_needs(), check_access=True)
+    root = tmp_path / "root"
+    r = outpost("install", "--root", str(root))
+    if expected:  # this checkout's Python lies where the service can't see it
+        assert r.returncode == 1 and not root.exists()
+        assert r.stderr.startswith("outpost: FAILED_PRECONDITION: the service could not "
+                                   "start from this source checkout: ")
+        assert expected[0] in r.stderr and "--from dist/outpost" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    else:  # a Python the service can reach: the unit runs it
+        assert r.returncode == 0, r.stderr
+        written = (root / "etc/systemd/system/outpost.service").read_text()
+        assert f"ExecStart={shlex.join(outpost_command())} serve" in written
+
+
+@pytest.mark.parametrize(("path", "write", "why"), [
+    ("/root/.pyenv/versions/3.11.7/bin/python3.11", False, "under /root, which the unit's "
+                                                          "ProtectHome=yes hides"),
+    ("/home/dev/venv/bin/python", False, "under /home, which the unit's ProtectHome=yes"),
+    ("/tmp/venv/bin/python", False, "under /tmp, which the unit's PrivateTmp=yes replaces"),
+    ("/var/tmp/x/outpost", False, "PrivateTmp=yes"),
+    ("/opt/data", True, "ProtectSystem=strict makes it read-only"),
+    ("/usr/bin/python3", False, None),
+    ("/opt/outpost/current/outpost", False, None),
+    ("/var/lib/outpost", True, None),  # StateDirectory=outpost
+    ("/run/outpost", True, None),  # RuntimeDirectory=outpost
+])
+def test_the_units_sandboxing_decides_what_the_service_sees(path, write, why):
+    from appliance.deploy.sandbox import Needed, sandbox_problem, service_settings
+
+    settings = service_settings(unit_file().read_text())
+    problem = sandbox_problem(settings, Needed(Path(path), "test", write=write))
+    assert problem is None if why is None else why in problem
+
+
+def test_an_unwritable_root_stops_the_install_before_its_first_step(tmp_path):
+    probe = Path("/sys/outpost-install-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        pass
+    else:
+        probe.rmdir()
+        pytest.skip("/sys is writable here: no unwritable folder to install into")
+    r = outpost("install", "--root", "/sys/outpost-root", "--from",
+                str(fake_build(tmp_path / "d", "1.0.0")))
+    assert r.returncode == 1
+    assert r.stderr.startswith("outpost: FAILED_PRECONDITION: --root /sys/outpost-root: "
+                               "can't write there (/sys: ")
+    assert "install into a folder you can write to" in r.stderr
+    assert "copy the build" not in r.stdout  # no step began
+
+
+def test_a_hand_edited_unit_is_replaced_and_kept_beside_the_config(tmp_path):
+    root = tmp_path / "root"
+    build = fake_build(tmp_path / "dist", "1.2.3")
+    assert outpost("install", "--root", str(root), "--from", str(build)).returncode == 0
+    unit = root / "etc/systemd/system/outpost.service"
+    fresh = unit.read_text()
+    unit.write_text(fresh.replace("RestartSec=2s", "RestartSec=30s"))
+    r = outpost("install", "--root", str(root), "--from", str(build))
+    assert r.returncode == 0, r.stderr
+    assert unit.read_text() == fresh  # replaced: the unit is outpost's
+    kept = root / "etc/outpost/outpost.service.replaced"
+    assert "RestartSec=30s" in kept.read_text()
+    assert f"the old one is kept as {kept}" in r.stdout and "systemctl edit outpost" in r.stdout
+    r = outpost("install", "--root", str(root), "--from", str(build))
+    assert "replace" not in r.stdout  # unchanged since: nothing to keep
