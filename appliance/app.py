@@ -15,7 +15,7 @@ from appliance.models.manager import BudgetTooSmall, ModelManager
 from appliance.models.repository import Repository
 from appliance.observe import memory
 from appliance.serving.service import Service
-from appliance.transport.socket_server import SocketServer
+from appliance.transport.socket_server import SocketServer, check_socket_free
 
 log = logging.getLogger("outpost.app")
 
@@ -30,6 +30,7 @@ async def serve(config: Config, ready_hook=None, make_agent=None) -> int:
     (or None), made by the caller: the CLI wires the updater, this module does not."""
     t0 = time.monotonic()
     stop = install_stop_signals()  # before anything listens: no window where TERM kills
+    check_socket_free(config.socket)  # a second server stops here, not after loading
     repo = Repository(config.data_path)
     repo.clean_staging()
     detection = resolve(config.profile)

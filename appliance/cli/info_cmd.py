@@ -91,7 +91,9 @@ def show_info(args) -> int:
         return 0
     print(f"outpost {info['outpost']} (Python {info['python']}, {info['platform']})")
     print(f"data dir: {info['data_dir']}")
-    print(f"profile:  {info['profile']} (from {info['profile_source']}: "
+    how = {"none": "no device profile matched, so the CPU one: ",
+           "device-tree": "detected from the ", "gpu": "detected from the "}
+    print(f"profile:  {info['profile']} ({how.get(info['profile_source'], '')}"
           f"{info['profile_reason']})")
     print(f"engine:   {info['engine']} {info['engine_version']} ({info['engine_reason']})")
     print(f"precision: {info['precision']}")

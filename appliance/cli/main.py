@@ -31,12 +31,28 @@ COMMANDS = (
 )
 
 
+# The server's messages name the socket ops that do a thing; at the command line, the
+# commands that send them do
+OPS_AS_COMMANDS = (
+    ("the 'models' op", "'outpost models list'"),
+    ("the 'load' op", "'outpost models load'"),
+    ("the 'unload' op", "'outpost models unload'"),
+    ("the 'activate' op", "'outpost models activate'"),
+    ("the 'traffic' op", "'outpost models traffic'"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    for op, command in OPS_AS_COMMANDS:
+        message = message.replace(op, command)
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outpost", description="Edge model-serving appliance.")
     parser.add_argument("--version", action="version", version=f"outpost {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
@@ -45,13 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # `outpost` alone: what it can do, not only that it needs it
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return args.func(args) or 0
     except ConfigError as exc:
         print(f"outpost: config error: {exc}", file=sys.stderr)
         return 2
     except OutpostError as exc:
-        print(f"outpost: {exc.code}: {exc}", file=sys.stderr)
+        print(f"outpost: {exc.code}: {in_cli_words(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -9,9 +9,21 @@ line; elsewhere it prints one line as each top-level phase starts and ends. Sett
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
+
+# Back to the line's start, then erase to its end: a shorter line leaves no tail behind
+_REDRAW, _ERASE = "\r", "\x1b[K"
+
+
+def fit_line(text: str) -> str:
+    """``text`` cut to the terminal's width, less one column (a line that fills the
+    last column wraps on many terminals, and every redraw would then stack a line), as a
+    redraw of the current line."""
+    columns = shutil.get_terminal_size(fallback=(80, 24)).columns
+    return _REDRAW + text[:max(columns - 1, 10)] + _ERASE
 
 
 class BuildProgressBar:
@@ -63,9 +75,9 @@ class BuildProgressBar:
         idone, isteps, _ = self._phases[inner]
         filled = int(self.width * done / steps)
         bar = "#" * filled + "." * (self.width - filled)
-        line = (f"\r[{bar}] {100 * done // steps:3d}% {root}"
+        line = (f"[{bar}] {100 * done // steps:3d}% {root}"
                 + (f" > {inner} {idone}/{isteps}" if inner != root else ""))
-        print(line[:160].ljust(100), end="", file=self.out, flush=True)
+        print(fit_line(line), end="", file=self.out, flush=True)
 
 
 class MeasureProgress:
@@ -88,9 +100,9 @@ class MeasureProgress:
                       file=self.out, flush=True)
         if self.tty:
             filled = int(self.width * done / max(total, 1))
-            line = (f"\rmeasuring {self.model} [{'#' * filled}{'.' * (self.width - filled)}] "
+            line = (f"measuring {self.model} [{'#' * filled}{'.' * (self.width - filled)}] "
                     f"{done}/{total} {what}")
-            print(line[:160].ljust(80), end="", file=self.out, flush=True)
+            print(fit_line(line), end="", file=self.out, flush=True)
 
     def close(self) -> None:
         if not self._started:

@@ -657,6 +657,12 @@ def _frame_error_message(exc: FrameError) -> str:
     return str(exc)
 
 
+def check_socket_free(path: Path) -> None:
+    """Before a server loads anything: stop with one line if another one serves on
+    ``path`` (a stale file from a dead server is removed)."""
+    _clear_stale_socket(path)
+
+
 def _clear_stale_socket(path: Path) -> None:
     """Remove a socket file left by a dead server; refuse to steal a live one's."""
     try:
