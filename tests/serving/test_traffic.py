@@ -13,7 +13,14 @@ from appliance.client import AsyncClient, Client
 from appliance.demo.launcher import ServerProcess
 from appliance.models.repository import Repository
 from appliance.models.traffic import TrafficPolicy, Variant
-from appliance.serving.router import key_unit, pick
+from appliance.serving.router import (
+    BUSY_COPY_EVERY,
+    answers_agree,
+    is_distribution,
+    key_unit,
+    pick,
+    shed_copy,
+)
 from tests.support import tiny_models as tm
 
 X = np.zeros((1, 16), np.float32)
@@ -40,6 +47,8 @@ def test_pick_is_a_pure_function_of_policy_and_key():
     ({"split": [{"version": 1, "fraction": 1.0}], "shadow": 1}, ("both",)),
     ({"split": [{"version": "1", "fraction": 1.0}]}, ("integer 'version'",)),
     ({"splitt": []}, ("unknown traffic field",)),
+    ({"shadow": 2, "shadow_sample": 0}, ("shadow_sample 0 must be a share in (0, 1]",)),
+    ({"shadow": 2, "shadow_sample": "all"}, ("'shadow_sample' must be a number",)),
 ])
 def test_bad_policies_are_refused(policy, words):
     with pytest.raises(errors.InvalidArgument) as e:
@@ -164,8 +173,9 @@ def test_a_hanging_shadow_does_not_hold_live_latency(short_tmp):
                 return base, shadowed, st["traffic"]["m"]["shadow"]
 
         base, shadowed, sh = asyncio.run(go())
-    # The shadow ran some copies, and dropped or timed out the rest.
+    # The shadow ran some copies, and shed, dropped or timed out the rest.
     assert sh["dropped"] + sum(sh["errors"].values()) > 0, sh
+    assert 0 < sh["shed"] <= sh["dropped"], sh  # live first: copies shed under load
     assert sh["dropped"] + sum(sh["errors"].values()) + sh["compared"] == 120
     # The live path shares the CPU with the shadow's work but never waits on it.
     assert shadowed < base + 2.0, (base, shadowed)
@@ -207,3 +217,41 @@ def test_http_admin_and_metrics_for_traffic(versions):
         assert 'outpost_routed_requests_total{model="m",version="2"} 6.0' in text
         assert 'outpost_shadow_compared_total{model="m"} 6.0' in text
         assert 'outpost_shadow_max_abs_diff{model="m"} 3.0' in text
+
+
+def test_agreement_is_the_top_class_for_distributions_else_the_tolerance():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    assert is_distribution(probs) and not is_distribution(probs * 2)
+    assert not is_distribution(np.ones((2, 1), np.float32))  # one class: no top class
+    other = np.array([[0.5, 0.3, 0.2], [0.3, 0.1, 0.6]], np.float32)
+    assert answers_agree(probs, other, 1e-3, 1e-4)  # same top classes
+    flipped = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    assert not answers_agree(probs, flipped, 1e-3, 1e-4)
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    assert answers_agree(x, x + 1e-5, 1e-3, 1e-4)
+    assert not answers_agree(x, x + 1, 1e-3, 1e-4)  # argmax kept, values not: disagrees
+    assert not answers_agree(x, np.full_like(x, np.nan), 1e-3, 1e-4)
+
+
+def test_shadow_copies_are_shed_while_live_traffic_needs_the_device():
+    idle = {"live_waiting_rows": 0, "shadow_inflight": 0, "shadow_capacity": 8}
+    assert not shed_copy(**idle, busy_seen=0)
+    assert shed_copy(**{**idle, "shadow_inflight": 8}, busy_seen=0)  # the shadow is full
+    # While live requests wait, one copy in BUSY_COPY_EVERY goes.
+    sent = [not shed_copy(**{**idle, "live_waiting_rows": 3}, busy_seen=n)
+            for n in range(1, 10 * BUSY_COPY_EVERY + 1)]
+    assert sum(sent) == 10
+
+
+def test_shadow_sample_bounds_the_copies_and_agreement_is_counted(versions):
+    with ServerProcess(versions) as server, Client(server.socket_path) as c:
+        c.call("traffic", model="m", policy={"shadow": 2, "shadow_sample": 0.25})
+        assert c.call("traffic", model="m")["traffic"]["shadow_sample"] == 0.25
+        for i in range(200):
+            assert c.infer("m", {"x": np.full((1, 16), i, np.float32)}).version == 1
+        time.sleep(0.3)
+        sh = c.stats("m")["traffic"]["m"]["shadow"]
+    assert sh["compared"] + sh["sampled_out"] + sh["dropped"] == 200, sh
+    assert 110 <= sh["sampled_out"] <= 190, sh  # about 3 in 4 not copied
+    assert sh["agreed"] == 0  # v2 adds 2 where v1 adds 1: outside the tolerance
+    assert sh["live_latency_ms"]["p50"] > 0 and sh["latency_ms"]["p50"] > 0
