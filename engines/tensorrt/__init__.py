@@ -1,4 +1,4 @@
-"""The TensorRT engine (TensorRT 10+ Python API; CUDA through ``engines.tensorrt.cuda``).
+"""The TensorRT engine (TensorRT 10 and 11 Python APIs; CUDA through ``engines.tensorrt.cuda``).
 
 Importing this package needs neither TensorRT nor CUDA: ``probe()`` says whether both are
 usable here, and ``engines.select`` falls back to ONNX Runtime with that reason.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,9 @@ def converted_key(source_sha256: str, precision: str, converter: str) -> str:
 
 
 def fp16_graph(converter: Converter, model_path: Path, options: BuildOptions,
-               cache_dir: Path | None) -> Path:
+               cache_dir: Path) -> Path:
     """The fp16 graph of ``model_path``: cached in ``cache_dir``, checked when made."""
     model_path = Path(model_path)
-    if cache_dir is None:  # `outpost compile` without a data dir: a throwaway folder
-        cache_dir = Path(tempfile.mkdtemp(prefix="outpost-fp16-"))
     source = file_sha256(model_path)
     key = converted_key(source, "fp16", converter.id)
     meta = {"kind": "onnx-fp16", "converter": converter.id, "source_sha256": source}

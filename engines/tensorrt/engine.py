@@ -11,10 +11,12 @@ folder, and so are graphs converted to fp16 for strongly typed builds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import re
+import tempfile
 import threading
 from pathlib import Path
 
@@ -145,14 +147,17 @@ class TensorRTEngine(Engine):
         path = self.precision_path(options)
         if path.precision != "fp32":
             check_model_fits(path, has_qdq(model_path), str(model_path))
-        graph = model_path
-        if path.convert_to:
-            converter = load_converter(path.convert_to, path.trt_version)
-            graph = fp16_graph(converter, model_path, options, cache_dir)
         log.info("tensorrt build", extra={"model": str(model_path), "path": path.describe()})
-        with cuda.activate(gpu.index):
-            return build_plan(trt, graph, options, path, timing_cache=timing_cache,
-                              progress=progress or self.progress, shown=model_path)
+        with contextlib.ExitStack() as stack:
+            graph = model_path
+            if path.convert_to:
+                if cache_dir is None:  # nowhere to keep it: a folder for this build only
+                    cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                converter = load_converter(path.convert_to, path.trt_version)
+                graph = fp16_graph(converter, model_path, options, cache_dir)
+            with cuda.activate(gpu.index):
+                return build_plan(trt, graph, options, path, timing_cache=timing_cache,
+                                  progress=progress or self.progress, shown=model_path)
 
     def prepare(self, model_path: Path, options: BuildOptions, cache_dir: Path) -> Artifact:
         model_path, cache_dir = Path(model_path), Path(cache_dir)

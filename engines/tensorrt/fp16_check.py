@@ -14,8 +14,8 @@ becomes inf (and then NaN) in the converted graph. Three checks, each refusal a
    finite, or one that is off by more than a tenth of its range (deliberately loose: the
    release's samples hold a version to its real tolerance in the updater's validation).
 
-The check inputs: zeros and seeded normal values shaped by the profile's batch and
-declared ranges, and the inputs of a ``samples.npz`` beside the model (a repository
+The check inputs: zeros and seeded normal values shaped by the declared ranges (open dims
+as 1, the batch too), and the inputs of a ``samples.npz`` beside the model (a repository
 version's own samples) where there is one.
 """
 
@@ -106,8 +106,8 @@ def check_inputs(model, options: BuildOptions, model_path: Path) -> list[tuple[s
         declared = options.shape_ranges.get(vi.name)
         if declared is not None and len(declared.opt) == len(dims):
             dims = list(declared.opt)
-        elif dims and dims[0] == -1 and options.max_batch_size > 0:
-            dims[0] = min(max(1, options.opt_batch_size), options.max_batch_size)
+        # open dims (the batch among them) as 1: whether a value overflows does not
+        # depend on how many rows there are
         dims = [1 if d < 0 else d for d in dims]
         specs.append((vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
     rng = np.random.default_rng(0)
