@@ -1,5 +1,7 @@
 """Real TensorRT on a real GPU: the demo CNN built, cached, served and compared with ONNX
-Runtime. Skipped, with the reason, where TensorRT or a usable GPU is absent."""
+Runtime, in each typing mode the installed TensorRT allows (weakly typed before 10.12,
+strongly typed from a converted graph from 10.12, both on 10.12 to 10.x). Skipped, with the
+reason, where TensorRT or a usable GPU is absent."""
 
 from __future__ import annotations
 
@@ -29,14 +31,23 @@ def reference(demo_files):
     return ort.InferenceSession(str(demo_files["cnn"]), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("typing", ["weak", "strong"])
 @pytest.mark.parametrize("precision, rtol, atol", [("fp16", FP16_RTOL, FP16_ATOL),
                                                    ("fp32", 1e-4, 1e-5)])
 def test_demo_cnn_matches_onnxruntime(gpu_engine, reference, demo_files, tmp_path, precision,  # noqa: PLR0917
-                                      rtol, atol):
+                                      rtol, atol, typing):
+    from engines.tensorrt.precision import STRONG_TYPING_FROM, parse_version
+
+    version = parse_version(gpu_engine.version())
+    if typing == "weak" and version[0] >= 11:
+        pytest.skip(f"TensorRT {gpu_engine.version()} has no weak typing")
+    if typing == "strong" and version < STRONG_TYPING_FROM:
+        pytest.skip(f"outpost builds TensorRT {gpu_engine.version()} weakly typed")
+    engine = TensorRTEngine(typing=typing)
     opts = BuildOptions(precision=precision, workspace_bytes=1 << 30, max_batch_size=8,
                         opt_batch_size=4)
-    artifact = gpu_engine.prepare(demo_files["cnn"], opts, tmp_path)
-    session = gpu_engine.load(artifact, opts, RuntimeOptions())
+    artifact = engine.prepare(demo_files["cnn"], opts, tmp_path)
+    session = engine.load(artifact, opts, RuntimeOptions())
     try:
         session.warmup()
         for batch in (8, 1, 5):  # smaller after larger: reused buffers must not leak rows
