@@ -8,6 +8,11 @@ model hash the way a content-addressed engine cache is, and synthetic traffic fo
 health watch). Scenario: a good release goes 5% -> 50% -> 100%; then a bad release
 that yields NaN on the inputs seen by devices labelled ``sensor=thermal`` is halted by
 the fleet at the canary stage, and the devices that took it roll back.
+
+With ``shadow=True`` the bad release's rollout has a shadow phase: each device runs it
+beside its active version on its own synthetic live traffic (``SimHost.shadow_snapshot``:
+both sessions on the same rows, compared as the router does) and answers with it only if
+it agreed, so the thermal devices reject it in shadow and never answer with it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from updater.fleet_repo import FleetRepo, init_repo
 from updater.fleet_server import start_fleet_server
 from updater.health import Health
 from updater.report_auth import device_key
+from updater.shadow import ShadowPolicy
 from updater.validation import compare, make_release_samples, read_samples, run_session
 
 TRAFFIC_ROWS = 8  # requests a device serves between two health readings
+SHADOW_ROWS = 32  # live requests a device serves (and copies) per shadow reading
+SIM_SHADOW = ShadowPolicy(window_s=0.2, min_requests=SHADOW_ROWS, max_disagreement=0.01,
+                          max_latency_ratio=2.0)
 
 
 def log_guard_model(path: Path, width: int = 16) -> Path:
@@ -87,6 +96,47 @@ class SimHost:
     current: int | None = None
     counts: dict[int, list[int]] = field(default_factory=dict)  # version -> [ok, failed]
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    shadow: int | None = None  # the version shadowing the active one
+    shadow_stats: dict = field(default_factory=dict)
+
+    def _traffic(self, rows: int) -> np.ndarray:
+        # Thermal sensors report cold readings near -20; the others near 0.
+        return (self.rng.standard_normal((rows, 16)) + (-20 if self.thermal else 0)
+                ).astype(np.float32)
+
+    def _serve(self, version: int, x: np.ndarray) -> np.ndarray:
+        """Live requests answered by ``version``: counted as it answered them."""
+        _, session = self.cache.session(self.versions[version])
+        y = session.run({"x": x})["y"]
+        ok = np.isfinite(y).all(axis=1)
+        c = self.counts.setdefault(version, [0, 0])
+        c[0] += int(ok.sum())
+        c[1] += int((~ok).sum())
+        return y
+
+    async def start_shadow(self, model: str, version: int, sample: float) -> bool:
+        self.shadow, self.shadow_stats = version, {"compared": 0, "agreed": 0}
+        return True
+
+    async def shadow_snapshot(self, model: str, version: int) -> dict | None:
+        """Serve a little live traffic on the active version, its copies on the shadow,
+        and compare them per request as the router does (within 1e-3/1e-4)."""
+        if self.shadow != version or self.current is None:
+            return None
+        x = self._traffic(SHADOW_ROWS)
+        live = self._serve(self.current, x)
+        _, session = self.cache.session(self.versions[version])
+        copy = session.run({"x": x})["y"]
+        agree = np.isclose(live, copy, rtol=1e-3, atol=1e-4).all(axis=1)
+        st = self.shadow_stats
+        st["compared"] += SHADOW_ROWS
+        st["agreed"] += int(agree.sum())
+        return {**st, "errors": {}, "shed": 0, "latency_ms": {"p50": 1.0, "p99": 1.0},
+                "live_latency_ms": {"p50": 1.0, "p99": 1.0}}
+
+    async def end_shadow(self, model: str, version: int) -> None:
+        if self.shadow == version:
+            self.shadow = None
 
     def active(self, model: str) -> int | None:
         return self.current
@@ -122,15 +172,8 @@ class SimHost:
         """Serve a little traffic on ``version``, then read its cumulative figures."""
         if version is None or version != self.current:
             return None
-        _, session = self.cache.session(self.versions[version])
-        # Thermal sensors report cold readings near -20; the others near 0.
-        x = (self.rng.standard_normal((TRAFFIC_ROWS, 16)) + (-20 if self.thermal else 0)
-             ).astype(np.float32)
-        y = session.run({"x": x})["y"]
-        ok = np.isfinite(y).all(axis=1)
-        c = self.counts.setdefault(version, [0, 0])
-        c[0] += int(ok.sum())
-        c[1] += int((~ok).sum())
+        self._serve(version, self._traffic(TRAFFIC_ROWS))
+        c = self.counts[version]
         return Health(c[0], c[1], 1.0)
 
     def mark_bad(self, model: str, version: int, why: str) -> None:
@@ -140,8 +183,10 @@ class SimHost:
 class Simulation:
     def __init__(self, n_devices: int = 500, *, thermal_share: float = 0.3,
                  canary: float = 0.05, min_reports: int = 5, failure_threshold: float = 0.1,
-                 workdir: Path | None = None, concurrency: int = 64):
+                 workdir: Path | None = None, concurrency: int = 64, shadow: bool = False):
         self.n = n_devices
+        self.shadow = shadow  # the bad release's rollout has a shadow phase
+        self.halted_at: float | None = None
         self.canary = canary
         self.min_reports = min_reports
         self.failure_threshold = failure_threshold
@@ -195,8 +240,12 @@ class Simulation:
         init_repo(self.work / "fleet")
         self.repo = FleetRepo(self.work / "fleet")
         server, runner, port = await start_fleet_server(self.work / "fleet")
-        server.on_halt = lambda model, version, why: self.note(
-            f"fleet: halted {model} v{version} by itself: {why}")
+        def on_halt(model: str, version: int, why: str) -> None:
+            if version == 3:
+                self.halted_at = time.monotonic() - self.t0
+            self.note(f"fleet: halted {model} v{version} by itself: {why}")
+
+        server.on_halt = on_halt
         url = f"http://127.0.0.1:{port}"
         cache = SessionCache()
         good = identity_model(self.work / "identity.onnx")
@@ -241,9 +290,12 @@ class Simulation:
             self.publish(3, log_guard_model(self.work / "bad-3.onnx"))
             r = self.repo.set_rollout("identity", 3, new=True, fraction=self.canary,
                                       failure_threshold=self.failure_threshold,
-                                      min_reports=self.min_reports)
+                                      min_reports=self.min_reports,
+                                      shadow=SIM_SHADOW if self.shadow else None)
             self.note(f"operator: rollout v3 (bad on thermal sensors) to {self.canary:.0%} "
-                      f"(rollout {r.id})")
+                      f"(rollout {r.id})" + (f", {SIM_SHADOW.describe()}" if self.shadow
+                                             else ", no shadow phase"))
+            v3_start = time.monotonic() - self.t0
             await self.round("v3 canary")
             await self.round("after the halt")
             rel = self.repo.release("identity", 3)
@@ -254,11 +306,24 @@ class Simulation:
                                  for a in self.agents),
                 "v3_marked_bad": sum(3 in h.bad for h in self.hosts),
                 "v3_took_then_left": sum(3 in h.counts for h in self.hosts),
+                # Live requests v3 answered, and how many of those answers were NaN.
+                "v3_live_answers": sum(sum(h.counts.get(3, (0, 0))) for h in self.hosts),
+                "v3_bad_answers": sum(h.counts.get(3, (0, 0))[1] for h in self.hosts),
+                "v3_devices_bad_answers": sum(h.counts.get(3, (0, 0))[1] > 0
+                                              for h in self.hosts),
+                "v3_devices_reported_failure": sum(
+                    v for k, v in server.db.counts().get(r.id, {}).items()
+                    if k in ("failed", "rolled_back", "rejected_in_shadow")),
+                "v3_halted_at_s": None if self.halted_at is None
+                else round(self.halted_at - v3_start, 2),
+                "v3_shadow": server.db.shadow_summary(r.id) if self.shadow else None,
                 "fleet_status": server.db.counts(),
             }
             self.note(f"final: {summary['final_counts']}; v3 rollout {summary['v3_state']}, "
                       f"cohort {summary['v3_cohort']} devices, {summary['v3_took_then_left']}"
-                      f" ran v3, {summary['v3_marked_bad']} rolled back and marked it bad")
+                      f" answered with v3, {summary['v3_marked_bad']} marked it bad ("
+                      + ("rejected in shadow" if self.shadow else "rolled back") + "); "
+                      f"v3 gave {summary['v3_bad_answers']} NaN answers to live requests")
             return summary
         finally:
             for a in self.agents:

@@ -25,3 +25,22 @@ def test_good_release_reaches_everyone_and_bad_canary_is_halted():
     assert summary["fleet_status"][next(k for k in summary["fleet_status"]
                                         if k.startswith("identity-2-"))] == {"committed": 100}
     assert any("fleet: halted identity v3" in line for line in sim.timeline)
+
+
+def test_with_a_shadow_phase_the_bad_release_never_answers_and_is_halted():
+    sim = Simulation(100, thermal_share=0.5, canary=0.3, concurrency=16, shadow=True)
+    try:
+        summary = asyncio.run(sim.run())
+    finally:
+        shutil.rmtree(sim.work, ignore_errors=True)
+    assert summary["v3_state"] == "halted"
+    assert summary["final_counts"] == {"v2": 100}
+    assert summary["v3_bad_answers"] == 0  # the thermal devices rejected it in shadow
+    assert summary["v3_devices_reported_failure"] >= 1
+    status = summary["fleet_status"][next(k for k in summary["fleet_status"]
+                                          if k.startswith("identity-3-"))]
+    assert status.get("rejected_in_shadow", 0) == summary["v3_devices_reported_failure"]
+    assert "rolled_back" not in status and "failed" not in status
+    shadow = summary["v3_shadow"]
+    assert shadow["rejected"] == summary["v3_marked_bad"] >= 1
+    assert shadow["worst_disagreement"] == 1.0  # NaN on every cold reading
