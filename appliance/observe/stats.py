@@ -59,6 +59,10 @@ class VersionStats:
         # loop thread; every reader folds them first.
         self._pending: list[tuple[float, float, float]] = []
 
+    def clear(self) -> None:
+        """Back to no figures (after the request a load sends itself to warm its path)."""
+        self.__init__()
+
     def request_done(self, request_s: float, queue_s: float, compute_s: float) -> None:
         pending = self._pending
         pending.append((request_s, queue_s, compute_s))

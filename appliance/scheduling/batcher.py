@@ -80,6 +80,14 @@ class DynamicBatcher:
         self._compute_ewma_s = 1.0  # moving average of a batch's engine time (until the
         # first run: slow, so nothing runs on the loop unmeasured)
 
+    def prime(self, compute_s: float) -> None:
+        """Start the engine-time average from a measure taken before serving (warm-up's
+        steady batch of one), as if INLINE_MIN_SAMPLES batches had shown it: a quick
+        model then runs on the loop from its first request instead of its seventeenth."""
+        if self._timed == 0:
+            self._compute_ewma_s = compute_s
+            self._timed = INLINE_MIN_SAMPLES
+
     # -- the scheduler's contract -----------------------------------------------------
 
     def enqueue(self, request: QueuedRequest) -> None:
@@ -349,6 +357,10 @@ class DynamicBatcher:
 
         self._window.on_workers += 1
         instance.submit(job)
+
+    def runs_inline(self, instance: ModelInstance) -> bool:
+        """Whether a batch for ``instance`` would run on the event loop now."""
+        return self._inline_ok(instance)
 
     def _inline_ok(self, instance: ModelInstance) -> bool:
         """Run on the loop itself: only sessions that allow it, only once enough batches

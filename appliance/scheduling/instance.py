@@ -50,6 +50,27 @@ class ModelInstance:
                 buf.fill(0)  # np.zeros may map untouched zero pages
                 staging[name] = buf
 
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` on this instance's worker thread and wait for its result (from
+        another thread, before the instance takes batches: its warm-up)."""
+        done = threading.Event()
+        box: list = []
+
+        def job() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # re-raised in the caller's thread
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        self.submit(job)
+        done.wait()
+        ok, value = box.pop()
+        if not ok:
+            raise value
+        return value
+
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
         self._wake.release()

@@ -33,7 +33,11 @@ def test_each_instance_warms_every_batch_size_the_batcher_forms(short_tmp):
     conf.write_text("[warmup]\nbudget_ms = 3000\n")
     with ServerProcess(short_tmp, extra_args=["--config", str(conf)]) as server, \
             Client(server.socket_path) as c:
+        # the request the load sent itself through the version's path is not counted
+        st = c.stats("a")["models"][0]
+        assert st["request_success"] == 0 and st["execution_count"] == 0
         assert c.infer("a", {"x": np.zeros((1, 100_000), np.float32)})["y"][0, 0] == 1.0
+        assert c.stats("a")["models"][0]["request_success"] == 1
         warm = _log_records(server, "instance warm") + _log_records(
             server, "warm-up did not settle within its budget; serving anyway")
     assert sorted(r["instance"] for r in warm) == [0, 1]
