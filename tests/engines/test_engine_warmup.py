@@ -37,6 +37,12 @@ def test_each_batch_size_runs_until_two_runs_agree():
     assert set(s.batches) == {1, 4, 8}
 
 
+def test_the_two_cold_runs_never_settle_it_even_when_they_agree():
+    s = TimedSession([0.03, 0.03, 0.005, 0.005, 0.005])  # ONNX Runtime's two cold runs
+    steps = s.warm_to_steady((4,), budget_s=5)
+    assert steps[0].settled and steps[0].runs >= 4 and steps[0].last_ms < 20
+
+
 def test_a_warm_up_that_never_settles_is_bounded_and_reported():
     s = TimedSession([0.002, 0.01])  # alternates: no two consecutive runs agree
     t0 = time.monotonic()
