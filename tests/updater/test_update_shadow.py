@@ -19,6 +19,7 @@ from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
 from appliance.demo.models import save_model
 from appliance.errors import OutpostError
+from tests.support import tiny_models as tm
 from tests.support.updater_support import (
     Fleet,
     active_version,
@@ -105,6 +106,7 @@ def fleet(tmp_path, demo_files):
     f.publish("identity", 2, demo_files["identity"])
     f.publish("identity", 3, plus_one_model(tmp_path / "plus1.onnx"))
     f.publish("identity", 4, renamed_output_model(tmp_path / "renamed.onnx"))
+    f.publish("identity", 5, tm.wrong_width(tmp_path / "narrow.onnx"))
     f.start()
     yield f
     f.stop()
@@ -122,10 +124,12 @@ def test_agreeing_candidate_answers_only_after_its_shadow_phase_disagreeing_ones
         assert row["outcome"] == "rejected_in_shadow", row
         assert "disagreement 100.0%" in row["detail"], row
         assert 3 not in traffic.versions and traffic.versions.count(1) >= 20
-        # v4 answers with an output the live version does not have: reported, not crashed.
-        _shadow_rollout(fleet, 4)
-        row = wait_done(data, 4)
-        assert row["outcome"] == "rejected_in_shadow", row
+        # v4 answers with an output the live version does not have, v5 with 8 columns
+        # where the live one has 16: reported, not crashed.
+        for version in (4, 5):
+            _shadow_rollout(fleet, version)
+            row = wait_done(data, version)
+            assert row["outcome"] == "rejected_in_shadow", row
         assert set(traffic.versions) == {1}
         # v2 agrees: it answers only once its window and request count are met.
         _shadow_rollout(fleet, 2, max_latency_ratio=20.0)  # not what this test is about
@@ -138,7 +142,7 @@ def test_agreeing_candidate_answers_only_after_its_shadow_phase_disagreeing_ones
     assert set(traffic.versions[first_v2:]) == {2}  # no way back once activated
     assert active_version(data) == 2
     steps = [r["step"] for r in journal_rows(data)]
-    assert steps.count("done") == 3
+    assert steps.count("done") == 4
     notes = journal_notes(data)
     assert any(n.startswith("shadow passed: agreed on") for n in notes)
 
@@ -149,6 +153,8 @@ def test_agreeing_candidate_answers_only_after_its_shadow_phase_disagreeing_ones
     renamed = _device_states(fleet, 4)[-1]
     assert renamed["state"] == "rejected_in_shadow"
     assert "missing_output" in renamed["detail"], renamed
+    narrow = _device_states(fleet, 5)[-1]
+    assert narrow["state"] == "rejected_in_shadow" and "shape_mismatch" in narrow["detail"]
     states = [r["state"] for r in _device_states(fleet, 2)]
     assert states[states.index("shadowing"):] == ["shadowing", "shadow_passed", "activated",
                                                   "committed"], states
@@ -234,3 +240,23 @@ def test_a_model_not_served_yet_skips_the_shadow_phase_and_says_so(fleet, short_
     assert skipped and "not served here yet: no active version to compare with" in \
         skipped[0]["detail"]
     assert active_version(data) == 2
+
+
+def test_a_rollout_signed_with_a_limit_out_of_range_is_not_taken_and_said(fleet, short_tmp,
+                                                                          demo_files):
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, demo_files["identity"])
+    _shadow_rollout(fleet, 2)
+    # Another tool signed the rollout with a shadow_sample of 0: nothing would be copied.
+    repo = fleet.repo
+    targets = dict(repo._load("targets").signed.targets)
+    tf = targets["releases/identity/2.tar"]
+    rollout = {**tf.custom["rollout"]}
+    rollout["shadow"] = {**rollout["shadow"], "sample": "0.0"}
+    tf.unrecognized_fields["custom"] = {**tf.custom, "rollout": rollout}
+    repo._write_targets(targets)
+    out = run_outpost("update", "check", "--config", config)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "release releases/identity/2.tar not taken: its signed rollout has a bad shadow " \
+           "sample 0.0 must be a share in (0, 1]" in out.stdout, out.stdout
+    assert active_version(data) == 1 and journal_rows(data) == []
