@@ -260,8 +260,8 @@ class Agent:
         if u.shadow:  # however it ended, the candidate shadows nothing any more
             try:
                 await self.host.end_shadow(u.model, u.version)
-            except Exception as exc:  # the policy names a version no longer offered: harmless
-                log.warning("shadow not cleared", extra={"error": str(exc)})
+            except Exception as exc:  # best effort: a policy left behind only copies to it
+                log.warning("shadow policy not cleared", extra={"error": str(exc)})
         self._shadow_started.pop(u.id, None)
         await self.flush_reports()
         return f"{where}: {u.outcome}" + (f" ({u.detail})" if u.detail else "")
