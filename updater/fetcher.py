@@ -46,6 +46,13 @@ class Fetcher(FetcherInterface):
                 except OSError as exc:
                     raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
                 if not chunk:
+                    # http.client ends a body the server closed early with b"" and no
+                    # error; bytes still owed by Content-Length are a broken download
+                    # (resumed with Range), not a whole file that fails its hash.
+                    if resp.length:
+                        raise tuf_exc.DownloadError(
+                            f"{url}: the server closed the connection {resp.length} bytes "
+                            f"short of its Content-Length")
                     return
                 yield chunk
 

@@ -1,0 +1,94 @@
+"""A fleet-side connection that closes cleanly partway through a release (no error, just
+the end of the stream, as a proxy or a flaky link does): the device resumes the download
+with HTTP Range on its next pass and commits the update; it is neither failed nor
+reported as tampered, so a fleet on flaky links does not halt a good rollout."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+
+import pytest
+
+from appliance.demo.launcher import ServerProcess
+from tests.support.updater_support import Fleet, journal_notes, make_device, wait_done
+
+CUT_AFTER = 4096  # body bytes passed on before the first target download is cut
+
+
+class CuttingProxy(socketserver.ThreadingTCPServer):
+    """Passes each request on to the fleet server; the first answer for a target is cut
+    after CUT_AFTER body bytes, its Content-Length intact, and the connection closed."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, upstream: int):
+        self.upstream = upstream
+        self.cuts = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Relay)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: CuttingProxy = self.server
+        client = self.request
+        client.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(65536)
+            if not data:
+                return
+            head += data
+        with server.lock:
+            cut = b"/targets/" in head.split(b"\r\n", 1)[0] and server.cuts == 0
+            server.cuts += cut
+        # One request per connection: the answer ends with the close.
+        head = head.replace(b"Connection: keep-alive", b"Connection: close")
+        with socket.create_connection(("127.0.0.1", server.upstream), 10) as up:
+            up.sendall(head)
+            answer = b""
+            while chunk := up.recv(65536):
+                answer += chunk
+        if cut:
+            headers, _, body = answer.partition(b"\r\n\r\n")
+            answer = headers + b"\r\n\r\n" + body[:CUT_AFTER]
+        client.sendall(answer)
+        client.shutdown(socket.SHUT_WR)  # a clean close, no reset
+
+
+@pytest.fixture
+def fleet(tmp_path, demo_files):
+    f = Fleet(tmp_path / "fleet")
+    f.publish("identity", 2, demo_files["identity"])
+    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
+    f.start()
+    yield f
+    f.stop()
+
+
+def test_a_clean_close_mid_download_resumes_instead_of_failing(fleet, short_tmp, demo_files):
+    proxy = CuttingProxy(fleet.port)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        data = short_tmp / "dev"
+        config = make_device(data, fleet, demo_files["identity"], window_s=0.3)
+        config.write_text(config.read_text().replace(fleet.url, proxy.url))
+        with ServerProcess(data, extra_args=["--config", str(config)]):
+            row = wait_done(data, 2)
+        assert proxy.cuts == 1
+        assert row["outcome"] == "committed", row
+        notes = journal_notes(data)
+        assert any("bytes short of its Content-Length" in n for n in notes), notes
+        assert f"resuming the download at byte {CUT_AFTER}" in notes, notes
+        assert not any("TUF verification" in n for n in notes), notes
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
