@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from appliance.client.shared_memory import RegionTensor, SharedRegion
 from appliance.errors import InvalidArgument, Unavailable, error_from_wire
 from appliance.paths import default_data_dir, default_socket_path
 from appliance.protocol.frames import (
@@ -37,7 +38,6 @@ from appliance.protocol.frames import (
     has_big_tensor,
 )
 from appliance.protocol.tensors import decode_tensor, dtype_and_shape, encode_tensor
-from appliance.client.shared_memory import RegionTensor, SharedRegion
 
 T = TypeVar("T")
 
