@@ -217,6 +217,9 @@ def test_http_admin_and_metrics_for_traffic(versions):
         assert 'outpost_routed_requests_total{model="m",version="2"} 6.0' in text
         assert 'outpost_shadow_compared_total{model="m"} 6.0' in text
         assert 'outpost_shadow_max_abs_diff{model="m"} 3.0' in text
+        assert 'outpost_shadow_agreed_total{model="m"} 0.0' in text  # 3.0 apart: none
+        assert 'outpost_shadow_shed_total{model="m"} 0.0' in text  # one at a time: none
+        assert 'outpost_shadow_sampled_out_total{model="m"} 0.0' in text  # sample 1.0
 
 
 def test_agreement_is_the_top_class_for_distributions_else_the_tolerance():

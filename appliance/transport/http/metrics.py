@@ -149,6 +149,15 @@ class ModelCollector(Collector):
         compared = CounterMetricFamily(
             "outpost_shadow_compared", "Shadow answers compared with the live ones",
             labels=["model"])
+        agreed = CounterMetricFamily(
+            "outpost_shadow_agreed", "Compared shadow answers that agreed with the live ones "
+            "(top class, or within the validation tolerances)", labels=["model"])
+        shed = CounterMetricFamily(
+            "outpost_shadow_shed", "Copies shed so live requests go first (counted in "
+            "dropped too)", labels=["model"])
+        sampled_out = CounterMetricFamily(
+            "outpost_shadow_sampled_out", "Requests the shadow sampling rate left uncopied",
+            labels=["model"])
         dropped = CounterMetricFamily(
             "outpost_shadow_dropped", "Copies not sent: the shadow was busy or not ready",
             labels=["model"])
@@ -172,6 +181,9 @@ class ModelCollector(Collector):
                 continue
             compared.add_metric([name], snap["compared"])
             dropped.add_metric([name], snap["dropped"])
+            agreed.add_metric([name], snap["agreed"])
+            shed.add_metric([name], snap["shed"])
+            sampled_out.add_metric([name], snap["sampled_out"])
             for code, n in sorted(snap["errors"].items()):
                 errors.add_metric([name, code], n)
             max_diff.add_metric([name], snap["max_abs_diff"])
@@ -179,7 +191,8 @@ class ModelCollector(Collector):
                 agree.add_metric([name], snap["top1_agreement"])
             for q in ("p50", "p99"):
                 latency.add_metric([name, "0." + q[1:]], snap["latency_ms"][q] / 1e3)
-        yield from (routed, compared, dropped, errors, max_diff, agree, latency)
+        yield from (routed, compared, agreed, dropped, shed, sampled_out, errors, max_diff,
+                    agree, latency)
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
