@@ -346,13 +346,19 @@ class DynamicBatcher:
             self._complete(instance, batch, result, time.perf_counter() - t0)
             return
 
+        # The worker's only hold on the batch, emptied by the loop when it takes the
+        # answer: the worker may still be returning from job() (or not yet have dropped
+        # it) when the requests are answered, and must not keep them alive past that.
+        handed: list = [batch]
+
         def job() -> None:
             t0 = time.monotonic()
             try:
-                result: list | BaseException = run_and_split(session, feeds, batch)
+                result: list | BaseException = run_and_split(session, feeds, handed[0])
             except BaseException as exc:  # reported per request on the loop
                 result = exc.with_traceback(None)  # no cycle through this frame
-            loop.call_soon_threadsafe(self._finished, instance, batch, result,
+            handed.append(result)
+            loop.call_soon_threadsafe(self._finished_handed, instance, handed,
                                       time.monotonic() - t0)
 
         self._window.on_workers += 1
@@ -367,6 +373,12 @@ class DynamicBatcher:
         have shown the model to be far cheaper than a thread hand-off."""
         return (instance.session.inline_ok and self._timed >= INLINE_MIN_SAMPLES
                 and self._compute_ewma_s < INLINE_MAX_S)
+
+    def _finished_handed(self, instance: ModelInstance, handed: list,
+                         compute_s: float) -> None:
+        batch, result = handed
+        handed.clear()
+        self._finished(instance, batch, result, compute_s)
 
     def _finished(self, instance: ModelInstance, batch: list[QueuedRequest],
                   result, compute_s: float) -> None:
