@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.demo.launcher import ServerProcess
-from appliance.models.repository import Repository
+from tests.conftest import add_demo_models
 from tests.support.slow_model import slow_model
 
 
@@ -41,14 +41,7 @@ def start_grpc_server(data_dir: Path, models: dict[str, Path], grpc_config: dict
     """The models in a repository of their own, a config file with [grpc] (and [http] on
     port 0 when asked), the server running; returns it and its gRPC HOST:PORT."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    repo = Repository(data_dir)
-    for name, path in models.items():
-        config_path = None
-        if configs and name in configs:
-            config_path = data_dir / f"{name}.config.toml"
-            config_path.write_text(configs[name])
-        repo.add(name, path, config_path=config_path)
-    repo.close()
+    add_demo_models(data_dir, models, configs)
     lines = ["[grpc]", 'address = "127.0.0.1:0"']
     lines += [f"{key} = {json.dumps(value)}" for key, value in grpc_config.items()]
     if http:
