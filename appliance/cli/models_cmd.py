@@ -198,9 +198,13 @@ def _mib(n: int) -> str:
 
 
 def _describe_serving(version: int, v: dict) -> str:
-    text = (f"version {version} {v['state']}, {v['instances']} instance(s), "
-            f"{_mib(v['memory_bytes'])} MiB measured ({_mib(v['instance_bytes'])} MiB an "
-            f"instance)")
+    if v["instances"]:
+        text = (f"version {version} {v['state']}, {v['instances']} instance(s), "
+                f"{_mib(v['memory_bytes'])} MiB measured ({_mib(v['instance_bytes'])} MiB "
+                f"an instance)")
+    else:
+        text = (f"version {version} {v['state']} (held {_mib(v['last_measured_bytes'])} MiB "
+                f"when last loaded)")
     if v["evictions"]:
         text += (f"; evicted {v['evictions']}x{' (out now)' if v['evicted'] else ''}: "
                  f"{v['eviction_reason']}")

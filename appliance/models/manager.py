@@ -250,14 +250,16 @@ class ModelManager:
                     f"held by the process and busy versions; raise "
                     f"residency.memory_budget_mb or retry when idle")
             victim = min(idle, key=lambda v: v.last_used)
-            reason = (f"memory budget: made room for {lv.name}:{lv.version} "
-                      f"({_mib(need)} MiB more)")
+            reason = (f"memory budget: made room for {lv.name}:{lv.version}, which needs "
+                      f"{_mib(own)} MiB")
             log.info("unloading to stay within the memory budget", extra={
                 "model": victim.name, "version": victim.version,
                 "for": f"{lv.name}:{lv.version}", "freed_mb": _mib(victim.memory_bytes)})
             self.loaded.pop((victim.name, victim.version), None)
             self.evictions.evicted((victim.name, victim.version), reason)
             await victim.unload(self.unload_timeout_s)
+            # what it freed goes back to the system now, not at the next periodic trim
+            await asyncio.to_thread(memory.trim)
 
     def _too_small(self, lv: ServedVersion, cost: int) -> str:
         measured = getattr(lv, "instance_bytes", 0)
@@ -286,6 +288,7 @@ class ModelManager:
                 "state": lv.state.value if lv is not None else "unloaded",
                 "memory_bytes": lv.memory_bytes if lv is not None else 0,
                 "instance_bytes": getattr(lv, "instance_bytes", 0),
+                "last_measured_bytes": self.measured.get(key, 0),  # at its latest load
                 "instances": getattr(lv, "instance_count", 0),
                 **self.evictions.of(key).as_dict()})
         accounted = self.baseline_bytes + sum(v["memory_bytes"] for v in versions)

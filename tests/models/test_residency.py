@@ -87,7 +87,9 @@ def test_budget_unloads_the_least_recently_used_idle_version(short_tmp):
         rows = {v["model"]: v for v in mem["versions"]}
         assert rows["a"]["evictions"] == 1 and not rows["a"]["evicted"]
         assert rows["b"]["evictions"] == 1 and rows["b"]["evicted"]
-        assert rows["b"]["eviction_reason"].startswith("memory budget: made room for a:1")
+        assert rows["b"]["eviction_reason"].startswith("memory budget: made room for a:1, "
+                                                        "which needs ")
+        assert rows["b"]["last_measured_bytes"] > BIG * 4
         assert rows["b"]["memory_bytes"] == 0 and rows["c"]["memory_bytes"] > BIG * 4
 
 
