@@ -42,9 +42,10 @@ from engines.files import replace_synced
 from updater import report_auth
 from updater.cohort import Release, desired_version
 from updater.config import UpdaterConfig, report_key, trusted_root_bytes
+from updater.delta import DeltaError, apply_delta
 from updater.errors import FetchError, HealthError, ReleaseError, TrustError, UpdaterError
 from updater.fetcher import Fetcher
-from updater.fleet_repo import releases_from_targets, target_url_path
+from updater.fleet_repo import delta_path, releases_from_targets, target_url_path
 from updater.health import Health, verdict, window
 from updater.journal import Journal, Step, Update
 from updater.release import extract_release
@@ -94,6 +95,8 @@ class Agent:
         self._tuf = None
         self._shadow_started: dict[int, float] = {}  # update id -> monotonic start
         self._shadow_waiting_told: set[int] = set()  # updates reported shadow_waiting
+        self._delta_targets: dict = {}  # delta path -> signed TargetFile, from _refresh
+        self._delta_failed: dict[int, str] = {}  # update id -> why its delta wasn't used
 
     def close(self) -> None:
         self.journal.close()
@@ -201,6 +204,8 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise TrustError(f"local TUF metadata in {self.tuf_dir} unusable: {exc}") from exc
         self._tuf = updater
+        self._delta_targets = {p: tf for p, tf in targets.targets.items()
+                               if p.startswith("deltas/") and isinstance(tf.custom, dict)}
         return releases_from_targets(targets, problems)
 
     # -- one update ----------------------------------------------------------------------
@@ -269,7 +274,7 @@ class Agent:
     async def _step(self, u: Update) -> Update:
         if u.step is Step.DOWNLOAD:
             await asyncio.to_thread(self._download, u)
-            self._report(u, "downloaded")
+            self._report(u, "downloaded", self._delta_failed.pop(u.id, ""))
             return self.journal.advance(u, Step.STAGE)
         if u.step is Step.STAGE:
             await asyncio.to_thread(self._stage, u, self.host.has_version(u.model, u.version))
@@ -359,47 +364,122 @@ class Agent:
         return self.downloads / f"{u.sha256}.part", self.downloads / f"{u.sha256}.tar"
 
     def _download(self, u: Update) -> None:
-        """Fetch the target into staging, resuming a partial file with HTTP Range."""
-        from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+        """Fetch the target into staging, resuming a partial file with HTTP Range; from a
+        delta when this device holds its base (the full file when that fails)."""
         from tuf.api.metadata import TargetFile  # noqa: PLC0415
 
         part, done = self._part(u)
         info = TargetFile(u.length, {"sha256": u.sha256}, u.target_path)
         if not done.exists():
-            have = part.stat().st_size if part.exists() else 0
-            if have > u.length:
-                part.unlink()
-                have = 0
-            if have < u.length:
-                if have:
-                    self.journal.note(u, f"resuming the download at byte {have}")
+            if part.exists() or not self._from_delta(u, info, part):
                 url = f"{self.base_url}/targets/{target_url_path(u.target_path, u.sha256)}"
-                start, chunks = self.fetcher.fetch_from(url, have)
-                with open(part, "r+b" if part.exists() else "wb") as f:
-                    f.seek(start)
-                    f.truncate()
-                    written = start
-                    try:
-                        for chunk in chunks:
-                            written += len(chunk)
-                            if written > u.length:
-                                raise TrustError(
-                                    f"release {u.target_path}: the fleet sent more than the "
-                                    f"{u.length} bytes its signed metadata allows")
-                            f.write(chunk)
-                            f.flush()
-                            os.fsync(f.fileno())
-                            self.fault("download-mid")
-                    except tuf_exc.DownloadError as exc:
-                        raise FetchError(f"download of {url} broke off at byte {written}: "
-                                         f"{exc}") from exc
-            _verify(info, part, f"release {u.target_path} failed TUF verification "
-                                f"({{}}); it was tampered with or corrupted")
+                self._fetch_to(u, url, part, u.length, f"release {u.target_path}")
+                _verify(info, part, f"release {u.target_path} failed TUF verification "
+                                    f"({{}}); it was tampered with or corrupted")
             replace_synced(part, done)
         else:  # downloaded and verified before a restart; check again, it's cheap
             _verify(info, done, f"staged release {done} no longer matches its signed "
                                 f"hash ({{}})")
         self.fault("download-done")
+
+    def _fetch_to(self, u: Update, url: str, part: Path, length: int, what: str) -> None:
+        """Download ``url`` into ``part`` (resuming what it holds), at most ``length``."""
+        from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
+
+        have = part.stat().st_size if part.exists() else 0
+        if have > length:
+            part.unlink()
+            have = 0
+        if have >= length:
+            return
+        if have:
+            self.journal.note(u, f"resuming the download at byte {have}")
+        start, chunks = self.fetcher.fetch_from(url, have)
+        with open(part, "r+b" if part.exists() else "wb") as f:
+            f.seek(start)
+            f.truncate()
+            written = start
+            try:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > length:
+                        raise TrustError(f"{what}: the fleet sent more than the {length} "
+                                         f"bytes its signed metadata allows")
+                    f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self.fault("download-mid")
+            except tuf_exc.DownloadError as exc:
+                raise FetchError(f"download of {url} broke off at byte {written}: "
+                                 f"{exc}") from exc
+
+    def _pick_delta(self, u: Update) -> tuple[str, object, dict, Path] | None:
+        """The smallest signed delta to ``u`` whose base this device holds, or None (the
+        reason noted when deltas were offered but none applies here)."""
+        offered, usable = [], []
+        for path, tf in self._delta_targets.items():
+            about = tf.custom.get("delta")
+            if not isinstance(about, dict) or about.get("model") != u.model or \
+                    about.get("version") != u.version or "sha256" not in tf.hashes:
+                continue
+            base = about.get("base_version")
+            if path != delta_path(u.model, u.version, base) or tf.length >= u.length:
+                continue
+            offered.append(str(base))
+            base_file = self._version_file(u.model, base)
+            if base_file is not None:
+                usable.append((tf.length, path, tf, about, base_file))
+        if offered and not usable:
+            self._delta_failed[u.id] = (f"deltas from {', '.join(offered)} not used: this "
+                                        f"device holds none of those versions; downloaded "
+                                        f"the full release")
+            self.journal.note(u, self._delta_failed[u.id])
+        return min(usable, key=lambda c: c[0])[1:] if usable else None
+
+    def _version_file(self, model: str, version) -> Path | None:
+        """A held version's model file, by the repository's layout (DESIGN section 3;
+        this runs in a worker thread, away from the repository's SQLite connection).
+        What it holds is checked against the delta's signed base hash before use."""
+        if not isinstance(version, int):
+            return None
+        path = self.data_dir / "models" / model / str(version) / "model.onnx"
+        return path if path.is_file() else None
+
+    def _from_delta(self, u: Update, info, part: Path) -> bool:
+        """Rebuild the release into ``part`` from a delta; False: fetch the full file.
+
+        Disk: the delta and the rebuilt release beside the base version's model file; the
+        delta is removed as soon as the release is rebuilt."""
+        if u.id in self._delta_failed:
+            return False
+        picked = self._pick_delta(u)
+        if picked is None:
+            return False
+        path, tf, about, base_file = picked
+        base = about["base_version"]
+        dpart = self.downloads / f"{u.sha256}.delta-{base}.part"
+        url = f"{self.base_url}/targets/{target_url_path(path, tf.hashes['sha256'])}"
+        try:
+            self._fetch_to(u, url, dpart, tf.length, f"delta {path}")
+            _verify(tf, dpart, f"delta {path} failed TUF verification ({{}})")
+            if _sha256(base_file) != about.get("base_sha256"):
+                raise DeltaError(f"this device's {u.model} {base} ({base_file}) is not the "
+                                 f"file the delta was made from")
+            apply_delta(dpart, base_file, part, u.length)
+            _verify(info, part, f"release {u.target_path} rebuilt from the delta does not "
+                                f"match its signed hash ({{}})")
+        except (TrustError, DeltaError) as exc:
+            part.unlink(missing_ok=True)
+            dpart.unlink(missing_ok=True)
+            why = f"delta from {base} not used ({exc}); downloaded the full release"
+            self._delta_failed[u.id] = why
+            self.journal.note(u, why)
+            log.warning("delta not used", extra={"model": u.model, "error": str(exc)})
+            return False
+        dpart.unlink(missing_ok=True)
+        self.journal.note(u, f"rebuilt from the delta from {base}: {tf.length} bytes "
+                             f"downloaded instead of {u.length}")
+        return True
 
     def _stage(self, u: Update, staged_before: bool) -> None:
         _, done = self._part(u)
@@ -449,7 +529,7 @@ class Agent:
         self.host.mark_bad(u.model, u.version, why)
 
     def _discard_download(self, u: Update) -> None:
-        for p in self._part(u):
+        for p in (*self._part(u), *self.downloads.glob(f"{u.sha256}.delta-*.part")):
             p.unlink(missing_ok=True)
 
     def _unpacked(self, u: Update) -> Path:
@@ -483,6 +563,13 @@ class Agent:
             self.journal.drop_reports([i for i, _ in queued])
             sent += len(queued)
         return sent
+
+
+def _sha256(path: Path) -> str:
+    import hashlib  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(info, path: Path, message: str) -> None:

@@ -134,6 +134,23 @@ def release_path(name: str, version: int) -> str:
     return f"releases/{name}/{version}.tar"
 
 
+def delta_path(name: str, version: int, base: int) -> str:
+    return f"deltas/{name}/{version}-from-{base}.delta"
+
+
+def _member_bytes(archive: bytes, member: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+        return tar.extractfile(member).read()
+
+
+def _member(archive: Path, member: str) -> bytes:
+    try:
+        return _member_bytes(Path(archive).read_bytes(), member)
+    except (OSError, tarfile.TarError, KeyError, AttributeError) as exc:
+        raise FleetRepoError(f"{archive}: can't read {member} from the release "
+                             f"({exc})") from exc
+
+
 def build_release_archive(model: Path, config: Path, samples: Path) -> bytes:
     """The release as an uncompressed tar of exactly RELEASE_FILES, fixed metadata."""
     buf = io.BytesIO()
@@ -241,12 +258,15 @@ class FleetRepo:
     # -- writes --------------------------------------------------------------------------
 
     def publish(self, name: str, version: int, model: Path, config: Path,
-                samples: Path) -> Release:
-        """Add the release archive as a target (no rollout yet: no device takes it)."""
+                samples: Path, delta_from: tuple[int, ...] = ()) -> Release:
+        """Add the release archive as a target (no rollout yet: no device takes it), and a
+        delta from each version in ``delta_from`` (updater/delta.py)."""
         return self.publish_archive(name, version, build_release_archive(model, config,
-                                                                         samples))
+                                                                         samples),
+                                    delta_from)
 
-    def publish_archive(self, name: str, version: int, data: bytes) -> Release:
+    def publish_archive(self, name: str, version: int, data: bytes,
+                        delta_from: tuple[int, ...] = ()) -> Release:
         """Sign ``data`` as release name/version (publish() builds it; tests craft it)."""
         from tuf.api.metadata import TargetFile  # noqa: PLC0415
 
@@ -256,13 +276,50 @@ class FleetRepo:
             if path in targets:
                 raise FleetRepoError(f"release {name} {version} is already published; "
                                      f"releases are immutable: publish a new version")
+            deltas = [self._delta_target(targets, name, version, base, data)
+                      for base in dict.fromkeys(delta_from)]  # all checked before a write
             tf = TargetFile.from_data(path, data, ["sha256"])
             atomic_write_bytes(self.target_file(path, tf.hashes["sha256"]), data)
             tf.unrecognized_fields["custom"] = {"model": name, "version": version,
                                                 "rollout": None}
             targets[path] = tf
+            for delta_tf, delta in deltas:
+                if delta_tf is not None:
+                    atomic_write_bytes(self.target_file(delta_tf.path,
+                                                        delta_tf.hashes["sha256"]), delta)
+                    targets[delta_tf.path] = delta_tf
             self._write_targets(targets)
+        self.last_deltas = [tf.custom["delta"] if tf is not None else d for tf, d in deltas]
         return _release(path, tf.custom)
+
+    def _delta_target(self, targets: dict, name: str, version: int, base: int,
+                      archive: bytes):
+        """(TargetFile, delta bytes) from release ``base``, or (None, why-not figures)
+        when the delta would not be smaller than the release itself."""
+        import hashlib  # noqa: PLC0415
+
+        from tuf.api.metadata import TargetFile  # noqa: PLC0415
+
+        from updater.delta import best_delta  # noqa: PLC0415
+
+        base_path = release_path(name, base)
+        if base == version or base_path not in targets:
+            raise FleetRepoError(f"--delta-from {base}: the fleet has no earlier release "
+                                 f"{name} {base}; 'outpost fleet status' lists them")
+        old_model = _member(self.target_file(base_path,
+                                             targets[base_path].hashes["sha256"]),
+                            "model.onnx")
+        new_model = _member_bytes(archive, "model.onnx")
+        method, delta, sizes = best_delta(archive, old_model, new_model)
+        about = {"model": name, "version": version, "base_version": base,
+                 "base_sha256": hashlib.sha256(old_model).hexdigest(),
+                 "base_length": len(old_model), "method": method, "sizes": sizes,
+                 "release_length": len(archive)}
+        if len(delta) >= len(archive):
+            return None, about
+        tf = TargetFile.from_data(delta_path(name, version, base), delta, ["sha256"])
+        tf.unrecognized_fields["custom"] = {"delta": about}
+        return tf, delta
 
     def set_rollout(self, name: str, version: int, **changes) -> Rollout:
         """Start (fresh id), promote, pause, resume or halt a release's rollout; re-sign."""

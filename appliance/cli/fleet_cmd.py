@@ -26,6 +26,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _versions(text: str) -> tuple[int, ...]:
+    import argparse  # noqa: PLC0415
+
+    try:
+        out = tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} must be versions like 6 or 6,5") from exc
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: versions are positive integers")
+    return out
+
+
 def _selector(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -59,6 +71,9 @@ def register(sub) -> None:
     pub.add_argument("--samples", type=Path,
                      help="validation samples .npz (inputs/<name>, outputs/<name>); expected "
                           "outputs are computed from the model when missing")
+    pub.add_argument("--delta-from", type=_versions, default=(), metavar="V[,V...]",
+                     help="also publish deltas of the model from these earlier versions; "
+                          "devices holding one download the delta instead (docs/ota.md)")
     pub.set_defaults(func=fleet_publish)
 
     ro = fs.add_parser("rollout", help="start a rollout to a fraction of the fleet")
@@ -160,9 +175,16 @@ def fleet_publish(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config, samples = make_release_samples(args.model, args.config, args.samples,
                                                Path(tmp))
-        rel = repo.publish(args.name, args.version, args.model, config, samples)
+        rel = repo.publish(args.name, args.version, args.model, config, samples,
+                           delta_from=args.delta_from)
     print(f"published {rel.model} {rel.version} as {rel.target_path}; no device takes it "
           f"until 'outpost fleet rollout'")
+    for d in getattr(repo, "last_deltas", []):
+        sizes = ", ".join(f"{m} {n:,} B ({n / d['release_length']:.1%})"
+                          for m, n in d["sizes"].items())
+        kept = (f"kept {d['method']}" if min(d["sizes"].values()) < d["release_length"]
+                else "not published: no smaller than the release")
+        print(f"delta from {d['base_version']}: {sizes} of {d['release_length']:,} B; {kept}")
     return 0
 
 
