@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from updater.plans import Plan
 from updater.shadow import ShadowPolicy
 
 ROLLOUT_STATES = ("active", "paused", "halted")
@@ -44,6 +45,10 @@ class Rollout:
     failure_threshold: float = 0.1
     min_reports: int = 5
     shadow: ShadowPolicy | None = None  # a shadow phase before a device answers with it
+    plan: Plan | None = None  # stages the fleet server advances by itself (plans.py)
+    # (fraction, unix time it was signed) of every fraction the rollout had: which stage
+    # brought a device in, and since when (fleet-side only: devices read the fraction)
+    history: tuple[tuple[float, float], ...] = ()
 
     def as_custom(self) -> dict:
         """As TUF target ``custom`` data. Canonical JSON has no floats: those are strings."""
@@ -53,6 +58,10 @@ class Rollout:
                "min_reports": self.min_reports}
         if self.shadow is not None:
             out["shadow"] = self.shadow.as_custom()
+        if self.plan is not None:
+            out["plan"] = self.plan.as_custom()
+        if self.history:
+            out["history"] = [[repr(float(f)), repr(float(t))] for f, t in self.history]
         return out
 
     @classmethod
@@ -63,10 +72,25 @@ class Rollout:
                    failure_threshold=float(data.get("failure_threshold", 0.1)),
                    min_reports=int(data.get("min_reports", 5)),
                    shadow=(ShadowPolicy.from_custom(data["shadow"])
-                           if data.get("shadow") is not None else None))
+                           if data.get("shadow") is not None else None),
+                   plan=Plan.from_custom(data["plan"]) if data.get("plan") else None,
+                   history=tuple((float(f), float(t)) for f, t in data.get("history", ())))
 
     def includes(self, device_id: str, labels: Mapping[str, str]) -> bool:
         return in_cohort(self.id, self.fraction, self.selector, device_id, labels)
+
+    @property
+    def stage_lower(self) -> float:
+        """The fraction before the current one: devices at or above it joined last."""
+        return self.history[-2][0] if len(self.history) >= 2 else 0.0
+
+    @property
+    def stage_started(self) -> float | None:
+        return self.history[-1][1] if self.history else None
+
+    def joined_at(self, point: float) -> float | None:
+        """When the fraction first covered cohort point ``point`` (None: unknown)."""
+        return next((t for f, t in self.history if point < f), None)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ with the online keys under an exclusive file lock, writing each file atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import json
 import os
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,7 @@ from pathlib import Path
 from engines.files import atomic_write_bytes, replace_synced
 from updater.cohort import Release, Rollout
 from updater.errors import FleetRepoError
+from updater.plans import PlanError
 from updater.shadow import ShadowPolicyError
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
@@ -350,7 +353,15 @@ class FleetRepo:
                     changes["shadow"].check()
                 except ShadowPolicyError as exc:
                     raise FleetRepoError(f"rollout of {name} {version}: {exc}") from exc
+            if changes.get("plan") is not None:
+                try:
+                    changes["plan"].check()
+                except PlanError as exc:
+                    raise FleetRepoError(f"rollout of {name} {version}: {exc}") from exc
             new = Rollout(**{**base.__dict__, **changes})
+            if rollout or new.fraction != base.fraction:  # which stage brought whom, when
+                new = dataclasses.replace(new, history=(*new.history,
+                                                        (new.fraction, time.time())))
             tf.unrecognized_fields["custom"] = {**tf.custom, "rollout": new.as_custom()}
             self._write_targets(targets)
         return new

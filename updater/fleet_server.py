@@ -30,10 +30,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from updater.cohort import FINAL_STATES, should_halt
 from updater.errors import UpdaterError
 from updater.fleet_db import REPORT_STATES, FleetDB
 from updater.fleet_repo import FleetRepo
+from updater.fleet_rollouts import Decision, LiveRollouts, plan_status
 from updater.report_auth import ReportAuthError, Verifier
 
 log = logging.getLogger("outpost.fleet")
@@ -129,18 +129,24 @@ def check_shadow_figures(fig: object, i: int) -> dict | None:
 
 
 class FleetServer:
-    def __init__(self, directory: Path, timestamp_check_s: float = 60.0):
+    def __init__(self, directory: Path, timestamp_check_s: float = 60.0,
+                 plan_check_s: float = 5.0):
         self.repo = FleetRepo(directory)
         self.db = FleetDB(self.repo.dir / "fleet.db")
+        self.live = LiveRollouts(self.repo, self.db)
         self.timestamp_check_s = timestamp_check_s
+        self.plan_check_s = plan_check_s  # how often planned rollouts are judged
         secret = self.repo.report_secret()
         # A fleet made before reports were signed has no secret: it takes them unsigned
         # until 'outpost fleet device-key' makes one (logged at start).
         self.verifier = Verifier(secret) if secret is not None else None
         self.halts: list[tuple[str, int, str, float]] = []  # (model, version, why, unix ts)
         self.on_halt = None  # called (model, version, why) after an auto-halt
+        self.on_advance = None  # called (model, version, fraction, why) after a stage
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task | None = None
+        self._planner: asyncio.Task | None = None
+        self._last_word: dict[str, str] = {}  # rollout id -> the planner's last wait, logged
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 << 20, middlewares=[self._clear_errors])
@@ -160,10 +166,13 @@ class FleetServer:
                         "keys/report.key; 'outpost fleet device-key' makes it")
         if self.timestamp_check_s > 0:
             self._refresher = asyncio.create_task(self._refresh_timestamp())
+        if self.plan_check_s > 0:
+            self._planner = asyncio.create_task(self._run_plans())
 
     async def _stop(self, _app) -> None:
-        if self._refresher:
-            self._refresher.cancel()
+        for task in (self._refresher, self._planner):
+            if task:
+                task.cancel()
         self.db.close()
 
     async def _refresh_timestamp(self) -> None:
@@ -255,60 +264,101 @@ class FleetServer:
                 return web.json_response({"error": f"a POST signed by {signer!r} carries a "
                                                    f"report of {other!r}; a device reports "
                                                    f"for itself only"}, status=403)
+        now = time.time()
         async with self._lock:
-            touched = self.db.add(reports)
-            for rollout_id in touched:
-                await self._maybe_halt(rollout_id)
-        return web.json_response({"accepted": len(reports)})
+            self.live.refresh()
+            ignored, counted = [], []
+            for i, r in enumerate(reports):
+                why = self.live.refusal(r, i, now)
+                if why is None:
+                    counted.append(r)
+                else:
+                    ignored.append({"report": i, "why": why})
+            if counted:
+                self.db.add(counted)
+                self.live.take(counted)
+                for decision in self.live.to_halt({r["rollout_id"] for r in counted}):
+                    await self._halt(decision)
+        if ignored:
+            log.warning("ignored %d of %d reports from %s: %s", len(ignored), len(reports),
+                        reports[0]["device_id"], ignored[0]["why"])
+        return web.json_response({"accepted": len(counted), "ignored": ignored})
 
-    async def _maybe_halt(self, rollout_id: str) -> None:
-        release = next((r for r in self.repo.releases()
-                        if r.rollout is not None and r.rollout.id == rollout_id), None)
-        if release is None or release.rollout.state == "halted":
-            return
-        rollout = release.rollout
-        # Only devices the cohort formula puts in this rollout count: a report from
-        # outside the cohort can't halt it.
-        states = [s for dev, labels, s in self.db.states(rollout_id)
-                  if rollout.includes(dev, labels)]
-        if should_halt(rollout, states):
-            final = [s for s in states if s in FINAL_STATES]
-            failed = sum(s != "committed" for s in final)
-            rejected = final.count("rejected_in_shadow")
-            why = (f"{failed} of {len(final)} reporting cohort devices failed"
-                   + (f" ({rejected} rejected it in shadow)" if rejected else "")
-                   + f" (threshold {rollout.failure_threshold})")
-            await asyncio.to_thread(self.repo.set_rollout, release.model, release.version,
-                                    state="halted")
-            self.halts.append((release.model, release.version, why, time.time()))
-            if self.on_halt is not None:
-                self.on_halt(release.model, release.version, why)
-            log.warning("rollout of %s %s halted: %s", release.model, release.version, why,
-                        extra={"model": release.model, "version": release.version,
-                               "why": why})
+    async def _halt(self, d: Decision) -> None:
+        rel = d.release
+        rejected = self.live.tallies[rel.rollout.id].cohort["rejected_in_shadow"]
+        why = d.why + (f" ({rejected} rejected it in shadow)" if rejected else "")
+        await asyncio.to_thread(self.repo.set_rollout, rel.model, rel.version, state="halted")
+        self.live.refresh()
+        self.halts.append((rel.model, rel.version, why, time.time()))
+        if self.on_halt is not None:
+            self.on_halt(rel.model, rel.version, why)
+        log.warning("rollout of %s %s halted: %s", rel.model, rel.version, why,
+                    extra={"model": rel.model, "version": rel.version, "why": why,
+                           "rollout": rel.rollout.id, "fraction": rel.rollout.fraction,
+                           "figures": d.figures.__dict__})
+
+    async def _run_plans(self) -> None:
+        """Advance planned rollouts whose stage held its figures for the soak time."""
+        while True:
+            try:
+                async with self._lock:
+                    await self.judge_plans(time.time())
+            except Exception as exc:  # keep serving; the next round retries
+                log.error("planned rollouts could not be judged: %s", exc)
+            await asyncio.sleep(self.plan_check_s)
+
+    async def judge_plans(self, now: float) -> None:
+        self.live.refresh()
+        for rel in self.live.planned():
+            rollout = rel.rollout
+            word = self.live.plan_word(rel, now)
+            fig = self.live.tallies[rollout.id].figures().__dict__
+            facts = {"model": rel.model, "version": rel.version, "rollout": rollout.id,
+                     "fraction": rollout.fraction, "figures": fig}
+            if not word.advance:
+                self.db.set_progress(rollout.id, rollout.fraction, word.met_since)
+                if self._last_word.get(rollout.id, "").split(":")[0] != word.why.split(":")[0]:
+                    log.info("rollout of %s %s at %.0f%%: %s", rel.model, rel.version,
+                             rollout.fraction * 100, word.why, extra=facts)
+                self._last_word[rollout.id] = word.why
+                continue
+            nxt = rollout.plan.next_fraction(rollout.fraction)
+            await asyncio.to_thread(self.repo.set_rollout, rel.model, rel.version,
+                                    fraction=nxt)
+            self.db.set_progress(rollout.id, nxt, None)
+            self.live.refresh()
+            self._last_word.pop(rollout.id, None)
+            log.warning("rollout of %s %s advanced to %.0f%%: %s", rel.model, rel.version,
+                        nxt * 100, word.why, extra={**facts, "to": nxt})
+            if self.on_advance is not None:
+                self.on_advance(rel.model, rel.version, nxt, word.why)
 
     async def status(self, _request: web.Request) -> web.Response:
-        return web.json_response(status_report(self.repo, self.db))
+        async with self._lock:
+            self.live.refresh()
+            return web.json_response(status_report(self.live))
 
 
-def status_report(repo: FleetRepo, db: FleetDB) -> list[dict]:
-    """Per release: its rollout, how many devices report each state, and, for a rollout
-    with a shadow phase, the devices' shadow figures aggregated (FleetDB.shadow_summary).
-    Per-stage figures wait for rollout plans; this is the whole rollout's."""
-    counts = db.counts()
+def status_report(live: LiveRollouts) -> list[dict]:
+    """Per release: its rollout, how many devices report each state, for a rollout with
+    a shadow phase the devices' shadow figures aggregated (FleetDB.shadow_summary), and
+    for a planned one its stage, what it waits for and when it may advance."""
+    counts = live.db.counts()
     return [{"model": r.model, "version": r.version,
              "rollout": dataclasses.asdict(r.rollout) if r.rollout else None,
              "devices": counts.get(r.rollout.id, {}) if r.rollout else {},
-             "shadow": db.shadow_summary(r.rollout.id)
-             if r.rollout and r.rollout.shadow else None}
-            for r in repo.releases()]
+             "shadow": live.db.shadow_summary(r.rollout.id)
+             if r.rollout and r.rollout.shadow else None,
+             "plan": plan_status(r, live) if r.rollout and r.rollout.plan else None}
+            for r in live.releases]
 
 
 async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int = 0,
-                             timestamp_check_s: float = 60.0,
+                             timestamp_check_s: float = 60.0, plan_check_s: float = 5.0,
                              ) -> tuple[FleetServer, web.AppRunner, int]:
     """Start on host:port (0: any free port); returns the server, its runner and port."""
-    server = FleetServer(directory, timestamp_check_s)
+    server = FleetServer(directory, timestamp_check_s, plan_check_s)
     runner = web.AppRunner(server.app(), access_log=None, logger=_http_log)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -324,10 +374,10 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
 
 
 def run_fleet_server(directory: Path, host: str, port: int,
-                     timestamp_check_s: float = 60.0) -> int:
+                     timestamp_check_s: float = 60.0, plan_check_s: float = 5.0) -> int:
     async def main() -> None:
         _server, runner, bound = await start_fleet_server(directory, host, port,
-                                                          timestamp_check_s)
+                                                          timestamp_check_s, plan_check_s)
         print(f"fleet server on http://{host}:{bound}/ serving {directory}", flush=True)
         stop = asyncio.Event()
         # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0.

@@ -80,11 +80,25 @@ def register(sub) -> None:
     ro.add_argument("dir", type=Path)
     ro.add_argument("name")
     ro.add_argument("version", type=int)
-    ro.add_argument("--fraction", type=_fraction, required=True)
+    ro.add_argument("--fraction", type=_fraction,
+                    help="share of the fleet, 0..1 (or give --plan)")
     ro.add_argument("--selector", action="append", metavar="KEY=VALUE",
                     help="device labels that must match (repeat)")
-    ro.add_argument("--failure-threshold", type=_fraction, default=0.1)
-    ro.add_argument("--min-reports", type=int, default=5)
+    ro.add_argument("--failure-threshold", type=_fraction, default=0.1,
+                    help="halt past this share of failures among executed devices")
+    ro.add_argument("--min-reports", type=int, default=5,
+                    help="executed (final) devices needed before a halt is judged, for "
+                         "the cohort and for each stage")
+    pl = ro.add_argument_group(
+        "rollout plan", "stages the fleet server advances by itself (docs/ota.md)")
+    pl.add_argument("--plan", metavar="PCT,PCT,...",
+                    help="stages in percent of the fleet, rising, ending at 100: 1,5,25,100")
+    pl.add_argument("--soak", metavar="DURATION",
+                    help="how long a stage must hold its figures before it advances: "
+                         "30s, 30m, 2h (default 30m)")
+    pl.add_argument("--min-committed", type=float, metavar="SHARE",
+                    help="share of the stage's known cohort that must have committed, "
+                         "(0, 1] (default 0.95)")
     sh = ro.add_argument_group(
         "shadow phase", "a device runs the release as a shadow of its active version on "
         "its own live traffic, and answers with it only if it agrees (docs/ota.md)")
@@ -145,6 +159,8 @@ def register(sub) -> None:
     sv.add_argument("--timestamp-check-s", type=float, default=60.0,
                     help="how often to renew the timestamp when half its life is gone "
                          "(0: never; devices then stop updating when it expires)")
+    sv.add_argument("--plan-check-s", type=float, default=5.0,
+                    help="how often planned rollouts are judged for their next stage")
     sv.set_defaults(func=fleet_serve)
 
 
@@ -194,14 +210,40 @@ def fleet_rollout(args) -> int:
     if args.min_reports < 1:
         raise UpdaterError("--min-reports must be >= 1")
     shadow = _shadow_policy(args)
+    plan = _plan(args)
+    if (args.fraction is None) == (plan is None):
+        raise UpdaterError("give --fraction (one stage, promoted by hand) or --plan "
+                           "(stages the fleet server advances), not both" if plan else
+                           "give --fraction 0.05 or --plan 1,5,25,100")
     r = FleetRepo(args.dir).set_rollout(
-        args.name, args.version, new=True, fraction=args.fraction,
+        args.name, args.version, new=True,
+        fraction=plan.stages[0] if plan else args.fraction,
         selector=_selector(args.selector), failure_threshold=args.failure_threshold,
-        min_reports=args.min_reports, state="active", shadow=shadow)
+        min_reports=args.min_reports, state="active", shadow=shadow, plan=plan)
     print(f"rollout {r.id}: {args.name} {args.version} to {r.fraction:.1%} of devices"
           + (f" matching {r.selector}" if r.selector else "")
+          + (f"; {r.plan.describe()}" if r.plan else "")
           + (f"; {r.shadow.describe()}" if r.shadow else ""))
     return 0
+
+
+def _plan(args):
+    """The rollout's plan from --plan, --soak and --min-committed (None without --plan)."""
+    from updater.plans import Plan, PlanError, parse_soak, parse_stages  # noqa: PLC0415
+
+    if args.plan is None:
+        if args.soak is not None or args.min_committed is not None:
+            flag = "--soak" if args.soak is not None else "--min-committed"
+            raise UpdaterError(f"{flag} belongs to a rollout plan; give --plan too "
+                               f"(e.g. --plan 1,5,25,100)")
+        return None
+    try:
+        plan = Plan(parse_stages(args.plan), parse_soak(args.soak or "30m"),
+                    0.95 if args.min_committed is None else args.min_committed)
+        plan.check()
+    except PlanError as exc:
+        raise UpdaterError(str(exc)) from exc
+    return plan
 
 
 _SHADOW_FLAGS = {"shadow_min_requests": ("--shadow-min-requests", "min_requests"),
@@ -260,12 +302,16 @@ def fleet_state(args, state: str) -> int:
 def fleet_status(args) -> int:
     from updater.fleet_db import FleetDB  # noqa: PLC0415
     from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.fleet_rollouts import LiveRollouts  # noqa: PLC0415
     from updater.fleet_server import status_report  # noqa: PLC0415
 
     repo = FleetRepo(args.dir)
     db = FleetDB(repo.dir / "fleet.db")
-    rows = [r for r in status_report(repo, db) if args.name in (None, r["model"])]
-    db.close()
+    try:
+        rows = [r for r in status_report(LiveRollouts(repo, db))
+                if args.name in (None, r["model"])]
+    finally:
+        db.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -278,9 +324,28 @@ def fleet_status(args) -> int:
             else "published, not rolled out")
         devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
         print(head + (f"; devices: {devices}" if devices else ""))
+        if r.get("plan") is not None:
+            print("  " + _plan_line(r["plan"]))
         if r.get("shadow") is not None:
             print("  " + _shadow_line(ro["shadow"], r["shadow"]))
     return 0
+
+
+def _plan_line(p: dict) -> str:
+    """One line of a planned rollout: its stage, what it waits for, when it may advance."""
+    import time  # noqa: PLC0415
+
+    f = p["figures"]
+    when = ""
+    if p["may_advance_at"] is not None:
+        left = p["may_advance_at"] - time.time()
+        when = (f"; may advance in {left:.0f}s" if left > 0 else "; may advance now") + \
+            time.strftime(" (%Y-%m-%d %H:%M:%S UTC)", time.gmtime(p["may_advance_at"]))
+    nxt = f", next {p['next']:.0%}" if p["next"] is not None else ""
+    return (f"plan stage {p['stage']} of {p['stages']} ({p['fraction']:.0%}{nxt}): "
+            f"{p['waits_for']}{when}; stage figures: {f['known']} known, {f['committed']} "
+            f"committed, {f['failed']} of {f['final']} failed ({f['stage_failed']} of "
+            f"{f['stage_final']} among the devices this stage added)")
 
 
 def _shadow_line(limits: dict, s: dict) -> str:
@@ -333,6 +398,9 @@ def fleet_serve(args) -> int:
     from updater.fleet_server import run_fleet_server  # noqa: PLC0415
 
     FleetRepo(args.dir)  # a wrong directory fails here, in one line
-    return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s)
+    if not args.plan_check_s > 0:
+        raise UpdaterError(f"--plan-check-s {args.plan_check_s} must be above 0 seconds")
+    return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s,
+                            args.plan_check_s)
 
 
