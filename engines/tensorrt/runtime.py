@@ -158,6 +158,17 @@ class TensorRTSession(Session):
             out[name] = raw.view(b.dtype).reshape(shape).copy()  # staging is reused
         return out
 
+    def device_memory_bytes(self) -> int:
+        """GPU memory this instance holds that RSS does not show: its execution context's
+        activation memory (``device_memory_size_v2``, what each context allocates) and
+        its IO buffers. The weights are the engine's, once for all its instances: the
+        caller counts them from the plan file."""
+        engine = self._engine
+        size = getattr(engine, "device_memory_size_v2", None)
+        if size is None:  # TensorRT before 10.1
+            size = engine.device_memory_size
+        return int(size) + sum(b.nbytes for b in self._bindings)
+
     def warmup(self) -> None:
         """Run at the profile's minimum and optimum shapes, so neither is slow later."""
         for pick in (lambda b: b.min_shape, lambda b: b.opt_shape):

@@ -194,6 +194,18 @@ def test_buffers_sized_from_profile_max_and_reused(trt, cuda, demo_files, tmp_pa
     assert not cuda.device_allocs and not cuda.pinned_allocs and not cuda.streams
 
 
+def test_an_instance_counts_its_context_memory_and_io_buffers(trt, cuda, demo_files,
+                                                               tmp_path):
+    """The memory budget's view of a GPU instance: what RSS does not show."""
+    eng = engine(trt, cuda)
+    art = eng.prepare(demo_files["mlp"], OPTS, tmp_path)
+    session = eng.load(art, OPTS, RuntimeOptions())
+    (engine_obj,) = eng._engines.values()
+    io = 4 * 32 * 4 + 4 * 3 * 4  # features and probs at the profile maximum
+    assert session.device_memory_bytes() == engine_obj.device_memory_size_v2 + io
+    session.close()
+
+
 def trt_ctx(eng):
     (engine_obj,) = eng._engines.values()
     return engine_obj.contexts[-1]

@@ -620,6 +620,9 @@ def make_trt(cuda: StandinCuda, *, generation: int = 10, version: str | None = N
         def num_io_tensors(self):
             return len(self.io)
 
+        # What each execution context allocates for activations (a fixed stand-in figure)
+        device_memory_size_v2 = 1 << 20
+
         @property
         def num_optimization_profiles(self):
             return max(1, self.header["num_profiles"])
