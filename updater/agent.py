@@ -35,6 +35,8 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from appliance.errors import OutpostError
@@ -48,6 +50,7 @@ from updater.fetcher import Fetcher
 from updater.fleet_repo import delta_path, releases_from_targets, target_url_path
 from updater.health import Health, verdict, window
 from updater.journal import Journal, Step, Update
+from updater.pacing import TokenBucket, describe, in_windows
 from updater.release import extract_release
 from updater.shadow import (
     REJECT,
@@ -60,6 +63,10 @@ from updater.shadow import (
 
 log = logging.getLogger("outpost.updater")
 FAULT_ENV = "OUTPOST_UPDATER_FAULT"
+
+
+class OutsideWindow(FetchError):
+    """Now is outside updater.download_windows: the download waits (it is not broken)."""
 
 
 class ShadowWaiting(Exception):
@@ -76,7 +83,8 @@ def fault_point(name: str) -> None:
 
 class Agent:
     def __init__(self, config: UpdaterConfig, data_dir: Path, host, *,
-                 fetcher: Fetcher | None = None, fault=fault_point):
+                 fetcher: Fetcher | None = None, fault=fault_point,
+                 clock: Callable[[], datetime] = datetime.now):
         self.config = config
         self.host = host
         self.data_dir = Path(data_dir)
@@ -87,6 +95,8 @@ class Agent:
         self.journal = Journal(self.data_dir / "state.db")
         self.fetcher = fetcher or Fetcher(config.http_timeout_s, config.download_chunk_bytes)
         self.fault = fault
+        self.clock = clock  # local time, for download_windows
+        self.windows = config.windows
         self.device_id = config.device
         self.base_url = config.fleet_url.rstrip("/")
         key = report_key(config)
@@ -386,6 +396,7 @@ class Agent:
         """Download ``url`` into ``part`` (resuming what it holds), at most ``length``."""
         from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
 
+        self._check_window()
         have = part.stat().st_size if part.exists() else 0
         if have > length:
             part.unlink()
@@ -394,6 +405,9 @@ class Agent:
             return
         if have:
             self.journal.note(u, f"resuming the download at byte {have}")
+        cap = self.config.max_download_bytes_per_s
+        bucket = TokenBucket(cap, burst=self.config.download_chunk_bytes) if cap else None
+        t0 = time.monotonic()
         start, chunks = self.fetcher.fetch_from(url, have)
         with open(part, "r+b" if part.exists() else "wb") as f:
             f.seek(start)
@@ -409,9 +423,23 @@ class Agent:
                     f.flush()
                     os.fsync(f.fileno())
                     self.fault("download-mid")
+                    if bucket is not None:
+                        bucket.take(len(chunk))
+                    if written < length:
+                        self._check_window()
             except tuf_exc.DownloadError as exc:
                 raise FetchError(f"download of {url} broke off at byte {written}: "
                                  f"{exc}") from exc
+        if cap:
+            took = time.monotonic() - t0
+            self.journal.note(u, f"downloaded {written - start} bytes in {took:.2f} s: "
+                                 f"{(written - start) / max(took, 1e-9):.0f} B/s, capped "
+                                 f"at {cap}")
+
+    def _check_window(self) -> None:
+        if not in_windows(self.windows, self.clock()):
+            raise OutsideWindow(f"outside the download windows ({describe(self.windows)}, "
+                                f"local time); the download waits for the next one")
 
     def _pick_delta(self, u: Update) -> tuple[str, object, dict, Path] | None:
         """The smallest signed delta to ``u`` whose base this device holds, or None (the

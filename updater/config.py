@@ -10,6 +10,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from updater.pacing import parse_windows
+
 
 @dataclass(frozen=True)
 class UpdaterConfig:
@@ -27,8 +29,10 @@ class UpdaterConfig:
     health_min_requests: int = 20  # fewer requests in the window: judged on errors only
     max_watch_restarts: int = 1  # a crash during the watch more often than this: roll back
     download_chunk_bytes: int = 65536
-    http_timeout_s: float = 30.0
+    http_timeout_s: float = 30.0  # also the longest a stalled download waits for a byte
     max_release_bytes: int = 2 << 30
+    max_download_bytes_per_s: int = 0  # 0: no cap; else a token bucket paces downloads
+    download_windows: str = ""  # local "HH:MM-HH:MM", comma-separated; "": any time
 
     def check(self) -> None:
         if not self.fleet_url.startswith(("http://", "https://")):
@@ -41,6 +45,13 @@ class UpdaterConfig:
                 raise ValueError(f"{k} must be >= 0")
         if self.download_chunk_bytes < 1024 or self.max_release_bytes < 1:
             raise ValueError("download_chunk_bytes must be >= 1024 and max_release_bytes >= 1")
+        if self.max_download_bytes_per_s < 0:
+            raise ValueError("max_download_bytes_per_s must be >= 0 (0: no cap)")
+        parse_windows(self.download_windows)  # its error names the bad window
+
+    @property
+    def windows(self):
+        return parse_windows(self.download_windows)
 
     @property
     def device(self) -> str:

@@ -1,0 +1,69 @@
+"""A real device against a real fleet server on 127.0.0.1: updater.max_download_bytes_per_s
+holds the download within 10% of the cap, and updater.download_windows keeps it waiting,
+not failed, outside its windows."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+import pytest
+
+from tests.support.updater_support import (
+    Fleet,
+    active_version,
+    journal_notes,
+    journal_rows,
+    make_device,
+    run_outpost,
+)
+from tests.updater.test_delta_update import weights_model
+
+CAP = 250_000  # bytes a second; the release is about 276 kB: some 1.1 s
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = Fleet(tmp_path / "fleet")
+    f.publish("identity", 2, weights_model(tmp_path / "v2.onnx", head_seed=99))
+    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
+    f.start()
+    yield f
+    f.stop()
+
+
+def test_the_download_keeps_within_ten_percent_of_the_cap(fleet, tmp_path, short_tmp):
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, weights_model(tmp_path / "v1.onnx"),
+                         extra=f"max_download_bytes_per_s = {CAP}\n")
+    result = run_outpost("update", "check", "--config", config)
+    assert active_version(data) == 2, result.stdout + result.stderr
+    [note] = [n for n in journal_notes(data) if n.startswith("downloaded ")]
+    size, rate = map(int, re.match(r"downloaded (\d+) bytes in [\d.]+ s: (\d+) B/s", note
+                                   ).groups())
+    assert size > CAP  # long enough for the cap to show
+    assert 0.9 * CAP <= rate <= 1.1 * CAP, note
+
+
+def _hhmm(t: datetime) -> str:
+    return t.strftime("%H:%M")
+
+
+def test_outside_the_windows_the_download_waits_and_is_not_failed(fleet, tmp_path,
+                                                                  short_tmp):
+    now = datetime.now()  # the device's local time, as its agent reads it
+    later = f"{_hhmm(now + timedelta(hours=6))}-{_hhmm(now + timedelta(hours=7))}"
+    data = short_tmp / "dev"
+    config = make_device(data, fleet, weights_model(tmp_path / "v1.onnx"),
+                         extra=f'download_windows = "{later}"\n')
+    result = run_outpost("update", "check", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert f"paused at download (outside the download windows ({later}" in result.stdout
+    assert active_version(data) == 1
+    assert journal_rows(data)[-1]["step"] == "download"
+    assert not list((data / "staging" / "downloads").iterdir())  # not a byte fetched
+    # The window is widened (as a config change does): the same update goes on.
+    config.write_text(config.read_text().replace(later, "00:00-24:00"))
+    result = run_outpost("update", "check", "--config", config)
+    assert active_version(data) == 2, result.stdout + result.stderr
+    assert journal_rows(data)[-1]["outcome"] == "committed"
