@@ -1,6 +1,7 @@
 """Fleet simulation: one real fleet server and N device agents in one process.
 
     python -m benchmarks.fleet_sim [--devices 500] [--thermal-share 0.3] [--shadow]
+    python -m benchmarks.fleet_sim --ingest --devices 10000 [--against CHECKOUT]
 
 Prints the timeline (what the operator and the fleet did, and the version counts after
 each poll round) and the final counts. ``--shadow`` runs the scenario twice, today's path
@@ -8,6 +9,13 @@ each poll round) and the final counts. ``--shadow`` runs the scenario twice, tod
 phase on the bad release's rollout, and prints them side by side: the live requests the
 bad release answered and how many of those answers were wrong, the devices that reported
 it, and when the fleet halted it. Measured, never asserted.
+
+``--ingest`` measures the fleet server alone: it runs as `outpost fleet serve` in its own
+process (that of ``--against CHECKOUT`` to compare with another version of the code), and
+N simulated devices each POST one signed report (32 POSTs at a time) on a live rollout,
+then each POSTs again with the whole fleet known. It prints the reports a second while
+1,000, 5,000 and 10,000 devices had reported, the server's CPU seconds a report and its
+RSS.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from updater.sim import Simulation  # noqa: E402
 
-ROWS = (("live requests v3 answered", "v3_live_answers"),
+ROWS = (("devices that installed v3", "v3_installed"),
+        ("live requests v3 answered", "v3_live_answers"),
         ("  of them wrong (NaN)", "v3_bad_answers"),
         ("devices that answered wrongly", "v3_devices_bad_answers"),
         ("devices that answered with v3", "v3_took_then_left"),
@@ -45,6 +54,47 @@ def run(args, shadow: bool) -> dict:
             shutil.rmtree(sim.work, ignore_errors=True)
 
 
+def ingest(args) -> int:
+    import tempfile  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from updater.fleet_repo import FleetRepo, init_repo  # noqa: PLC0415
+    from updater.ingest_load import ServerProcess, post_all, window_rates  # noqa: PLC0415
+
+    work = Path(tempfile.mkdtemp(prefix="outpost-ingest-"))  # on disk, as a fleet is
+    try:
+        init_repo(work / "fleet")
+        repo = FleetRepo(work / "fleet")
+        repo.publish_archive("identity", 2, b"not a model: the server never opens it")
+        rollout = repo.set_rollout("identity", 2, new=True, fraction=1.0,
+                                   failure_threshold=0.5, min_reports=5)
+        source = Path(args.against).resolve() if args.against else ROOT
+        server = ServerProcess(work / "fleet", source).start()
+        devices = [f"sim-{i:05d}" for i in range(args.devices)]
+        marks = [m for m in (1000, 5000, 10000, 20000) if m <= args.devices]
+        print(f"fleet server of {source} (pid {server.proc.pid}); {args.devices} devices, "
+              f"one signed report a POST, 32 POSTs at a time")
+        try:
+            for label, states in (("first report of each device", ["committed"]),
+                                  ("again, the whole fleet known", ["committed"])):
+                cpu0, t0 = server.cpu_s(), time.monotonic()
+                done = asyncio.run(post_all(server.url, repo.report_secret(), rollout.id,
+                                            devices, states))
+                wall, cpu = time.monotonic() - t0, server.cpu_s() - cpu0
+                n = len(done) * len(states)
+                rates = ", ".join(f"{r:,.0f}/s at {m:,}" for m, r in
+                                  window_rates(done, marks, len(states)).items())
+                print(f"{label}: {n:,} reports in {wall:.1f}s = {n / wall:,.0f} reports/s "
+                      f"({rates}; window of 500 POSTs); server CPU {cpu:.1f}s = "
+                      f"{cpu / n * 1e3:.2f} ms a report; RSS {server.rss_mib():.0f} MiB")
+            print(f"fleet server peak RSS {server.rss_mib(peak=True):.0f} MiB")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=500)
@@ -52,10 +102,25 @@ def main() -> int:
     p.add_argument("--shadow", action="store_true",
                    help="also run the bad release with a shadow phase; compare the two")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--ingest", action="store_true",
+                   help="measure the fleet server alone taking signed reports")
+    p.add_argument("--against", metavar="CHECKOUT",
+                   help="--ingest: run the fleet server of this checkout (compare)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the timeline says what happened
+    if args.ingest:
+        return ingest(args)
     if not args.shadow:
-        print(json.dumps(run(args, False), indent=2))
+        summary = run(args, False)
+        print(json.dumps(summary, indent=2))
+        print(f"\nfleet server: {summary['reports']:,} signed reports in "
+              f"{summary['server_cpu_s']:.1f} s of its CPU = "
+              f"{summary['reports'] / max(summary['server_cpu_s'], 1e-9):,.0f} reports a CPU "
+              f"second; RSS {summary['server_rss_mib']:.0f} MiB (peak "
+              f"{summary['server_peak_rss_mib']:.0f})\nbad release v3 installed on "
+              f"{summary['v3_installed']} of {summary['devices']} devices "
+              f"({summary['v3_installed'] / summary['devices']:.2%}) before the halt; "
+              f"final versions {summary['final_counts']}; wall time {summary['wall_s']:.0f} s")
         return 0
     print("== today's path: v3 activated, the health watch rolls it back")
     watch = run(args, False)

@@ -19,6 +19,9 @@ class FleetDB:
         self.db = sqlite_utils.Database(path)
         self.db.conn.execute("PRAGMA busy_timeout = 10000")
         self.db.enable_wal()
+        # WAL with NORMAL: a commit (one a POST) does not wait on fsync; a power cut may
+        # lose the last reports, never the database (devices report every state change)
+        self.db.conn.execute("PRAGMA synchronous = NORMAL")
         with self.db.conn:
             self.db["reports"].create(
                 {"id": int, "received_at": float, "device_id": str, "model": str,
@@ -53,6 +56,12 @@ class FleetDB:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    def __enter__(self) -> FleetDB:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add(self, reports: list[dict]) -> set[str]:
         """Store reports in one transaction; returns the rollout ids they touched.

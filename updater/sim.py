@@ -1,13 +1,20 @@
-"""The fleet simulation: one real fleet server and N device agents in one process.
+"""The fleet simulation: a real fleet server process and N device agents in this one.
 
 Each simulated device is a real ``Agent`` (TUF ngclient refresh, HTTP downloads with
-Range, TUF length/hash checks, its own SQLite journal and report queue) talking to the
-real fleet server over HTTP on 127.0.0.1; only the appliance under it is simulated
-(``SimHost``: versions in memory, validation with real ONNX Runtime sessions shared by
-model hash the way a content-addressed engine cache is, and synthetic traffic for the
-health watch). Scenario: a good release goes 5% -> 50% -> 100%; then a bad release
-that yields NaN on the inputs seen by devices labelled ``sensor=thermal`` is halted by
-the fleet at the canary stage, and the devices that took it roll back.
+Range, TUF length/hash checks, its own SQLite journal and report queue, its own report
+key) talking to the real fleet server (`outpost fleet serve`, a process of its own) over
+HTTP on 127.0.0.1. How it differs from a real device: the appliance under it is
+simulated (``SimHost``: versions in memory, validation with real ONNX Runtime sessions
+shared by model hash the way a content-addressed engine cache is, and synthetic traffic
+for the health watch, whose window is 0 s); devices poll in rounds, ``concurrency`` at a
+time, each agent opened for its poll and closed after; and the clock is scaled (a plan's
+soak of ``soak_s``, 0.5 s by default; the server judges plans every 0.1 s).
+
+Scenario: every device installs v1 (so the fleet knows it); a good v2 goes out with a
+rollout plan (1,5,25,100 by default) that the fleet server advances by itself until all
+run it; then a bad v3 that yields NaN on the inputs seen by devices labelled
+``sensor=thermal`` goes out with the same plan and is halted by the fleet at its first
+stage; the devices that took it roll back or fall back to v2.
 
 With ``shadow=True`` the bad release's rollout has a shadow phase: each device runs it
 beside its active version on its own synthetic live traffic (``SimHost.shadow_snapshot``:
@@ -32,13 +39,16 @@ import numpy as np
 from updater.agent import Agent
 from updater.config import UpdaterConfig
 from updater.errors import ReleaseError, UpdaterError
+from updater.fleet_db import FleetDB
 from updater.fleet_repo import FleetRepo, init_repo
-from updater.fleet_server import start_fleet_server
 from updater.health import Health
+from updater.ingest_load import ServerProcess
+from updater.plans import Plan
 from updater.report_auth import device_key
 from updater.shadow import ShadowPolicy
 from updater.validation import compare, make_release_samples, read_samples, run_session
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose fleet server runs
 TRAFFIC_ROWS = 8  # requests a device serves between two health readings
 SHADOW_ROWS = 32  # live requests a device serves (and copies) per shadow reading
 SIM_SHADOW = ShadowPolicy(window_s=0.2, min_requests=SHADOW_ROWS, max_disagreement=0.01,
@@ -182,15 +192,20 @@ class SimHost:
 
 class Simulation:
     def __init__(self, n_devices: int = 500, *, thermal_share: float = 0.3,
-                 canary: float = 0.05, min_reports: int = 5, failure_threshold: float = 0.1,
-                 workdir: Path | None = None, concurrency: int = 64, shadow: bool = False):
+                 plan: tuple[float, ...] = (0.01, 0.05, 0.25, 1.0), soak_s: float = 0.5,
+                 min_committed: float = 0.95, min_reports: int = 5,
+                 failure_threshold: float = 0.1, workdir: Path | None = None,
+                 concurrency: int = 64, shadow: bool = False, max_rounds: int = 12):
         self.n = n_devices
         self.shadow = shadow  # the bad release's rollout has a shadow phase
         self.halted_at: float | None = None
-        self.canary = canary
+        self.plan = Plan(tuple(plan), soak_s, min_committed)
+        self.plan.check()
+        self.canary = plan[0]
         self.min_reports = min_reports
         self.failure_threshold = failure_threshold
         self.thermal_share = thermal_share
+        self.max_rounds = max_rounds
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
         self.work = Path(workdir or tempfile.mkdtemp(prefix="outpost-sim-", dir=base))
         self.concurrency = concurrency
@@ -211,16 +226,22 @@ class Simulation:
         errors: Counter = Counter()
         first: dict[str, str] = {}
 
-        async def one(agent: Agent) -> None:
+        async def one(cfg: UpdaterConfig, home: Path, host: SimHost) -> None:
             async with sem:
+                # A device's agent is opened for its poll and closed after (its journal,
+                # metadata and report queue stay on disk): 10,000 open journals would
+                # pass this host's 20,000 open files.
+                agent = Agent(cfg, home, host)
                 try:
                     await agent.check_once()
                 except UpdaterError as exc:
                     errors[type(exc).__name__] += 1
                     first.setdefault(type(exc).__name__, str(exc))
+                finally:
+                    agent.close()
 
         t = time.monotonic()
-        await asyncio.gather(*(one(a) for a in self.agents))
+        await asyncio.gather(*(one(*d) for d in self.devices))
         extra = f", errors {dict(errors)} (first: {first})" if errors else ""
         self.note(f"{label}: poll round over {self.n} devices in "
                   f"{time.monotonic() - t:.2f}s -> {self.counts()}{extra}")
@@ -230,39 +251,78 @@ class Simulation:
         config, samples = make_release_samples(model, None, None, tmp)
         self.repo.publish("identity", version, model, config, samples)
 
+    async def _watch_fleet(self) -> None:
+        """Note what the fleet server does by itself: stages advanced, halts."""
+        seen: dict[int, tuple] = {}
+        while True:
+            for rel in await asyncio.to_thread(self.repo.releases):
+                r = rel.rollout
+                if r is None:
+                    continue
+                now = (r.id, r.fraction, r.state)
+                old = seen.get(rel.version)
+                seen[rel.version] = now
+                if old is None or old[0] != r.id:
+                    continue
+                if old[1] != r.fraction:
+                    self.note(f"fleet: advanced identity v{rel.version} to {r.fraction:.0%} "
+                              f"by itself")
+                if old[2] != "halted" and r.state == "halted":
+                    if rel.version == 3:
+                        self.halted_at = time.monotonic() - self.t0
+                    why = _last_line(self.server_log, f"rollout of identity {rel.version} "
+                                                      f"halted: ")
+                    self.note(f"fleet: halted identity v{rel.version} by itself: {why}")
+            await asyncio.sleep(0.05)
+
+    async def until(self, label: str, done) -> int:
+        """Poll rounds until ``done()`` (the planner works between them); the rounds run."""
+        for n in range(1, self.max_rounds + 1):
+            self._stage_moved()  # what the fleet holds as the round starts
+            await self.round(f"{label}, round {n}")
+            deadline = time.monotonic() + self.plan.soak_s + 2.0  # the stage may advance
+            while not done() and time.monotonic() < deadline:
+                if self._stage_moved():
+                    break
+                await asyncio.sleep(0.05)
+            if done():
+                return n
+        return self.max_rounds
+
+    def _stage_moved(self) -> bool:
+        fractions = tuple((r.version, r.rollout.fraction, r.rollout.state)
+                          for r in self.repo.releases() if r.rollout)
+        moved = fractions != getattr(self, "_fractions", None)
+        self._fractions = fractions
+        return moved
+
     async def run(self) -> dict:
         from appliance.demo.models import identity_model  # noqa: PLC0415
 
         loop = asyncio.get_running_loop()
-        # Agents block a worker thread each while they wait on the fleet server, which
-        # needs workers of its own (aiohttp stats files in the executor): room for both.
+        # Agents block a worker thread each while they wait on the fleet server.
         loop.set_default_executor(ThreadPoolExecutor(self.concurrency + 16))
         init_repo(self.work / "fleet")
         self.repo = FleetRepo(self.work / "fleet")
-        server, runner, port = await start_fleet_server(self.work / "fleet")
-        def on_halt(model: str, version: int, why: str) -> None:
-            if version == 3:
-                self.halted_at = time.monotonic() - self.t0
-            self.note(f"fleet: halted {model} v{version} by itself: {why}")
-
-        server.on_halt = on_halt
-        url = f"http://127.0.0.1:{port}"
         cache = SessionCache()
         good = identity_model(self.work / "identity.onnx")
         self.publish(1, good)
         self.repo.set_rollout("identity", 1, new=True, fraction=1.0)
+        # The real fleet server, in a process of its own (its CPU and RSS are its own),
+        # judging planned rollouts every 0.1 s: the soak is scaled to the simulation.
+        server = ServerProcess(self.work / "fleet", ROOT, plan_check_s=0.1).start()
+        self.server_log = self.work / "fleet" / "server.log"
+        url = server.url
         secret = self.repo.report_secret()  # each device signs its reports with its key
-        self.hosts, self.agents = [], []
+        self.hosts, self.devices = [], []
         rng = np.random.default_rng(7)
         thermal_count = 0
         for i in range(self.n):
             thermal = bool(rng.random() < self.thermal_share)
             thermal_count += thermal
             host = SimHost(cache, thermal, rng=np.random.default_rng(i))
-            host.versions[1] = good
-            host.current = 1
-            device_id = f"sim-{i:04d}"
-            home = self.work / "devices" / f"{i:04d}"
+            device_id = f"sim-{i:05d}"
+            home = self.work / "devices" / f"{i:05d}"
             home.mkdir(parents=True, exist_ok=True)
             (home / "report.key").write_text(device_key(secret, device_id).hex())
             cfg = UpdaterConfig(
@@ -271,39 +331,48 @@ class Simulation:
                 labels={"sensor": "thermal" if thermal else "camera"},
                 health_window_s=0.0, health_max_error_rate_increase=0.05)
             self.hosts.append(host)
-            self.agents.append(Agent(cfg, home, host))
-        self.note(f"fleet server on {url}; {self.n} devices on v1 "
-                  f"({thermal_count} labelled sensor=thermal)")
+            self.devices.append((cfg, home, host))
+        self.note(f"fleet server on {url} (pid {server.proc.pid}); {self.n} devices "
+                  f"({thermal_count} labelled sensor=thermal); {self.plan.describe()} "
+                  f"(soak scaled)")
+        watcher = asyncio.create_task(self._watch_fleet())
+        cpu0 = server.cpu_s()
         try:
-            await self.round("baseline")
+            await self.round("first install of v1 (the fleet learns its devices)")
             self.publish(2, identity_model(self.work / "identity-2.onnx"))
-            for fraction in (self.canary, 0.5, 1.0):
-                if fraction == self.canary:
-                    r = self.repo.set_rollout(
-                        "identity", 2, new=True, fraction=fraction, min_reports=self.min_reports,
-                        failure_threshold=self.failure_threshold)
-                    self.note(f"operator: rollout v2 to {fraction:.0%} (rollout {r.id})")
-                else:
-                    self.repo.set_rollout("identity", 2, fraction=fraction)
-                    self.note(f"operator: promote v2 to {fraction:.0%}")
-                await self.round(f"v2 at {fraction:.0%}")
+            r2 = self.repo.set_rollout("identity", 2, new=True, fraction=self.canary,
+                                       min_reports=self.min_reports,
+                                       failure_threshold=self.failure_threshold,
+                                       plan=self.plan)
+            self.note(f"operator: rollout v2 with {self.plan.describe()} (rollout {r2.id})")
+            v2_rounds = await self.until("v2", lambda: all(h.current == 2
+                                                           for h in self.hosts))
             self.publish(3, log_guard_model(self.work / "bad-3.onnx"))
             r = self.repo.set_rollout("identity", 3, new=True, fraction=self.canary,
                                       failure_threshold=self.failure_threshold,
-                                      min_reports=self.min_reports,
+                                      min_reports=self.min_reports, plan=self.plan,
                                       shadow=SIM_SHADOW if self.shadow else None)
-            self.note(f"operator: rollout v3 (bad on thermal sensors) to {self.canary:.0%} "
-                      f"(rollout {r.id})" + (f", {SIM_SHADOW.describe()}" if self.shadow
-                                             else ", no shadow phase"))
+            self.note(f"operator: rollout v3 (bad on thermal sensors) with "
+                      f"{self.plan.describe()} (rollout {r.id})"
+                      + (f", {SIM_SHADOW.describe()}" if self.shadow else ", no shadow phase"))
             v3_start = time.monotonic() - self.t0
-            await self.round("v3 canary")
+            await self.until("v3", lambda: self.repo.release("identity", 3).rollout.state
+                             == "halted")
             await self.round("after the halt")
+            cpu = server.cpu_s() - cpu0
+            wall = time.monotonic() - self.t0
+            with FleetDB(self.repo.dir / "fleet.db") as db:
+                reports = db.db["reports"].count
+                fleet_status = db.counts()
+                v3_shadow = db.shadow_summary(r.id) if self.shadow else None
             rel = self.repo.release("identity", 3)
             summary = {
-                "devices": self.n, "final_counts": self.counts(),
-                "v3_state": rel.rollout.state,
-                "v3_cohort": sum(rel.rollout.includes(a.device_id, a.config.labels)
-                                 for a in self.agents),
+                "devices": self.n, "final_counts": self.counts(), "v2_rounds": v2_rounds,
+                "v2_fraction": self.repo.release("identity", 2).rollout.fraction,
+                "v3_state": rel.rollout.state, "v3_fraction": rel.rollout.fraction,
+                "v3_cohort": sum(rel.rollout.includes(cfg.device_id, cfg.labels)
+                                 for cfg, _, _ in self.devices),
+                "v3_installed": sum(3 in h.versions for h in self.hosts),
                 "v3_marked_bad": sum(3 in h.bad for h in self.hosts),
                 "v3_took_then_left": sum(3 in h.counts for h in self.hosts),
                 # Live requests v3 answered, and how many of those answers were NaN.
@@ -312,20 +381,34 @@ class Simulation:
                 "v3_devices_bad_answers": sum(h.counts.get(3, (0, 0))[1] > 0
                                               for h in self.hosts),
                 "v3_devices_reported_failure": sum(
-                    v for k, v in server.db.counts().get(r.id, {}).items()
+                    v for k, v in fleet_status.get(r.id, {}).items()
                     if k in ("failed", "rolled_back", "rejected_in_shadow")),
                 "v3_halted_at_s": None if self.halted_at is None
                 else round(self.halted_at - v3_start, 2),
-                "v3_shadow": server.db.shadow_summary(r.id) if self.shadow else None,
-                "fleet_status": server.db.counts(),
+                "v3_shadow": v3_shadow,
+                "fleet_status": fleet_status,
+                "reports": reports, "server_cpu_s": round(cpu, 2),
+                "server_rss_mib": round(server.rss_mib(), 1),
+                "server_peak_rss_mib": round(server.rss_mib(peak=True), 1),
+                "wall_s": round(wall, 1),
             }
-            self.note(f"final: {summary['final_counts']}; v3 rollout {summary['v3_state']}, "
-                      f"cohort {summary['v3_cohort']} devices, {summary['v3_took_then_left']}"
-                      f" answered with v3, {summary['v3_marked_bad']} marked it bad ("
+            self.note(f"final: {summary['final_counts']}; v3 rollout {summary['v3_state']} "
+                      f"at {rel.rollout.fraction:.0%}, cohort {summary['v3_cohort']} devices, "
+                      f"{summary['v3_installed']} installed it, "
+                      f"{summary['v3_took_then_left']} answered with v3, "
+                      f"{summary['v3_marked_bad']} marked it bad ("
                       + ("rejected in shadow" if self.shadow else "rolled back") + "); "
                       f"v3 gave {summary['v3_bad_answers']} NaN answers to live requests")
             return summary
         finally:
-            for a in self.agents:
-                a.close()
-            await runner.cleanup()
+            watcher.cancel()
+            server.stop()
+
+
+def _last_line(log: Path, marker: str) -> str:
+    """What follows ``marker`` on the last log line holding it."""
+    try:
+        lines = [ln for ln in log.read_text().splitlines() if marker in ln]
+    except OSError:
+        return ""
+    return lines[-1].split(marker, 1)[1] if lines else ""
