@@ -136,6 +136,12 @@ def register(sub) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=fleet_status)
 
+    dv = fs.add_parser("devices", help="each device's last report, version, labels and "
+                                       "when the fleet last heard from it")
+    dv.add_argument("dir", type=Path)
+    dv.add_argument("--json", action="store_true")
+    dv.set_defaults(func=fleet_devices)
+
     rk = fs.add_parser("rotate-key", help="give a role a new key (root N+1; devices follow)")
     rk.add_argument("dir", type=Path)
     rk.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
@@ -359,6 +365,36 @@ def _shadow_line(limits: dict, s: dict) -> str:
             f"(worst device {s['worst_disagreement']:.1%}), {s['errors']} errors, "
             f"{s['shed']} copies shed"
             + (f", worst p99 {ratio:.2f}x the active version's" if ratio is not None else ""))
+
+
+def fleet_devices(args) -> int:
+    import time  # noqa: PLC0415
+
+    from updater.fleet_db import FleetDB  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    with FleetDB(repo.dir / "fleet.db") as db:
+        rows = db.devices()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no device has reported to this fleet yet")
+    now = time.time()
+    for d in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
+        print(f"{d['device_id']}: {d['model']} {d['version']} {d['state']} (rollout "
+              f"{d['rollout_id']}), seen {_ago(now - d['last_seen'])} ago; labels {labels}"
+              + (f"; {d['detail'][:120]}" if d["detail"] else ""))
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
 
 
 def fleet_rotate_key(args) -> int:
