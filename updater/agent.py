@@ -393,7 +393,30 @@ class Agent:
         self.fault("download-done")
 
     def _fetch_to(self, u: Update, url: str, part: Path, length: int, what: str) -> None:
-        """Download ``url`` into ``part`` (resuming what it holds), at most ``length``."""
+        """Download ``url`` into ``part`` (resuming what it holds), at most ``length``.
+
+        A link that breaks off (reset, clean close, stall past http_timeout_s) is resumed
+        with Range at once, in this pass: every chunk is fsynced before the next is read,
+        so only the chunk in flight is fetched again. Attempts that bring no new byte are
+        bounded by download_attempts; then the download waits for the next pass."""
+        barren = 0  # attempts in a row that brought nothing
+        while True:
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                self._fetch_once(u, url, part, length, what)
+                return
+            except OutsideWindow:
+                raise
+            except FetchError as exc:
+                gained = (part.stat().st_size if part.exists() else 0) > before
+                barren = 0 if gained else barren + 1
+                if barren >= self.config.download_attempts:
+                    raise FetchError(f"{exc} ({barren} attempts in a row brought no byte; "
+                                     f"it resumes on the next pass)") from exc
+                self.journal.note(u, f"{exc}; resuming in this pass")
+                time.sleep(0.0 if gained else min(2.0, 0.1 * 2 ** barren))
+
+    def _fetch_once(self, u: Update, url: str, part: Path, length: int, what: str) -> None:
         from tuf.api import exceptions as tuf_exc  # noqa: PLC0415
 
         self._check_window()
@@ -576,19 +599,27 @@ class Agent:
                   "ts": time.time(), "labels": dict(self.config.labels)}
         if shadow is not None:
             report["shadow"] = shadow.as_report()
-        self.journal.queue_report(report)
+        if self.journal.queue_report(report, self.config.max_queued_reports):
+            log.warning("report queue full: the oldest report dropped",
+                        extra={"dropped": self.journal.dropped_reports()})
 
     async def flush_reports(self) -> int:
         """Send the queued reports; they stay queued while the fleet is unreachable."""
         sent = 0
         while queued := self.journal.queued_reports():
+            body = {"reports": [r for _, r in queued]}
+            dropped = self.journal.dropped_reports()
+            if dropped:  # the fleet learns how many it will never see
+                body["dropped_reports"] = dropped
             try:
                 await asyncio.to_thread(self.fetcher.post_json, self.config.reports_endpoint,
-                                        {"reports": [r for _, r in queued]}, self._sign)
+                                        body, self._sign)
             except FetchError as exc:
                 log.info("reports queued", extra={"queued": len(queued), "error": str(exc)})
                 return sent
             self.journal.drop_reports([i for i, _ in queued])
+            if dropped:
+                self.journal.forget_dropped(dropped)
             sent += len(queued)
         return sent
 

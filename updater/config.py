@@ -33,6 +33,8 @@ class UpdaterConfig:
     max_release_bytes: int = 2 << 30
     max_download_bytes_per_s: int = 0  # 0: no cap; else a token bucket paces downloads
     download_windows: str = ""  # local "HH:MM-HH:MM", comma-separated; "": any time
+    download_attempts: int = 5  # per pass: a link that drops is resumed this often
+    max_queued_reports: int = 1000  # kept while offline; past it the oldest are dropped
 
     def check(self) -> None:
         if not self.fleet_url.startswith(("http://", "https://")):
@@ -47,6 +49,8 @@ class UpdaterConfig:
             raise ValueError("download_chunk_bytes must be >= 1024 and max_release_bytes >= 1")
         if self.max_download_bytes_per_s < 0:
             raise ValueError("max_download_bytes_per_s must be >= 0 (0: no cap)")
+        if self.download_attempts < 1 or self.max_queued_reports < 1:
+            raise ValueError("download_attempts and max_queued_reports must be >= 1")
         parse_windows(self.download_windows)  # its error names the bad window
 
     @property

@@ -72,6 +72,8 @@ class Journal:
                 pk="id", if_not_exists=True)
             self.db["update_reports"].create(
                 {"id": int, "body": str}, pk="id", if_not_exists=True)
+            self.db["update_reports_dropped"].create(  # one row: dropped while offline
+                {"id": int, "count": int}, pk="id", if_not_exists=True)
             self.db["update_bad"].create(
                 {"model": str, "version": int, "why": str, "ts": float},
                 pk=("model", "version"), if_not_exists=True)
@@ -149,9 +151,30 @@ class Journal:
 
     # -- the report queue ----------------------------------------------------------------
 
-    def queue_report(self, report: dict) -> None:
+    def queue_report(self, report: dict, keep: int = 1000) -> int:
+        """Queue ``report``; past ``keep`` queued, the oldest go (counted). Returns how
+        many were dropped now."""
         with self.db.conn:
             self.db["update_reports"].insert({"body": json.dumps(report)})
+            over = self.db.execute("select count(*) from update_reports").fetchone()[0] - keep
+            if over > 0:
+                self.db.execute("delete from update_reports where id in (select id from "
+                                "update_reports order by id limit ?)", [over])
+                self.db.execute("insert into update_reports_dropped (id, count) values "
+                                "(1, ?) on conflict(id) do update set count = count + ?",
+                                [over, over])
+        return max(over, 0)
+
+    def dropped_reports(self) -> int:
+        """Reports dropped from a full queue and not yet told to the fleet."""
+        row = self.db.execute("select count from update_reports_dropped where id = 1"
+                              ).fetchone()
+        return row[0] if row else 0
+
+    def forget_dropped(self, told: int) -> None:
+        with self.db.conn:
+            self.db.execute("update update_reports_dropped set count = count - ? where "
+                            "id = 1", [told])
 
     def queued_reports(self, limit: int = 500) -> list[tuple[int, dict]]:
         return [(r["id"], json.loads(r["body"])) for r in self.db.query(
