@@ -181,6 +181,22 @@ else
     echo "smoke:   skipped: this build has no 'serve --http' (issue 3)"
 fi
 
+begin "gRPC: the server listens and answers HTTP/2 (grpcio's core is frozen in)"
+start_http "$tmp/grpc.log" /v2/health/ready serve --data-dir "$tmp/grpc" \
+    --socket "$tmp/grpc.sock" --demo --http "127.0.0.1:{port}" --grpc 127.0.0.1:0 \
+    --log-format json || { log="$tmp/grpc.log"; fail "the server with --grpc never got ready"; }
+grpc_pid=$pid
+gport=$(grep -o '"grpc": *"127\.0\.0\.1:[0-9]*"' "$tmp/grpc.log" | grep -o '[0-9]*"$' | tr -d '"')
+[[ -n "$gport" ]] || { log="$tmp/grpc.log"; fail "the ready line names no gRPC address"; }
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server answers with its own
+# SETTINGS frame (type 0x04, the 4th byte of the 9-byte frame header).
+exec 3<>"/dev/tcp/127.0.0.1/$gport" || fail "nothing listens on the gRPC port $gport"
+printf 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00' >&3
+frame=$(timeout 10 head -c 9 <&3 | od -An -tx1 | tr -d ' \n')
+exec 3<&-
+[[ "${frame:6:2}" == "04" ]] || { log="$tmp/grpc.log"; fail "no HTTP/2 SETTINGS from the gRPC port: '$frame'"; }
+kill -TERM "$grpc_pid"; wait "$grpc_pid" || fail "the gRPC server exited with $?"
+
 # --- OTA (issue 6): runs where `outpost fleet` exists. Written against the ota branch
 # before its merge; LEAD: keep it in step with docs/ota.md. -----------------------------
 begin "OTA: fleet init, publish, roll out, serve; the device updates its running server"
