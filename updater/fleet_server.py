@@ -30,6 +30,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from updater.dashboard import add_dashboard_routes
 from updater.errors import UpdaterError
 from updater.fleet_db import REPORT_STATES, FleetDB
 from updater.fleet_repo import FleetRepo
@@ -156,6 +157,8 @@ class FleetServer:
                              ("targets", self.repo.targets_dir)):
             app.router.add_get(f"/{prefix}/{{path:.*}}",
                                functools.partial(self._file, root=root, prefix=prefix))
+        # The fleet dashboard, GET only (updater/dashboard.py)
+        add_dashboard_routes(app, self.live, self._lock, status_report)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
