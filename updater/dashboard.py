@@ -34,7 +34,7 @@ PAGE_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 # The page loads only its own files and its own JSON (no inline script, no other origin).
 _PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
                                "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
     "Referrer-Policy": "no-referrer"}
@@ -146,8 +146,24 @@ def stale_devices(db: FleetDB, now: float, after_s: float = STALE_AFTER_S,
 
 def add_dashboard_routes(app: web.Application, live: LiveRollouts, lock: asyncio.Lock,
                          status: Callable[[LiveRollouts], list[dict]]) -> None:
-    """GET /v1/dashboard: the page's data, built under the server's lock as /v1/status
-    is (``status`` is fleet_server.status_report, passed in: no import of the server)."""
+    """GET / (the page), GET /dashboard/FILE (its script and style), GET /v1/dashboard
+    (its data, built under the server's lock as /v1/status is; ``status`` is
+    fleet_server.status_report, passed in so this module does not import the server).
+    The page's files are read once here: a package without them fails at start."""
+    files = {name: (PAGE_DIR / name).read_bytes() for name in ("index.html", *PAGE_FILES)}
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(body=files["index.html"], content_type="text/html",
+                            charset="utf-8", headers=_PAGE_HEADERS)
+
+    async def page_file(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in PAGE_FILES:
+            return web.json_response(
+                {"error": f"/dashboard/{name[:200]}: not a file of the dashboard; its "
+                          f"files are {', '.join(sorted(PAGE_FILES))}"}, status=404)
+        return web.Response(body=files[name], content_type=PAGE_FILES[name],
+                            charset="utf-8", headers=_PAGE_HEADERS)
 
     async def data(_request: web.Request) -> web.Response:
         async with lock:
@@ -155,4 +171,6 @@ def add_dashboard_routes(app: web.Application, live: LiveRollouts, lock: asyncio
             report = dashboard_report(live, status(live), time.time())
         return web.json_response(report, headers={"Cache-Control": "no-store"})
 
+    app.router.add_get("/", page)
+    app.router.add_get("/dashboard/{name}", page_file)
     app.router.add_get("/v1/dashboard", data)

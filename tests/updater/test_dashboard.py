@@ -1,17 +1,26 @@
-"""The fleet dashboard: GET /v1/dashboard from a real `outpost fleet serve` that took
-signed reports, against /v1/status; and its per-minute and not-seen queries on a real
-fleet.db."""
+"""The fleet dashboard of a real `outpost fleet serve` that took signed reports:
+GET /v1/dashboard against /v1/status; the page's own files, no secret in them, odd URLs;
+the page rendered by headless Chromium against `outpost fleet status --json` and
+`outpost fleet devices --json` (skipped without Debian's chromium); and the per-minute
+and not-seen queries on a real fleet.db."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import shutil
 import sqlite3
+import subprocess
 import time
 import urllib.request
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
-from tests.support.updater_support import Fleet
+from tests.support.updater_support import Fleet, run_outpost
 from updater import report_auth
 from updater.cohort import cohort_point
 from updater.dashboard import (
@@ -199,3 +208,228 @@ def test_devices_unheard_past_the_limit_are_counted_and_the_longest_silent_liste
         out = stale_devices(db, now, after_s=900, limit=1)
     assert (out["devices"], out["count"], out["after_s"]) == (5, 2, 900)
     assert [d["device_id"] for d in out["listed"]] == ["d3"]  # the longest silent first
+
+
+# -- the page ----------------------------------------------------------------------------
+
+PAGE_URLS = ("/", "/dashboard/dashboard.js", "/dashboard/dashboard.css", "/v1/dashboard")
+
+
+def _ask(fleet: Fleet, method: str, path: str) -> tuple[int, dict, bytes]:
+    """One request with the path exactly as given (no client normalising it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _secrets(fleet: Fleet, devices) -> list[bytes]:
+    """What must never leave keys/: the report secret, each device's report key, and the
+    body of every private key the fleet signs with."""
+    secret = fleet.repo.report_secret()
+    out = [secret.hex().encode(), secret, b"PRIVATE KEY"]
+    out += [device_key(secret, d).hex().encode() for d in devices]
+    for pem in sorted((fleet.dir / "keys").glob("*.pem")):
+        out += [line for line in pem.read_bytes().splitlines()
+                if line and not line.startswith(b"-----")]
+    return out
+
+
+def test_the_page_ships_its_own_files_and_carries_no_secret(scene):
+    fleet = scene.fleet
+    devices = [d for d, _ in scene.posts]
+    secrets = _secrets(fleet, devices)
+    assert len(secrets) >= 3 + len(devices) + 4  # root, targets, snapshot, timestamp keys
+    bodies = {}
+    for path in PAGE_URLS:
+        status, headers, body = _ask(fleet, "GET", path)
+        assert status == 200, (path, body[:300])
+        bodies[path] = body
+        leaked = [s[:12] for s in secrets if s in body]
+        assert not leaked, (path, leaked)
+    assert _ask(fleet, "GET", "/")[1]["Content-Type"].startswith("text/html")
+    csp = _ask(fleet, "GET", "/")[1]["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    # Nothing from another origin: every src and href is the page's own or a data: URL.
+    refs = re.findall(rb'(?:src|href)="([^"]*)"', bodies["/"])
+    assert refs and all(r.startswith((b"/dashboard/", b"data:")) for r in refs), refs
+    assert not re.search(rb"https?://(?!www\.w3\.org/2000/svg)",
+                         b"".join(bodies[p] for p in PAGE_URLS[:3]))
+    assert b'fetch("/v1/dashboard"' in bodies["/dashboard/dashboard.js"]
+
+
+ODD_DASHBOARD_URLS = [  # (method, path, status)
+    ("POST", "/", 405), ("PUT", "/", 405), ("DELETE", "/", 405),
+    ("POST", "/v1/dashboard", 405), ("POST", "/dashboard/dashboard.js", 405),
+    ("GET", "/dashboard/../keys/report.key", 404),
+    ("GET", "/dashboard/%2e%2e/keys/report.key", 404),
+    ("GET", "/dashboard/%2e%2e%2fkeys%2freport.key", 404),
+    ("GET", "/dashboard/..%2F..%2Fkeys%2Ftargets.pem", 404),
+    ("GET", "/dashboard/..", 404), ("GET", "/dashboard/.", 404),
+    ("GET", "/dashboard/", 404), ("GET", "/dashboard", 404),
+    ("GET", "/dashboard/index.html", 404), ("GET", "/dashboard/dashboard.py", 404),
+    ("GET", "/dashboard/dashboard.js/x", 404), ("GET", "/dashboard/%00", 404),
+    ("GET", "/dashboard/fleet.db", 404), ("GET", "/dashboard/dashboard.js?v=1", 400),
+    ("GET", "/?x", 400), ("GET", "/v1/dashboard?since=0", 400),
+]
+
+
+def test_odd_urls_of_the_dashboard_get_a_4xx_that_says_why(scene):
+    fleet = scene.fleet
+    secrets = _secrets(fleet, [])
+    for method, path, want in ODD_DASHBOARD_URLS:
+        status, headers, body = _ask(fleet, method, path)
+        assert status == want, (method, path, status, body[:300])
+        assert json.loads(body)["error"], (method, path)
+        assert not [s for s in secrets if s in body], (method, path)
+        if status == 405:
+            assert "GET" in headers["Allow"], (method, path)
+    fleet.stop()
+    log = (fleet.dir / "server.log").read_text()
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+
+
+# -- the page in a real browser ------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Elements(HTMLParser):
+    """Each element: its attributes, its whole text and the elements that hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_id: dict[str, dict] = {}
+        self.all: list[dict] = []  # every element, for data-attribute look-ups
+        self._open: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        node = {"tag": tag, "attrs": dict(attrs), "text": "", "within": list(self._open)}
+        self.all.append(node)
+        if "id" in node["attrs"]:
+            self.by_id[node["attrs"]["id"]] = node
+        if tag not in ("meta", "link", "br", "img", "input", "hr"):  # HTML's void ones
+            self._open.append(node)
+
+    def handle_endtag(self, tag):
+        while self._open:
+            if self._open.pop()["tag"] == tag:
+                break
+
+    def handle_data(self, data):
+        for node in self._open:
+            node["text"] += data
+
+    def find(self, tag: str | None = None, inside: dict | None = None, **attrs) -> list[dict]:
+        """Elements with these attributes (data_state: data-state), inside an element."""
+        want = {k.replace("_", "-"): str(v) for k, v in attrs.items()}
+        return [n for n in self.all if all(n["attrs"].get(k) == v for k, v in want.items())
+                and tag in (None, n["tag"])
+                and (inside is None or any(o is inside for o in n["within"]))]
+
+
+def _chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    # --virtual-time-budget: run the page's script, its fetch included, before dumping;
+    # the next 5 s refresh lies past the budget. Root needs --no-sandbox.
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--no-default-browser-check", "--disable-extensions", f"--user-data-dir={profile}",
+         "--virtual-time-budget=4000", *args, url],
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+def _pct(share: float) -> str:
+    return f"{round(share * 100, 1):g}%"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for a headless "
+                    "browser: apt-get install -y chromium")
+def test_the_page_in_chromium_shows_what_fleet_status_says(scene, tmp_path):
+    fleet = scene.fleet
+    out = _chromium(f"{fleet.url}/", tmp_path / "profile", "--dump-dom")
+    assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-2000:]
+    dom = _Elements()
+    dom.feed(out.stdout)
+    assert dom.by_id["updated"]["attrs"]["data-state"] == "ok", out.stdout[:2000]
+
+    status = run_outpost("fleet", "status", fleet.dir, "--json")
+    assert status.returncode == 0, status.stderr
+    rows = [r for r in json.loads(status.stdout) if r["rollout"]]
+    assert {r["rollout"]["id"] for r in rows} == {scene.hand.id, scene.planned.id}
+    for row in rows:
+        ro, plan = row["rollout"], row["plan"]
+        rid = f"rollout-{ro['id']}"
+
+        def shown(field, rid=rid):
+            node = dom.by_id[f"{rid}-{field}"]
+            return node["attrs"]["data-value"], node["text"]
+
+        assert dom.by_id[rid]["attrs"]["data-state"] == ro["state"]
+        assert shown("fraction") == (f"{ro['fraction']:g}", _pct(ro["fraction"]))
+        stage, stages = (plan["stage"], plan["stages"]) if plan else (1, 1)
+        assert shown("stage") == (str(stage), str(stage))
+        assert shown("stages") == (str(stages), str(stages))
+        card = dom.by_id[rid]
+        assert [b["attrs"]["data-stage"] for b in dom.find(inside=card, data_status="current")] \
+            == [str(stage)]
+        if plan:  # a planned rollout's status carries the cohort figures the halt judges
+            fig = plan["figures"]
+        else:  # by hand, to the whole fleet: every reporting device is in the cohort
+            final = sum(n for s, n in row["devices"].items()
+                        if s in ("committed", "failed", "rolled_back", "rejected_in_shadow"))
+            fig = {"committed": row["devices"].get("committed", 0), "final": final,
+                   "failed": final - row["devices"].get("committed", 0)}
+        for field in ("committed", "failed", "final"):
+            assert shown(field) == (str(fig[field]), str(fig[field])), (rid, field)
+        share = fig["failed"] / fig["final"]
+        value, text = shown("failure-share")
+        assert float(value) == pytest.approx(share) and text == f"{share:.1%}"
+        assert shown("failure-threshold") == (f"{ro['failure_threshold']:g}",
+                                              _pct(ro["failure_threshold"]))
+        for state, n in row["devices"].items():
+            [li] = dom.find("li", card, data_state=state, data_count=n)
+            assert li["text"].strip() == f"{state} {n}"
+    planned = dom.by_id[f"rollout-{scene.planned.id}"]
+    assert (planned["attrs"]["data-model"], planned["attrs"]["data-version"]) == \
+        ("identity", "3")
+    assert "waits for commits: 6 of" in dom.by_id[f"rollout-{scene.planned.id}-waits-for"][
+        "text"]
+
+    # The chart: every report posted, by state; the versions table; the silent device.
+    legend = {n["attrs"]["data-state"]: int(n["attrs"]["data-total"])
+              for n in dom.find("li", dom.by_id["chart-legend"])}
+    assert legend == {"committed": 8, "failed": 3, "downloading": 1, "all": 12}
+    rects = dom.find("rect", dom.by_id["chart"])
+    assert sum(int(r["attrs"]["data-count"]) for r in rects) == len(scene.posts)
+    devices = run_outpost("fleet", "devices", fleet.dir, "--json")
+    assert devices.returncode == 0, devices.stderr
+    per_version = Counter((d["model"], d["version"], d["state"])
+                          for d in json.loads(devices.stdout))
+    shown_per_version = Counter()
+    for tr in dom.find("tr", dom.by_id["version-table"]):
+        if "data-model" in tr["attrs"]:
+            key = (tr["attrs"]["data-model"], int(tr["attrs"]["data-version"]))
+            for td in dom.find("td", tr):
+                if td["attrs"].get("data-state") and td["attrs"]["data-value"] != "0":
+                    shown_per_version[(*key, td["attrs"]["data-state"])] += \
+                        int(td["attrs"]["data-value"])
+    assert shown_per_version == per_version
+    assert dom.by_id["stale-count"]["attrs"]["data-value"] == "1"
+    assert dom.by_id["stale-minutes"]["text"] == f"{STALE_AFTER_S / 60:g}"
+    [silent] = dom.find(data_device_id=scene.SILENT)
+    assert "20 min ago" in silent["text"] and "site=berlin" in silent["text"]
+    leaked = [s[:12] for s in _secrets(fleet, [d for d, _ in scene.posts])
+              if s.decode("latin-1") in out.stdout]
+    assert not leaked
+
+    shot = tmp_path / "dashboard.png"
+    out = _chromium(f"{fleet.url}/", tmp_path / "profile", f"--screenshot={shot}",
+                    "--window-size=1100,1500", "--hide-scrollbars")
+    assert out.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", \
+        out.stderr[-2000:]
+    print(f"dashboard screenshot: {shot}")
+
