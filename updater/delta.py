@@ -25,11 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # Python 3.14 has it in the standard library; 3.11 takes the backport
-    from compression import zstd
-except ImportError:  # pragma: no cover - depends on the Python version
-    from backports import zstd
-
 from updater.errors import UpdaterError
 
 MAGIC = b"OUTPOST-DELTA 1\n"
@@ -43,11 +38,25 @@ class DeltaError(UpdaterError):
     """A delta that can't rebuild its release (bad header, corrupt payload, too long)."""
 
 
+def _zstd():
+    """The zstd module: the standard library's from Python 3.14, the backport before."""
+    try:
+        from compression import zstd  # noqa: PLC0415
+    except ImportError:
+        try:
+            from backports import zstd  # noqa: PLC0415
+        except ImportError as exc:
+            raise DeltaError("deltas need zstd: install backports.zstd (pip install "
+                             "backports.zstd) or run Python 3.14") from exc
+    return zstd
+
+
 def _window_log(total: int) -> int:
     return min(MAX_WINDOW_LOG, max(20, math.ceil(math.log2(max(total, 2)))))
 
 
 def _compress(data: bytes, base: bytes) -> bytes:
+    zstd = _zstd()
     params = zstd.CompressionParameter
     options = {params.compression_level: LEVEL,
                params.window_log: _window_log(len(base) + len(data)),
@@ -140,12 +149,13 @@ def apply_delta(delta_path: Path, base_path: Path, out_path: Path, length: int) 
     except DeltaError:
         Path(out_path).unlink(missing_ok=True)
         raise
-    except (OSError, ValueError, zstd.ZstdError) as exc:
+    except (OSError, ValueError, _zstd().ZstdError) as exc:
         Path(out_path).unlink(missing_ok=True)
         raise DeltaError(f"delta {delta_path} can't be applied: {exc}") from exc
 
 
 def _apply(delta_path: Path, base_path: Path, out_path: Path, length: int) -> None:
+    zstd = _zstd()
     base = base_path.read_bytes()
     with open(delta_path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:

@@ -12,6 +12,18 @@ import pytest
 from updater import delta as d
 
 
+def _have_zstd() -> bool:
+    try:
+        d._zstd()
+    except d.DeltaError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_zstd(), reason="deltas need backports.zstd "
+                                "(or Python 3.14); pyproject.toml must list it")
+
+
 def _model(weights: np.ndarray) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 

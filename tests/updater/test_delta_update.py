@@ -5,6 +5,9 @@ back to the full release, said once, with nothing half-written left behind."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -18,7 +21,21 @@ from tests.support.updater_support import (
     make_device,
     run_outpost,
 )
+from updater.delta import DeltaError, _zstd
 from updater.fleet_repo import delta_path, release_path
+from updater.validation import make_release_samples
+
+
+def _have_zstd() -> bool:
+    try:
+        _zstd()
+    except DeltaError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_zstd(), reason="deltas need backports.zstd "
+                                "(or Python 3.14); pyproject.toml must list it")
 
 HIDDEN = 2048
 
@@ -49,10 +66,7 @@ def models(tmp_path):
 def fleet(tmp_path, models):
     f = Fleet(tmp_path / "fleet")
     f.publish("identity", 1, models["v1"])
-    with __import__("tempfile").TemporaryDirectory() as tmp:
-        from pathlib import Path
-
-        from updater.validation import make_release_samples
+    with tempfile.TemporaryDirectory() as tmp:
         config, samples = make_release_samples(models["v2"], None, None, Path(tmp))
         f.repo.publish("identity", 2, models["v2"], config, samples, delta_from=(1,))
     f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
