@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -89,11 +88,8 @@ def test_a_second_server_on_a_taken_socket_stops_before_loading_models(short_tmp
     second = short_tmp / "second"
     add_demo_models(second, demo_files)
     with ServerProcess(short_tmp) as first:
-        t0 = time.monotonic()
         r = outpost("serve", "--data-dir", second, "--socket", first.socket_path,
                     "--log-format", "json", timeout=60)
-        took = time.monotonic() - t0
         assert r.returncode == 2
         assert f"another server is serving on {first.socket_path}" in r.stderr
         assert "model loaded" not in r.stderr and "Traceback" not in r.stderr
-        assert took < 30
