@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import socket
-import socketserver
 import sqlite3
 import struct
 import threading
@@ -15,6 +14,7 @@ import time
 
 import pytest
 
+from tests.support.relay import Relay, is_target
 from tests.support.updater_support import (
     Fleet,
     active_version,
@@ -31,52 +31,26 @@ CHUNK = 4096  # the device's download_chunk_bytes (make_device)
 BREAKS = ("reset", "close", "stall")
 
 
-class FlakyLink(socketserver.ThreadingTCPServer):
-    """Relays to the fleet server; each target answer longer than CUT_EVERY is cut there,
-    by the next of BREAKS in turn. Records (range start, body bytes sent, how) of each."""
-
-    daemon_threads = True
-    allow_reuse_address = True
+class FlakyLink(Relay):
+    """Each target answer longer than CUT_EVERY is cut there, by the next of BREAKS in
+    turn. Records (range start, body bytes sent, how) of each."""
 
     def __init__(self, upstream: int):
-        self.upstream = upstream
         self.sent: list[tuple[int, int, str]] = []
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Relay)
+        super().__init__(upstream)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Relay(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        link: FlakyLink = self.server
-        client = self.request
-        client.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = client.recv(65536)
-            if not data:
-                return
-            head += data
-        head = head.replace(b"Connection: keep-alive", b"Connection: close")
-        with socket.create_connection(("127.0.0.1", link.upstream), 10) as up:
-            up.sendall(head)
-            answer = b""
-            while chunk := up.recv(65536):
-                answer += chunk
-        headers, _, body = answer.partition(b"\r\n\r\n")
-        if b"/targets/" not in head.split(b"\r\n", 1)[0] or len(body) <= CUT_EVERY:
-            client.sendall(answer)
+    def deliver(self, head, headers, body, client) -> None:
+        if not is_target(head) or len(body) <= CUT_EVERY:
+            client.sendall(headers + b"\r\n\r\n" + body)
             client.shutdown(socket.SHUT_WR)
-            if b"/targets/" in head.split(b"\r\n", 1)[0]:
-                with link.lock:
-                    link.sent.append((_range_start(head), len(body), "whole"))
+            if is_target(head):
+                with self.lock:
+                    self.sent.append((_range_start(head), len(body), "whole"))
             return
-        with link.lock:
-            how = BREAKS[sum(1 for *_, h in link.sent if h != "whole") % len(BREAKS)]
-            link.sent.append((_range_start(head), CUT_EVERY, how))
+        with self.lock:
+            how = BREAKS[sum(1 for *_, h in self.sent if h != "whole") % len(BREAKS)]
+            self.sent.append((_range_start(head), CUT_EVERY, how))
         client.sendall(headers + b"\r\n\r\n" + body[:CUT_EVERY])
         time.sleep(0.2)  # the device reads what was sent before the link breaks
         if how == "reset":

@@ -6,61 +6,32 @@ reported as tampered, so a fleet on flaky links does not halt a good rollout."""
 from __future__ import annotations
 
 import socket
-import socketserver
 import threading
 
 import pytest
 
 from appliance.demo.launcher import ServerProcess
+from tests.support.relay import Relay, is_target
 from tests.support.updater_support import Fleet, journal_notes, make_device, wait_done
 
 CUT_AFTER = 4096  # body bytes passed on before the first target download is cut
 
 
-class CuttingProxy(socketserver.ThreadingTCPServer):
-    """Passes each request on to the fleet server; the first answer for a target is cut
-    after CUT_AFTER body bytes, its Content-Length intact, and the connection closed."""
-
-    daemon_threads = True
-    allow_reuse_address = True
+class CuttingProxy(Relay):
+    """The first answer for a target is cut after CUT_AFTER body bytes, its
+    Content-Length intact, and the connection closed cleanly (no reset)."""
 
     def __init__(self, upstream: int):
-        self.upstream = upstream
         self.cuts = 0
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Relay)
+        super().__init__(upstream)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Relay(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        server: CuttingProxy = self.server
-        client = self.request
-        client.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = client.recv(65536)
-            if not data:
-                return
-            head += data
-        with server.lock:
-            cut = b"/targets/" in head.split(b"\r\n", 1)[0] and server.cuts == 0
-            server.cuts += cut
-        # One request per connection: the answer ends with the close.
-        head = head.replace(b"Connection: keep-alive", b"Connection: close")
-        with socket.create_connection(("127.0.0.1", server.upstream), 10) as up:
-            up.sendall(head)
-            answer = b""
-            while chunk := up.recv(65536):
-                answer += chunk
-        if cut:
-            headers, _, body = answer.partition(b"\r\n\r\n")
-            answer = headers + b"\r\n\r\n" + body[:CUT_AFTER]
-        client.sendall(answer)
-        client.shutdown(socket.SHUT_WR)  # a clean close, no reset
+    def deliver(self, head, headers, body, client) -> None:
+        with self.lock:
+            cut = is_target(head) and self.cuts == 0
+            self.cuts += cut
+        client.sendall(headers + b"\r\n\r\n" + (body[:CUT_AFTER] if cut else body))
+        client.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture
