@@ -31,6 +31,7 @@ from updater.dashboard import (
 )
 from updater.fleet_db import FleetDB
 from updater.plans import Plan
+from updater.shadow import ShadowPolicy
 from updater.report_auth import device_key
 
 
@@ -433,3 +434,41 @@ def test_the_page_in_chromium_shows_what_fleet_status_says(scene, tmp_path):
         out.stderr[-2000:]
     print(f"dashboard screenshot: {shot}")
 
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for a headless "
+                                             "browser: apt-get install -y chromium")
+def test_a_shadow_phase_shows_what_fleet_status_says(tmp_path, demo_files):
+    """Devices that shadowed a release (one passed, one rejected in shadow): the page's
+    shadow figures are fleet status's."""
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.publish("identity", 2, demo_files["identity"])
+    ro = fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0,
+                                shadow=ShadowPolicy(60.0, 100, 0.05, 2.0))
+    figures = {"passed": ("shadow_passed", 0.01), "rejected": ("rejected_in_shadow", 0.4)}
+    fleet.start()
+    try:
+        for device, (state, disagreement) in figures.items():
+            report = {**_report(device, 2, ro.id, state),
+                      "shadow": {"elapsed_s": 60.0, "requests": 200, "agreed": 0, "errors": 0,
+                                 "shed": 0, "p50_ms": 1.0, "p99_ms": 2.0, "live_p50_ms": 1.0,
+                                 "live_p99_ms": 2.0, "disagreement": disagreement}}
+            assert _post(fleet, device, [report])["accepted"] == 1
+        out = _chromium(f"{fleet.url}/", tmp_path / "profile", "--dump-dom")
+        assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-2000:]
+        status = run_outpost("fleet", "status", fleet.dir, "--json")
+        assert status.returncode == 0, status.stderr
+    finally:
+        fleet.stop()
+    dom = _Elements()
+    dom.feed(out.stdout)
+    [row] = [r for r in json.loads(status.stdout) if r["rollout"]]
+    sh = row["shadow"]
+    assert (sh["devices"], sh["passed"], sh["rejected"]) == (2, 1, 1)  # the scene holds
+    rid = f"rollout-{ro.id}"
+    for field in ("devices", "passed", "rejected", "waiting", "requests"):
+        node = dom.by_id[f"{rid}-shadow-{field}"]
+        assert node["attrs"]["data-value"] == node["text"] == str(sh[field]), field
+    for field, key in (("disagreement", "disagreement"), ("worst", "worst_disagreement")):
+        node = dom.by_id[f"{rid}-shadow-{field}"]
+        assert float(node["attrs"]["data-value"]) == pytest.approx(sh[key])
+        assert node["text"] == f"{sh[key]:.1%}"

@@ -117,7 +117,25 @@ function renderRollout(r) {
       bar(r.failure_share || 0, "failure-bar", r.failure_threshold)),
     r.waits_for ? el("p", {class: "waits", id: `${id}-waits-for`, "data-field": "waits-for"},
       r.waits_for) : null,
+    renderShadow(id, r.shadow),
     el("ul", {class: "device-states legend"}, ...devices));
+}
+
+// A rollout with a shadow phase: how its devices' shadows ended and how far the candidate
+// disagreed with the live version (updater/shadow.py; fleet status prints the same).
+function renderShadow(id, sh) {
+  if (!sh) return null;
+  const n = (field, value) => figure(`${id}-shadow-${field}`, `shadow-${field}`, value,
+    String(value));
+  return el("p", {class: "shadow", id: `${id}-shadow`},
+    "shadow phase: ", n("devices", sh.devices), " devices (", n("passed", sh.passed),
+    " passed, ", n("rejected", sh.rejected), " rejected, ", n("waiting", sh.waiting),
+    " waiting), ", n("requests", sh.requests), " requests compared, disagreement ",
+    figure(`${id}-shadow-disagreement`, "shadow-disagreement", sh.disagreement,
+      share1(sh.disagreement)),
+    " (worst device ",
+    figure(`${id}-shadow-worst`, "shadow-worst", sh.worst_disagreement,
+      share1(sh.worst_disagreement)), ")");
 }
 
 function renderRollouts(data) {
