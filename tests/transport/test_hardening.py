@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
@@ -24,6 +23,7 @@ import pytest
 from appliance.config.schema import HttpConfig, ServerConfig
 from appliance.demo.launcher import ServerProcess
 from tests.conftest import ROOT, add_demo_models
+from tests.support.process_state import log_records, open_fds
 from tests.support.wire import call, connect, frame, is_closed, recv, tensor
 
 STALL_S = 0.5
@@ -50,20 +50,6 @@ def stall_server(demo_files):
     code = proc.stop()
     shutil.rmtree(data_dir, ignore_errors=True)
     assert code == 0, proc.log_tail()
-
-
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def log_records(proc: ServerProcess) -> list[dict]:
-    out = []
-    for line in proc.log_path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 class GoodClient(threading.Thread):
@@ -116,7 +102,7 @@ def test_stalled_frames_are_cut_and_others_served(stall_server):
     path, pid = stall_server.socket_path, stall_server.pid
     with connect(path) as warm:  # the good client's descriptors are in the baseline
         assert call(warm, op="health", id=0)["ok"]
-    start_fds = fds(pid)
+    start_fds = open_fds(pid)
     good = GoodClient(path)
     good.start()
     body = msgpack.packb({"op": "infer", "id": 1, "model": "identity",
@@ -132,9 +118,9 @@ def test_stalled_frames_are_cut_and_others_served(stall_server):
             s.sendall(struct.pack(">I", len(body)) + body[:len(body) // 2])  # half a body
         stalled.append(s)
     deadline = time.monotonic() + STALL_S
-    while fds(pid) < start_fds + n and time.monotonic() < deadline:
+    while open_fds(pid) < start_fds + n and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert fds(pid) >= start_fds + n  # they are open: accepted, each a descriptor
+    assert open_fds(pid) >= start_fds + n  # they are open: accepted, each a descriptor
     lived = []
     for s in stalled:
         r, at = wait_cut(s, t0 + STALL_S + SLACK_S)
@@ -150,9 +136,9 @@ def test_stalled_frames_are_cut_and_others_served(stall_server):
     served = good.finish()
     assert served >= 10, served  # served all along
     deadline = time.monotonic() + 5
-    while fds(pid) > start_fds + 2 and time.monotonic() < deadline:
+    while open_fds(pid) > start_fds + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fds(pid) <= start_fds + 2, (fds(pid), start_fds)
+    assert open_fds(pid) <= start_fds + 2, (open_fds(pid), start_fds)
 
 
 def test_a_frame_trickled_in_is_not_a_stall(stall_server):

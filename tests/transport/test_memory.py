@@ -4,7 +4,6 @@ connection has it closed once its answers are written."""
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import struct
@@ -12,19 +11,8 @@ import time
 
 import numpy as np
 
+from tests.support.process_state import open_fds, rss_mb
 from tests.support.wire import call, connect, frame, tensor
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def valid_frames() -> list[bytes]:

@@ -26,6 +26,7 @@ from appliance.client import Client
 from appliance.demo.models import DEMO_MODELS, sample_inputs
 from appliance.transport.grpc import inference_pb2 as pb
 from appliance.transport.grpc.inference_pb2_grpc import GRPCInferenceServiceStub
+from tests.support.process_state import open_fds
 from tests.transport.grpc.conftest import served_grpc
 
 TOKEN = "grpc-s3cret"
@@ -300,10 +301,6 @@ time.sleep(60)
 """
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _settled(read, timeout_s: float = 10.0, quiet_s: float = 0.3):
     """``read()`` once it has stopped changing for ``quiet_s``."""
     deadline = time.monotonic() + timeout_s
@@ -324,7 +321,7 @@ def test_a_client_that_vanishes_mid_stream_leaves_nothing(served, client):
     proc, target = served
     count = lambda: client.get_inference_statistics("slow").model_stats[0].inference_count
     before = count()
-    fds = _fds(proc.pid)  # our own channel is open already
+    fds = open_fds(proc.pid)  # our own channel is open already
     child = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, target],
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -336,7 +333,7 @@ def test_a_client_that_vanishes_mid_stream_leaves_nothing(served, client):
         child.stdout.close()
     ran = _settled(count) - before
     assert 1 <= ran < 30, ran  # the queued ones were cancelled, not run
-    assert _settled(lambda: _fds(proc.pid)) <= fds
+    assert _settled(lambda: open_fds(proc.pid)) <= fds
     x = fp32("x", np.zeros((1, 3, 64, 64), np.float32))
     assert client.infer("slow", [x]).as_numpy("y").shape == (1, 64)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ import pytest
 from appliance.demo.launcher import ServerProcess
 from tests.conftest import add_demo_models
 from tests.support.http_server import http_url
+from tests.support.process_state import log_records, open_fds
 
 STALL_S = 0.5
 IDLE_S = 1.5
@@ -51,20 +51,6 @@ def served(demo_files):
     code = proc.stop()
     shutil.rmtree(data_dir, ignore_errors=True)
     assert code == 0, proc.log_tail()
-
-
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def log_records(proc: ServerProcess) -> list[dict]:
-    out = []
-    for line in proc.log_path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def raw(port: int) -> socket.socket:
@@ -133,7 +119,7 @@ def test_stalled_heads_and_bodies_are_cut_and_others_served(served):
     good = GoodClient(port)
     good.start()
     time.sleep(0.2)
-    start_fds = fds(proc.pid)
+    start_fds = open_fds(proc.pid)
     n = 30
     conns = []
     t0 = time.monotonic()
@@ -147,9 +133,9 @@ def test_stalled_heads_and_bodies_are_cut_and_others_served(served):
                       + b"{" + b" " * 199)
         conns.append((i % 2, s))
     deadline = time.monotonic() + STALL_S
-    while fds(proc.pid) < start_fds + n and time.monotonic() < deadline:
+    while open_fds(proc.pid) < start_fds + n and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert fds(proc.pid) >= start_fds + n  # they are open: accepted, each a descriptor
+    assert open_fds(proc.pid) >= start_fds + n  # they are open: accepted, each a descriptor
     lived = []
     for part, s in conns:
         answer, at = read_until_closed(s, t0 + STALL_S + SLACK_S)
@@ -164,9 +150,9 @@ def test_stalled_heads_and_bodies_are_cut_and_others_served(served):
     time.sleep(0.3)
     assert good.finish() >= 10  # served all along
     deadline = time.monotonic() + 5
-    while fds(proc.pid) > start_fds + 2 and time.monotonic() < deadline:
+    while open_fds(proc.pid) > start_fds + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fds(proc.pid) <= start_fds + 2, (fds(proc.pid), start_fds)
+    assert open_fds(proc.pid) <= start_fds + 2, (open_fds(proc.pid), start_fds)
 
 
 def test_a_connection_that_sends_nothing_is_closed(served):
