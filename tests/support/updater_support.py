@@ -102,6 +102,17 @@ class Fleet:
         self.proc = None
 
 
+def fleet_offering(directory: Path, model: Path, version: int = 2):
+    """For a fixture to ``yield from``: a fleet that offers ``identity`` ``version`` (the
+    release made from ``model``) to every device, its real server running; stopped after."""
+    f = Fleet(directory)
+    f.publish("identity", version, model)
+    f.repo.set_rollout("identity", version, new=True, fraction=1.0)
+    f.start()
+    yield f
+    f.stop()
+
+
 def make_device(data_dir: Path, fleet: Fleet, model_file: Path, *, device_id: str = "dev-1",
                 labels: dict | None = None, window_s: float = 0.3, poll_s: float = 0.2,
                 extra: str = "", installed: bool = True) -> Path:

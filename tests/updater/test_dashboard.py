@@ -31,8 +31,8 @@ from updater.dashboard import (
 )
 from updater.fleet_db import FleetDB
 from updater.plans import Plan
-from updater.shadow import ShadowPolicy
 from updater.report_auth import device_key
+from updater.shadow import ShadowPolicy
 
 
 def _get_json(url: str):

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from tests.support.updater_support import (
-    Fleet,
     active_version,
+    fleet_offering,
     journal_notes,
     journal_rows,
     make_device,
@@ -26,12 +26,8 @@ CAP = 250_000  # bytes a second; the release is about 276 kB: some 1.1 s
 
 @pytest.fixture
 def fleet(tmp_path):
-    f = Fleet(tmp_path / "fleet")
-    f.publish("identity", 2, weights_model(tmp_path / "v2.onnx", head_seed=99))
-    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
-    f.start()
-    yield f
-    f.stop()
+    yield from fleet_offering(tmp_path / "fleet",
+                              weights_model(tmp_path / "v2.onnx", head_seed=99))
 
 
 def test_the_download_is_held_to_the_cap(fleet, tmp_path, short_tmp):

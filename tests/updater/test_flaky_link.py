@@ -16,8 +16,8 @@ import pytest
 
 from tests.support.relay import Relay, is_target
 from tests.support.updater_support import (
-    Fleet,
     active_version,
+    fleet_offering,
     free_port,
     journal_notes,
     journal_rows,
@@ -68,12 +68,8 @@ def _range_start(head: bytes) -> int:
 
 @pytest.fixture
 def fleet(tmp_path):
-    f = Fleet(tmp_path / "fleet")
-    f.publish("identity", 2, weights_model(tmp_path / "v2.onnx", head_seed=99))
-    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
-    f.start()
-    yield f
-    f.stop()
+    yield from fleet_offering(tmp_path / "fleet",
+                              weights_model(tmp_path / "v2.onnx", head_seed=99))
 
 
 def _reported_states(fleet) -> list[str]:

@@ -12,7 +12,12 @@ import pytest
 
 from appliance.demo.launcher import ServerProcess
 from tests.support.relay import Relay, is_target
-from tests.support.updater_support import Fleet, journal_notes, make_device, wait_done
+from tests.support.updater_support import (
+    fleet_offering,
+    journal_notes,
+    make_device,
+    wait_done,
+)
 
 CUT_AFTER = 4096  # body bytes passed on before the first target download is cut
 
@@ -36,12 +41,7 @@ class CuttingProxy(Relay):
 
 @pytest.fixture
 def fleet(tmp_path, demo_files):
-    f = Fleet(tmp_path / "fleet")
-    f.publish("identity", 2, demo_files["identity"])
-    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
-    f.start()
-    yield f
-    f.stop()
+    yield from fleet_offering(tmp_path / "fleet", demo_files["identity"])
 
 
 def test_a_clean_close_mid_download_resumes_instead_of_failing(fleet, short_tmp, demo_files):

@@ -17,8 +17,8 @@ import pytest
 from appliance.client import Client
 from appliance.demo.launcher import ServerProcess
 from tests.support.updater_support import (
-    Fleet,
     active_version,
+    fleet_offering,
     journal_notes,
     make_device,
     wait_done,
@@ -28,12 +28,8 @@ from tests.support.updater_support import (
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, demo_files):
     # The release is ~10 KB and the devices read 4 KiB chunks: mid-download is real.
-    f = Fleet(tmp_path_factory.mktemp("fleet") / "fleet")
-    f.publish("identity", 2, demo_files["identity"])
-    f.repo.set_rollout("identity", 2, new=True, fraction=1.0)
-    f.start()
-    yield f
-    f.stop()
+    yield from fleet_offering(tmp_path_factory.mktemp("fleet") / "fleet",
+                              demo_files["identity"])
 
 
 def _kill_at(point: str, data_dir, config) -> None:
