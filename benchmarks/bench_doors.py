@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.demo.models import sample_inputs  # noqa: E402
-from benchmarks.bench_http import find_perf_analyzer, run_perf_analyzer  # noqa: E402
+from benchmarks.bench_http import (  # noqa: E402
+    find_perf_analyzer,
+    median_round,
+    perf_analyzer_command,
+    run_perf_analyzer,
+)
 from benchmarks.bench_socket import layouts, start_default_server  # noqa: E402
 from benchmarks.raw import default_session, run_back_to_back  # noqa: E402
 
@@ -47,18 +52,6 @@ from benchmarks.raw import default_session, run_back_to_back  # noqa: E402
 POINTS = [("cnn", 1, "socket"), ("cnn", 1, "socket-shm"), ("cnn", 1, "pa-http-shm"),
           ("cnn", 1, "pa-grpc-shm"), ("cnn", 1, "pa-grpc"), ("cnn", 16, "pa-grpc"),
           ("identity", 16, "pa-grpc")]
-
-
-def pa_command(binary: str, model: str, address: str, protocol: str, concurrency: int,
-               shm: bool, interval_ms: int, stability: int, csv_path: Path) -> list[str]:
-    cmd = [binary, "-m", model, "-u", address, "-i", protocol, "-b", "1",
-           "--concurrency-range", f"{concurrency}:{concurrency}",
-           "--measurement-interval", str(interval_ms),
-           "--stability-percentage", str(stability), "--max-trials", "8",
-           "-f", str(csv_path)]
-    if shm:
-        cmd += ["--shared-memory", "system"]
-    return cmd
 
 
 def socket_loop(args) -> dict:
@@ -172,8 +165,9 @@ def main() -> int:
                   f"spinning {lay['spinning']} ({lay['source']})")
         print("perf_analyzer: " + (
             "LD_LIBRARY_PATH=" + pa_env.get("LD_LIBRARY_PATH", "") + " " + " ".join(
-                pa_command(binary, "cnn", grpc, "grpc", 1, True, 3000, args.stability,
-                           Path("pa.csv"))) if binary
+                perf_analyzer_command(binary, "cnn", grpc, 1, 3000, args.stability,
+                                      Path("pa.csv"), protocol="grpc",
+                                      shared_memory=True)) if binary
             else "not found (see docs/http.md); a tritonclient.grpc loop instead, no "
                  "shared memory rows for HTTP and gRPC"))
         raw_sessions = {m: default_session(files[m]) for m in models}
@@ -191,10 +185,11 @@ def main() -> int:
                         if kind.startswith("pa-"):
                             protocol = "grpc" if "grpc" in kind else "http"
                             csv_path = tmp / f"{kind}-{m}-{c}.csv"
-                            got = run_perf_analyzer(pa_command(
-                                binary, m, grpc if protocol == "grpc" else http, protocol, c,
-                                kind.endswith("shm"), int(args.seconds * 1000),
-                                args.stability, csv_path), pa_env, csv_path)
+                            got = run_perf_analyzer(perf_analyzer_command(
+                                binary, m, grpc if protocol == "grpc" else http, c,
+                                int(args.seconds * 1000), args.stability, csv_path,
+                                protocol=protocol, shared_memory=kind.endswith("shm")),
+                                pa_env, csv_path)
                         elif kind == "py-grpc":
                             got = pool.apply(grpc_loop, ((grpc, m, c, args.seconds),))
                         else:
@@ -218,7 +213,7 @@ def main() -> int:
         if not ok:
             print(f"{m:9} {c:<5} {kind:13} failed: {rounds[-1]['error']}")
             continue
-        r = sorted(ok, key=lambda x: x["rps"])[len(ok) // 2]
+        r = median_round(rounds)
         vs_raw = statistics.median(x["rps"] / x["raw"]["rps"] for x in ok)
         over = statistics.median(x["p50"] - x["raw"]["p50_ms"] for x in ok)
         print(f"{m:9} {c:<5} {kind:13} {r['rps']:7.0f}  {r['p50']:8.2f} {r['p99']:8.2f}   "

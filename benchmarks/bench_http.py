@@ -63,12 +63,18 @@ def find_perf_analyzer(given: str | None) -> tuple[str | None, dict]:
 
 
 def perf_analyzer_command(binary: str, model: str, address: str, concurrency: int,
-                          interval_ms: int, stability: int, csv_path: Path) -> list[str]:
-    return [binary, "-m", model, "-u", address, "-i", "http", "-b", "1",
-            "--concurrency-range", f"{concurrency}:{concurrency}",
-            "--measurement-interval", str(interval_ms),
-            "--stability-percentage", str(stability), "--max-trials", "8",
-            "-f", str(csv_path)]
+                          interval_ms: int, stability: int, csv_path: Path, *,
+                          protocol: str = "http", shared_memory: bool = False) -> list[str]:
+    """Batch 1 at a fixed concurrency; ``shared_memory``: tensors through system shared
+    memory (``--shared-memory system``) instead of the request bodies."""
+    cmd = [binary, "-m", model, "-u", address, "-i", protocol, "-b", "1",
+           "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--measurement-interval", str(interval_ms),
+           "--stability-percentage", str(stability), "--max-trials", "8",
+           "-f", str(csv_path)]
+    if shared_memory:
+        cmd += ["--shared-memory", "system"]
+    return cmd
 
 
 def run_perf_analyzer(cmd: list[str], env: dict, csv_path: Path) -> dict:
@@ -230,7 +236,7 @@ def main() -> int:
                     if not ok:
                         print(f"{m:9} {c:<5} {kind:14} failed: {rounds[-1]['error']}")
                         continue
-                    r = _median(rounds)
+                    r = median_round(rounds)
                     vs_raw = statistics.median(x["rps"] / x["raw"]["rps"] for x in ok)
                     vs_socket = statistics.median(
                         x["rps"] / s["rps"] for x, s in zip(rounds, socket_rounds)
@@ -250,7 +256,7 @@ def main() -> int:
     return 0
 
 
-def _median(rounds: list[dict]) -> dict:
+def median_round(rounds: list[dict]) -> dict:
     """The round with the median throughput (an error if every round failed)."""
     ok = sorted((r for r in rounds if "error" not in r), key=lambda r: r["rps"])
     return ok[len(ok) // 2] if ok else rounds[-1]
