@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engines.base import file_sha256
-from engines.files import atomic_write_bytes
+from engines.files import atomic_write_bytes, replace_synced
 
 log = logging.getLogger("outpost.engines")
 
@@ -97,9 +97,39 @@ def get_or_build(
             meta_path(path).unlink(missing_ok=True)
         data = build()
         atomic_write_bytes(path, data)
-        sidecar = {**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        atomic_write_bytes(meta_path(path), json.dumps(sidecar, indent=1).encode())
+        write_meta(path, meta, hashlib.sha256(data).hexdigest(), len(data))
         return path, True
+
+
+def write_meta(path: Path, meta: dict, sha256: str, size: int) -> None:
+    """The sidecar of artifact ``path``: what it was made for, and its sha256 and length."""
+    sidecar = {**meta, "sha256": sha256, "bytes": size}
+    atomic_write_bytes(meta_path(path), json.dumps(sidecar, indent=1).encode())
+
+
+def put(cache_dir: Path, key: str, suffix: str, source: Path, meta: dict,
+        usable: Callable[[Path], str | None]) -> str | None:
+    """Move ``source`` (an artifact made elsewhere for ``key``, in the same file system)
+    into the cache as if built here; None, or the complaint of ``usable`` (then nothing of
+    it is left in the cache). Under the key's lock, like a build."""
+    path = cache_dir / f"{key}{suffix}"
+    with key_lock(cache_dir, key):
+        sha, size = file_sha256(source), Path(source).stat().st_size
+        replace_synced(source, path)
+        write_meta(path, meta, sha, size)
+        complaint = usable(path)
+        if complaint is not None:
+            path.unlink(missing_ok=True)
+            meta_path(path).unlink(missing_ok=True)
+        return complaint
+
+
+def evict(cache_dir: Path, key: str, suffix: str) -> None:
+    """Remove the artifact of ``key`` and its sidecar (the next prepare builds it)."""
+    path = cache_dir / f"{key}{suffix}"
+    with key_lock(cache_dir, key):
+        path.unlink(missing_ok=True)
+        meta_path(path).unlink(missing_ok=True)
 
 
 def _stale(path: Path, meta: dict) -> str | None:

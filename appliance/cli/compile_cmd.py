@@ -6,11 +6,15 @@ the same model and TensorRT version (or later ones, with version_compatible). It
 the precision was built: weakly typed with builder flags (TensorRT before 10.12), or
 strongly typed from a graph converted to fp16 (10.12 and later), and why. A conversion that
 would break the model is refused with the fp32 build offered (``--precision fp32``).
+Beside the plan it writes ``PLAN.json``, the plan's key (engines/tensorrt/plan_key.py:
+TensorRT can't read it from the plan itself), which it prints and ``--key-of PLAN`` shows
+again; `outpost fleet attach-engine` signs the plan and its key into a release.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import threading
 import time
@@ -26,10 +30,13 @@ from engines.errors import ConversionRefused
 def register(sub) -> None:
     p = sub.add_parser("compile", help="build a TensorRT engine (plan) for a firmware profile")
     add_config_options(p, flag="--appliance-config")
-    p.add_argument("model", type=Path, help="path to model.onnx")
-    p.add_argument("--profile", required=True,
+    p.add_argument("model", type=Path, nargs="?", help="path to model.onnx")
+    p.add_argument("--profile",
                    help="firmware profile whose build settings to use ('outpost profiles "
                         "list' shows them)")
+    p.add_argument("--key-of", type=Path, metavar="PLAN",
+                   help="print the plan key of PLAN (from PLAN.json, written beside it by "
+                        "compile or the engine cache) and build nothing")
     p.add_argument("-o", "--output", type=Path,
                    help="where to write the plan (default: MODEL.PROFILE.plan beside it)")
     p.add_argument("--config", dest="model_config", type=Path,
@@ -45,8 +52,18 @@ def compile_model(args, engine=None) -> int:
     from appliance.config.profiles import load_profile  # noqa: PLC0415
     from appliance.models.loaded import build_options  # noqa: PLC0415
     from appliance.models.model_config import complete, load_model_config  # noqa: PLC0415
+    from engines.base import file_sha256  # noqa: PLC0415
+    from engines.cache import write_meta  # noqa: PLC0415
     from engines.files import atomic_write_bytes  # noqa: PLC0415
+    from engines.tensorrt.plan_key import plan_key, read_plan_key  # noqa: PLC0415
 
+    if args.key_of is not None:
+        if args.model is not None:
+            raise InvalidArgument("--key-of reads an existing plan's key; give no model")
+        print(f"plan key {read_plan_key(args.key_of)[0].describe()}")
+        return 0
+    if args.model is None or args.profile is None:
+        raise InvalidArgument("give the model and --profile (or --key-of PLAN)")
     profile = load_profile(args.profile)
     if profile.engine.kind != "tensorrt":
         raise FailedPrecondition(
@@ -76,11 +93,16 @@ def compile_model(args, engine=None) -> int:
     except ConversionRefused as exc:
         raise ConversionRefused(f"{exc} (here: add --precision {exc.fallback})") from exc
     atomic_write_bytes(out, plan)
+    # its key beside it, as the engine cache keeps one: TensorRT can't read it from the plan
+    meta = engine.plan_meta(file_sha256(model), options, path)
+    write_meta(out, meta, hashlib.sha256(plan).hexdigest(), len(plan))
     print(f"wrote {out} ({len(plan) / (1 << 20):.1f} MiB): {model.name} for {engine.gpu.name} "
           f"({engine.gpu.sm}) with TensorRT {engine.version()}, profile {profile.name} "
           f"(precision {options.precision}, batch 1..{options.max_batch_size or 1}), "
           f"built in {time.monotonic() - t0:.1f} s")
     print(f"precision {path.describe()}")
+    print(f"plan key {plan_key(meta).describe()} (in {out}.json; 'outpost fleet "
+          f"attach-engine' signs it into a release)")
     return 0
 
 

@@ -6,7 +6,9 @@ Plans are cached under ``<data_dir>/engines/<key>.plan`` (key: DESIGN section 3,
 precision path: TensorRT's major version, weak or strong typing, and the graph converter
 and its version) beside a sidecar naming what they were built for; a plan that does not
 deserialize here is rebuilt, never served. The timing cache is kept per device in the same
-folder, and so are graphs converted to fp16 for strongly typed builds.
+folder, and so are graphs converted to fp16 for strongly typed builds. A plan built on
+another device of the same key (engines/tensorrt/plan_key.py; a prebuilt plan the fleet
+attached to a release) is ``adopt``ed into the cache once it deserializes here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 from pathlib import Path
 
 from engines.base import Artifact, BuildOptions, Engine, RuntimeOptions, Session, file_sha256
-from engines.cache import cache_key, get_or_build
+from engines.cache import cache_key, get_or_build, put
 from engines.errors import EngineUnavailable, LoadError
 from engines.tensorrt.builder import BuildProgress, build_plan, has_qdq, make_logger
 from engines.tensorrt.convert import converted_key, fp16_graph, load_converter
@@ -159,11 +161,11 @@ class TensorRTEngine(Engine):
                 return build_plan(trt, graph, options, path, timing_cache=timing_cache,
                                   progress=progress or self.progress, shown=model_path)
 
-    def prepare(self, model_path: Path, options: BuildOptions, cache_dir: Path) -> Artifact:
-        model_path, cache_dir = Path(model_path), Path(cache_dir)
-        source_sha = file_sha256(model_path)
-        precision = self.precision_path(options)
-        key = self.key_for(source_sha, options, precision)
+    def plan_meta(self, source_sha: str, options: BuildOptions,
+                  precision: PrecisionPath | None = None) -> dict:
+        """What a plan of this model built here is for: the cache's sidecar, `outpost
+        compile`'s, and (less the model) the plan key (engines/tensorrt/plan_key.py)."""
+        precision = precision or self.precision_path(options)
         # The sidecar carries the TensorRT major version and typing mode: a plan of the
         # other generation found under this key is rebuilt, never served.
         meta = {"kind": self.kind, "engine_version": self.version(),
@@ -172,12 +174,32 @@ class TensorRTEngine(Engine):
         if precision.convert_to:
             meta["graph"] = converted_key(source_sha, precision.convert_to,
                                           precision.converter) + ".onnx"
+        return meta
+
+    def prepare(self, model_path: Path, options: BuildOptions, cache_dir: Path) -> Artifact:
+        model_path, cache_dir = Path(model_path), Path(cache_dir)
+        source_sha = file_sha256(model_path)
+        precision = self.precision_path(options)
+        key = self.key_for(source_sha, options, precision)
+        meta = self.plan_meta(source_sha, options, precision)
         timing = self.timing_cache_path(cache_dir)
         path, _built = get_or_build(
             cache_dir, key, ".plan",
             lambda: self.build(model_path, options, timing_cache=timing, cache_dir=cache_dir),
             meta=meta, usable=lambda p: self._deserialize_complaint(p, options))
         return Artifact(self.kind, path, key, source_sha)
+
+    def adopt(self, plan: Path, model_path: Path, options: BuildOptions, cache_dir: Path,
+              origin: str) -> str | None:
+        """Move ``plan``, built elsewhere for this device's key (its signature and hash
+        already checked), into the cache where ``prepare`` would have built it; None once
+        TensorRT deserialized it here, else why not (then nothing of it is cached).
+        ``origin`` (where it came from) is kept in its sidecar."""
+        source_sha = file_sha256(model_path)
+        precision = self.precision_path(options)
+        meta = {**self.plan_meta(source_sha, options, precision), "origin": origin}
+        return put(Path(cache_dir), self.key_for(source_sha, options, precision), ".plan",
+                   Path(plan), meta, lambda p: self._deserialize_complaint(p, options))
 
     # -- load ----------------------------------------------------------------------------
 

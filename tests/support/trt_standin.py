@@ -25,7 +25,9 @@ typed build) and the build settings; its execution contexts read inputs from the
 device addresses, run that graph with ONNX Runtime, and write outputs to the bound
 addresses, so buffer handling is tested for real: a wrong size, a missing
 ``set_input_shape``, a copy read before ``synchronize`` gives wrong numbers or an error, as
-it would on a GPU. Everything the engine did is recorded for tests to inspect, and inside
+it would on a GPU. Everything the engine did is recorded for tests to inspect (``events``;
+``builds``, the settings of each build; ``deserialized``, the sha256 of each blob handed to
+``deserialize_cuda_engine``), and inside
 ``record_engine_use()`` so is every TensorRT name that code in ``engines`` looked up.
 """
 
@@ -35,6 +37,7 @@ import base64
 import contextlib
 import ctypes
 import enum
+import hashlib
 import json
 import math
 import sys
@@ -157,7 +160,8 @@ class StandinStream:
 PLAN_MAGIC = b"STANDIN-TRT-PLAN\n"
 VERSIONS = {10: "10.3.0", 11: "11.4.0"}  # each generation's default version
 # The module's attributes that are the stand-in's own, for tests: not TensorRT's API.
-TEST_HOOKS = frozenset({"events", "builds", "fail_build", "fail_execute", "generation"})
+TEST_HOOKS = frozenset({"events", "builds", "deserialized", "fail_build", "fail_execute",
+                        "generation"})
 _PRECISION_FLAGS = frozenset({"FP16", "BF16", "INT8"})
 
 # -- which TensorRT names the engine looks up ----------------------------------------------
@@ -386,6 +390,7 @@ def make_trt(cuda: StandinCuda, *, generation: int = 10, version: str | None = N
     trt.generation = generation
     trt.events = []  # ("Builder"|"Runtime"|"build"|"deserialize"|..., detail)
     trt.builds = []  # the settings of each build
+    trt.deserialized = []  # the sha256 of each blob handed to deserialize_cuda_engine
     trt.fail_build = fail_build
     trt.fail_execute = fail_execute
     gpu_name = lambda: cuda.gpus[0].name if cuda.gpus else "none"  # noqa: E731
@@ -572,6 +577,7 @@ def make_trt(cuda: StandinCuda, *, generation: int = 10, version: str | None = N
             cuda.require_active("deserialize_cuda_engine")
             data = bytes(data)
             trt.events.append(("deserialize", len(data)))
+            trt.deserialized.append(hashlib.sha256(data).hexdigest())
             if not data.startswith(PLAN_MAGIC):
                 self._logger.log(Severity.ERROR, "1: [runtime.cpp::parsePlan] Error Code 1: "
                                  "Serialization (Serialization assertion plan->header."
