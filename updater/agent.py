@@ -27,6 +27,7 @@ the model yet has no version to compare with: it skips the shadow phase and repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,12 +37,23 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from appliance.errors import OutpostError
+from appliance.errors import FailedPrecondition, InvalidArgument, OutpostError, Unavailable
 from engines.files import replace_synced
 from updater import report_auth
+from updater.activation import (
+    DEFERRAL_EXPIRED,
+    ActivationPolicy,
+    ActivationPolicyError,
+    AppWord,
+    Wait,
+    decide,
+    parse_word,
+    time_text,
+)
+from updater.activation import status as activation_status
 from updater.cohort import Release, desired_version
 from updater.config import UpdaterConfig, report_key, trusted_root_bytes
 from updater.delta import DeltaError, apply_delta
@@ -72,6 +84,15 @@ class OutsideWindow(FetchError):
 class ShadowWaiting(Exception):
     """The shadow phase can't be judged yet (too little traffic, or none here); the
     update stays in it and the active version keeps answering."""
+
+
+class ActivationWaiting(Exception):
+    """The release's activation policy holds the ready update (its window, the app's
+    word); decided again on the next pass."""
+
+
+# Steps before activation: given up when the fleet stops offering the release
+PENDING_STEPS = (Step.DOWNLOAD, Step.STAGE, Step.PREPARE, Step.SHADOW, Step.READY)
 
 
 def fault_point(name: str) -> None:
@@ -107,8 +128,11 @@ class Agent:
         self._shadow_waiting_told: set[int] = set()  # updates reported shadow_waiting
         self._delta_targets: dict = {}  # delta path -> signed TargetFile, from _refresh
         self._delta_failed: dict[int, str] = {}  # update id -> why its delta wasn't used
+        self._wake = asyncio.Event()  # the app's word: the next pass now, not after the poll
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self.journal.close()
 
     # -- the loop ------------------------------------------------------------------------
@@ -128,8 +152,10 @@ class Agent:
                 log.error("update check failed", extra={"error": str(exc)})
             except Exception:  # a bug here must not take the serving process down
                 log.exception("update check crashed")
-            await asyncio.sleep(self.config.poll_interval_s
-                                + random.uniform(0, self.config.poll_jitter_s))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s
+                                       + random.uniform(0, self.config.poll_jitter_s))
+            self._wake.clear()
 
     async def recover(self) -> list[str]:
         """Finish what a killed process left between activation and commit."""
@@ -160,8 +186,7 @@ class Agent:
         out = list(problems)
         for u in self.journal.open_updates():
             want = self._desired(releases, u.model)
-            if u.step in (Step.DOWNLOAD, Step.STAGE, Step.PREPARE, Step.SHADOW) and (
-                    want is None or want.version != u.version):
+            if u.step in PENDING_STEPS and (want is None or want.version != u.version):
                 if u.step is Step.SHADOW:
                     await self.host.end_shadow(u.model, u.version)
                 self.journal.advance(u, Step.DONE, "the fleet no longer offers it",
@@ -229,10 +254,13 @@ class Agent:
             raise TrustError(f"release {release.target_path} is {info.length} bytes, over "
                              f"updater.max_release_bytes {self.config.max_release_bytes}")
         shadow = release.rollout.shadow
+        activation = release.activation
         u = self.journal.begin(release.model, release.version, release.target_path,
                                rollout_id=release.rollout.id, length=info.length,
                                sha256=info.hashes["sha256"], previous=current,
-                               shadow=json.dumps(shadow.as_custom()) if shadow else "")
+                               shadow=json.dumps(shadow.as_custom()) if shadow else "",
+                               activation=json.dumps(activation.as_custom())
+                               if activation else "")
         self._report(u, "downloading")
         return await self._drive(u)
 
@@ -247,6 +275,8 @@ class Agent:
                 return f"{where}: paused at {u.step.value} ({exc})"
             except ShadowWaiting as exc:  # judged again on the next pass
                 return f"{where}: in shadow ({exc})"
+            except ActivationWaiting as exc:  # decided again on the next pass
+                return f"{where}: {exc}"
             except TrustError as exc:  # never mark bad: an attacker could block a release
                 self._discard_download(u)
                 u = self.journal.advance(u, Step.DONE, str(exc), outcome="failed")
@@ -306,6 +336,8 @@ class Agent:
             return self._to_activate(u, previous)
         if u.step is Step.SHADOW:
             return await self._shadow(u)
+        if u.step is Step.READY:
+            return await self._await_activation(u)
         if u.step is Step.ACTIVATE:
             await self.host.activate(u.model, u.version)
             if u.shadow:
@@ -323,11 +355,70 @@ class Agent:
 
     def _to_activate(self, u: Update, previous: int | None, detail: str = "") -> Update:
         """Next: activation, with the health of the version answering now as the watch's
-        baseline."""
-        base = self.host.health(u.model, self.host.active(u.model))
+        baseline; first the wait the release's activation policy asks for, if any."""
+        current = self.host.active(u.model)
+        if u.activation and u.step is not Step.READY and current != u.version:
+            return self.journal.advance(u, Step.READY, detail, previous=previous,
+                                        ready_at=self.clock().timestamp())
+        base = self.host.health(u.model, current)
         return self.journal.advance(
             u, Step.ACTIVATE, detail, previous=previous,
             baseline=json.dumps(dataclasses.asdict(base)) if base else "")
+
+    async def _await_activation(self, u: Update) -> Update:
+        """Activate when the release's activation policy and the app's word let it
+        (updater/activation.py); else report what it waits for, once per change."""
+        if u.shadow:  # it passed: copying live requests to it while it waits costs
+            await self.host.end_shadow(u.model, u.version)
+        u = self.journal.get(u.id)  # the app's word may have come since
+        d = decide(self.clock(), *self._activation_inputs(u))
+        if isinstance(d, Wait):
+            told = f"{d.state} ({d.detail})"
+            if u.waiting != told:
+                self._report(u, d.state, d.detail)
+                self.journal.remember(u, told, waiting=told)
+            raise ActivationWaiting(told)
+        if d.past_deferral:
+            self._report(u, DEFERRAL_EXPIRED, d.detail)
+        return self._to_activate(u, u.previous, d.detail)
+
+    @staticmethod
+    def _activation_inputs(u: Update) -> tuple[ActivationPolicy, datetime | None, AppWord]:
+        """(policy, when it became ready, the app's word) as the journal holds them."""
+        return (ActivationPolicy.from_custom(json.loads(u.activation)),
+                None if u.ready_at is None else datetime.fromtimestamp(u.ready_at),
+                AppWord(u.app_action, None if u.app_until is None
+                        else datetime.fromtimestamp(u.app_until)))
+
+    async def app_word(self, fields: dict) -> dict:
+        """The local app's word on activation (the update_activation op, its HTTP
+        route): ``action`` allow or defer (``for_s``) the updates with an activation
+        policy not yet activated (of ``model``), or none to read where they stand."""
+        if self._closed:
+            raise Unavailable("the update agent is stopping; ask again after the restart")
+        try:
+            action, for_s, model = parse_word(fields)
+        except ActivationPolicyError as exc:
+            raise InvalidArgument(str(exc)) from None
+        now = self.clock()
+        pending = [u for u in self.journal.open_updates() if u.activation and
+                   u.step in PENDING_STEPS and model in (None, u.model)]
+        if action and not pending:
+            raise FailedPrecondition(
+                f"no update{f' of {model}' if model else ''} waits for activation on this "
+                f"device; nothing to {action} (the app's word applies to a release "
+                f"published with an activation policy, until it is activated)")
+        until = None if for_s is None else now + timedelta(seconds=for_s)
+        said = f"the app's word: {action}" + (f" until {time_text(until)}" if until else "")
+        answer = []
+        for found in pending:
+            u = self.journal.remember(found, said, app_action=action, app_until=(
+                until.timestamp() if until else None)) if action else found
+            answer.append({"model": u.model, "version": u.version, "step": u.step.value,
+                           **activation_status(now, *self._activation_inputs(u))})
+        if action:
+            self._wake.set()
+        return {"updates": answer}
 
     async def _shadow(self, u: Update) -> Update:
         """Run the candidate as the shadow until the window has passed, then judge it."""

@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from updater.activation import ActivationPolicy
 from updater.plans import Plan
 from updater.shadow import ShadowPolicy
 
@@ -101,6 +102,7 @@ class Release:
     version: int
     target_path: str
     rollout: Rollout | None
+    activation: ActivationPolicy | None = None  # None: activated once validated
 
 
 def desired_version(releases: Iterable[Release], model: str, device_id: str,

@@ -11,7 +11,8 @@ import sqlite_utils
 
 REPORT_STATES = ("downloading", "downloaded", "staged", "validated", "shadowing",
                  "shadow_waiting", "shadow_skipped", "shadow_passed", "rejected_in_shadow",
-                 "activated", "committed", "failed", "rolled_back")
+                 "activated", "committed", "failed", "rolled_back",
+                 "waiting_window", "waiting_app", "deferral_expired")
 
 
 class FleetDB:

@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from engines.files import atomic_write_bytes, replace_synced
+from updater.activation import ActivationPolicy, ActivationPolicyError
 from updater.cohort import Release, Rollout
 from updater.errors import FleetRepoError
 from updater.plans import PlanError
@@ -261,19 +262,27 @@ class FleetRepo:
     # -- writes --------------------------------------------------------------------------
 
     def publish(self, name: str, version: int, model: Path, config: Path,
-                samples: Path, delta_from: tuple[int, ...] = ()) -> Release:
+                samples: Path, delta_from: tuple[int, ...] = (),
+                activation: ActivationPolicy | None = None) -> Release:
         """Add the release archive as a target (no rollout yet: no device takes it), and a
-        delta from each version in ``delta_from`` (updater/delta.py)."""
+        delta from each version in ``delta_from`` (updater/delta.py). ``activation``:
+        when devices may activate it (updater/activation.py; None: once validated)."""
         return self.publish_archive(name, version, build_release_archive(model, config,
                                                                          samples),
-                                    delta_from)
+                                    delta_from, activation)
 
     def publish_archive(self, name: str, version: int, data: bytes,
-                        delta_from: tuple[int, ...] = ()) -> Release:
+                        delta_from: tuple[int, ...] = (),
+                        activation: ActivationPolicy | None = None) -> Release:
         """Sign ``data`` as release name/version (publish() builds it; tests craft it)."""
         from tuf.api.metadata import TargetFile  # noqa: PLC0415
 
         path = release_path(name, version)
+        try:
+            if activation is not None:
+                activation.check()  # before anything is written
+        except ActivationPolicyError as exc:
+            raise FleetRepoError(str(exc)) from None
         with self.locked():
             targets = dict(self._load("targets").signed.targets)
             if path in targets:
@@ -285,6 +294,8 @@ class FleetRepo:
             atomic_write_bytes(self.target_file(path, tf.hashes["sha256"]), data)
             tf.unrecognized_fields["custom"] = {"model": name, "version": version,
                                                 "rollout": None}
+            if activation is not None:
+                tf.unrecognized_fields["custom"]["activation"] = activation.as_custom()
             targets[path] = tf
             for delta_tf, delta in deltas:
                 if delta_tf is not None:
@@ -469,10 +480,12 @@ class FleetRepo:
 
 
 def _release(path: str, custom: dict) -> Release:
-    rollout = custom.get("rollout")
+    rollout, activation = custom.get("rollout"), custom.get("activation")
     return Release(model=str(custom["model"]), version=int(custom["version"]),
                    target_path=path,
-                   rollout=Rollout.from_custom(rollout) if rollout else None)
+                   rollout=Rollout.from_custom(rollout) if rollout else None,
+                   activation=(ActivationPolicy.from_custom(activation)
+                               if activation is not None else None))
 
 
 def releases_from_targets(targets, problems: list[str] | None = None) -> list[Release]:
@@ -491,6 +504,10 @@ def releases_from_targets(targets, problems: list[str] | None = None) -> list[Re
                 problems.append(f"release {path} not taken: its signed rollout has a bad "
                                 f"{exc}; the fleet must start a new rollout with valid "
                                 f"limits")
+        except ActivationPolicyError as exc:  # never activated at the wrong time
+            if problems is not None:
+                problems.append(f"release {path} not taken: its signed activation policy "
+                                f"is bad ({exc}); the fleet must publish a new version")
         except (KeyError, TypeError, ValueError):
             continue
     return out

@@ -24,6 +24,8 @@ class Step(enum.StrEnum):
     SHADOW = "shadow"  # validated; shadowing the active version on live traffic (the
     # rollout's shadow phase): figures live in the serving process, so a restart
     # starts the window again
+    READY = "ready"  # validated (shadow passed); the release's activation policy holds it
+    # until its window or the app's word (updater/activation.py): a restart keeps waiting
     ACTIVATE = "activate"  # validated; switching the active version
     WATCH = "watch"  # active; health watch before commit
     ROLLBACK = "rollback"  # returning to the previous version
@@ -49,6 +51,11 @@ class Update:
     detail: str
     baseline: str  # JSON of the previous version's health when the new one went active
     shadow: str = ""  # JSON of the rollout's shadow limits ("": no shadow phase)
+    activation: str = ""  # JSON of the release's activation policy ("": at once)
+    ready_at: float | None = None  # unix time it became ready to activate (step READY)
+    app_action: str = ""  # the local app's last word: "", "allow" or "defer"
+    app_until: float | None = None  # "defer": until this unix time (None: the maximum)
+    waiting: str = ""  # what it waits for, as last reported (reported again on a change)
 
 
 class Journal:
@@ -65,8 +72,11 @@ class Journal:
                  "baseline": str, "shadow": str, "started_at": float,
                  "updated_at": float},
                 pk="id", if_not_exists=True)
-            if "shadow" not in self.db["update_journal"].columns_dict:  # a journal from
-                self.db["update_journal"].add_column("shadow", str)  # before shadow phases
+            for column, kind in (("shadow", str), ("activation", str), ("ready_at", float),
+                                 ("app_action", str), ("app_until", float),
+                                 ("waiting", str)):  # a journal from before these
+                if column not in self.db["update_journal"].columns_dict:
+                    self.db["update_journal"].add_column(column, kind)
             self.db["update_steps"].create(
                 {"id": int, "update_id": int, "ts": float, "step": str, "detail": str},
                 pk="id", if_not_exists=True)
@@ -85,7 +95,10 @@ class Journal:
         return Update(row["id"], row["model"], row["version"], row["target_path"],
                       row["rollout_id"], row["length"], row["sha256"], row["previous"],
                       Step(row["step"]), row["outcome"] or "", row["watch_restarts"] or 0,
-                      row["detail"] or "", row["baseline"] or "", row.get("shadow") or "")
+                      row["detail"] or "", row["baseline"] or "", row.get("shadow") or "",
+                      row.get("activation") or "", row.get("ready_at"),
+                      row.get("app_action") or "", row.get("app_until"),
+                      row.get("waiting") or "")
 
     def open_updates(self) -> list[Update]:
         return [self._row(r) for r in self.db.query(
@@ -106,7 +119,8 @@ class Journal:
             [update_id])]
 
     def begin(self, model: str, version: int, target_path: str, *, rollout_id: str,
-              length: int, sha256: str, previous: int | None, shadow: str = "") -> Update:
+              length: int, sha256: str, previous: int | None, shadow: str = "",
+              activation: str = "") -> Update:
         now = time.time()
         with self.db.conn:
             uid = self.db["update_journal"].insert({
@@ -114,6 +128,7 @@ class Journal:
                 "rollout_id": rollout_id, "length": length, "sha256": sha256,
                 "previous": previous, "step": Step.DOWNLOAD.value, "outcome": "",
                 "watch_restarts": 0, "detail": "", "baseline": "", "shadow": shadow,
+                "activation": activation,
                 "started_at": now,
                 "updated_at": now,
             }).last_pk
@@ -128,6 +143,14 @@ class Journal:
                 "step": step.value, "detail": detail, "outcome": outcome,
                 "updated_at": time.time(), **fields})
             self._log(update.id, step, outcome or detail)
+        return self.get(update.id)
+
+    def remember(self, update: Update, detail: str, **fields) -> Update:
+        """Change ``fields`` of the update in its step (the app's word, what it waits
+        for), with ``detail`` in its log."""
+        with self.db.conn:
+            self.db["update_journal"].update(update.id, {"updated_at": time.time(), **fields})
+            self._log(update.id, update.step, detail)
         return self.get(update.id)
 
     def note(self, update: Update, detail: str) -> None:

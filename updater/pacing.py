@@ -78,7 +78,7 @@ def parse_windows(windows: str, where: str = "download_windows") -> tuple[Window
         start, end = h1 * 60 + m1, h2 * 60 + m2
         if start == end:
             raise ValueError(f"{where}: {text!r} starts where it ends; for the whole day "
-                             f"write \"00:00-24:00\" (or leave download_windows empty)")
+                             f"write \"00:00-24:00\" (or leave {where} empty)")
         out.append(Window(start, end))
     return tuple(out)
 

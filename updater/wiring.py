@@ -9,10 +9,14 @@ from pathlib import Path
 
 def make_agent(table: dict, data_path: Path, repo, engine, profile, *, service=None,
                socket_path: Path | None = None):
+    from updater.activation import local_clock  # noqa: PLC0415
     from updater.agent import Agent  # noqa: PLC0415
     from updater.config import from_table  # noqa: PLC0415
     from updater.host import ApplianceHost  # noqa: PLC0415
 
     ucfg = from_table(table, "the appliance config's [updater] table")
     host = ApplianceHost(repo, engine, profile, service, socket_path)
-    return Agent(ucfg, data_path, host)
+    agent = Agent(ucfg, data_path, host, clock=local_clock())
+    if service is not None:  # the app's word (update_activation) reaches this agent
+        service.update_agent = agent.app_word
+    return agent

@@ -74,6 +74,17 @@ def register(sub) -> None:
     pub.add_argument("--delta-from", type=_versions, default=(), metavar="V[,V...]",
                      help="also publish deltas of the model from these earlier versions; "
                           "devices holding one download the delta instead (docs/ota.md)")
+    act = pub.add_argument_group(
+        "activation", "when devices swap to it once it is ready (default: at once); the "
+        "local app may defer it (docs/ota.md)")
+    act.add_argument("--activate-window", metavar="HH:MM-HH:MM",
+                     help="activate only inside this window of the device's local time "
+                          "(comma-separated for several; 22:00-04:00 spans midnight)")
+    act.add_argument("--activate", metavar="on-request",
+                     help="on-request: activate when the local app allows it")
+    act.add_argument("--max-deferral", metavar="DURATION",
+                     help="how long after it is ready the app may hold it back: 30m, 24h, "
+                          "2d (default 24h); then the device activates anyway")
     pub.set_defaults(func=fleet_publish)
 
     ro = fs.add_parser("rollout", help="start a rollout to a fraction of the fleet")
@@ -193,14 +204,17 @@ def fleet_publish(args) -> int:
         raise UpdaterError(f"--version {args.version} must be a positive integer")
     if not args.model.is_file():
         raise UpdaterError(f"{args.model}: no such model file")
+    activation = _activation_policy(args)
     repo = FleetRepo(args.dir)
     with tempfile.TemporaryDirectory() as tmp:
         config, samples = make_release_samples(args.model, args.config, args.samples,
                                                Path(tmp))
         rel = repo.publish(args.name, args.version, args.model, config, samples,
-                           delta_from=args.delta_from)
+                           delta_from=args.delta_from, activation=activation)
     print(f"published {rel.model} {rel.version} as {rel.target_path}; no device takes it "
           f"until 'outpost fleet rollout'")
+    if activation is not None:
+        print(f"activation: {activation.describe()}")
     for d in getattr(repo, "last_deltas", []):
         sizes = ", ".join(f"{m} {n:,} B ({n / d['release_length']:.1%})"
                           for m, n in d["sizes"].items())
@@ -208,6 +222,16 @@ def fleet_publish(args) -> int:
                 else "not published: no smaller than the release")
         print(f"delta from {d['base_version']}: {sizes} of {d['release_length']:,} B; {kept}")
     return 0
+
+
+def _activation_policy(args):
+    """The release's activation policy from the publish flags (None: at once), checked."""
+    from updater.activation import ActivationPolicyError, policy_from_flags  # noqa: PLC0415
+
+    try:
+        return policy_from_flags(args.activate_window, args.activate, args.max_deferral)
+    except ActivationPolicyError as exc:
+        raise UpdaterError(str(exc)) from None
 
 
 def fleet_rollout(args) -> int:

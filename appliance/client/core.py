@@ -236,6 +236,15 @@ class Ops:
         """The regions registered with the server: name, key, offset, byte_size."""
         return self._send("shm_status", {}, _regions_list)
 
+    def update_activation(self, action: str | None = None, *, for_s: float | None = None,
+                          model: str | None = None) -> Reply[dict]:
+        """The app's word on a pending OTA activation: "allow", "defer" (for ``for_s``
+        seconds; None: as long as the release allows), or None to read; answers
+        ``{"updates": [{model, version, state, detail, until, ...}]}``."""
+        fields = {k: v for k, v in (("action", action), ("for_s", for_s), ("model", model))
+                  if v is not None}
+        return self._send("update_activation", fields, None)
+
     def health(self) -> Reply[dict]:
         return self._send("health", {}, None)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from appliance.errors import (
     FailedPrecondition,
@@ -45,6 +45,9 @@ class Service:
         # Regions clients registered (Triton's system shared memory), for every transport
         self.shared_memory = SharedMemoryRegistry()
         self.protocol_counts = ProtocolCounts()
+        # The OTA agent running in this process, if any: its handler of the app's word
+        # on activation (update_activation), plugged in by the composition root
+        self.update_agent: Callable[[dict], Awaitable[dict]] | None = None
 
     # -- infer ---------------------------------------------------------------------------
 
@@ -226,6 +229,15 @@ class Service:
         result = await self.manager.set_traffic(name, policy)
         self.router.reset(name)
         return result["traffic"]
+
+    async def update_activation(self, fields: dict) -> dict:
+        """The app's word on a pending OTA activation (``action``: allow or defer, with
+        ``for_s``; none reads), answered by the update agent (it checks the fields)."""
+        if self.update_agent is None:
+            raise FailedPrecondition(
+                "no update agent runs in this server: add an [updater] table (fleet_url, "
+                "trusted_root) to its config and restart it (docs/ota.md)")
+        return await self.update_agent(fields)
 
     async def load(self, model: object, version: object = None) -> VersionInfo:
         """Load (and serve again, after ``unload(stop_serving=True)``) a version of

@@ -121,7 +121,7 @@ class SocketOps:
         self.simple = {"hello": self.hello, "models": self.models, "metadata": self.metadata,
                        "health": self.health, "stats": self.stats}
         self.admin = {"activate": self.activate, "traffic": self.traffic, "load": self.load,
-                      "unload": self.unload}
+                      "unload": self.unload, "update_activation": self.update_activation}
         # Shared memory: the connection owns what it registers (released at its close)
         self.per_connection = {"shm_register": self.shm_register,
                                "shm_status": self.shm_status,
@@ -182,6 +182,10 @@ class SocketOps:
         name = msg.get("model")
         change = {k: msg[k] for k in ("policy", "clear") if k in msg}
         return {"model": name, "traffic": await self.service.traffic(name, change or None)}
+
+    async def update_activation(self, msg: dict) -> dict:
+        return await self.service.update_activation(
+            {k: msg[k] for k in ("action", "for_s", "model") if k in msg})
 
     async def load(self, msg: dict) -> dict:
         info = await self.service.load(msg.get("model"), msg.get("version"))

@@ -97,6 +97,10 @@ class Routes:
         r.add_get("/v2/repository/models/{model}/traffic", self.traffic)
         r.add_post("/v2/repository/models/{model}/traffic", self.traffic,
                    expect_handler=self.expect)
+        # The app's word on a pending OTA activation (the socket's update_activation)
+        r.add_get("/v2/update/activation", self.update_activation)
+        r.add_post("/v2/update/activation", self.update_activation,
+                   expect_handler=self.expect)
         # Triton's system shared memory extension (regions shared with every transport)
         shm = "/v2/systemsharedmemory"
         r.add_get(shm + "/status", self.shm_status)
@@ -350,6 +354,16 @@ class Routes:
                                       f"{{\"policy\": {{...}}}} or {{\"clear\": true}}")
         return json_response({"model": model,
                               "traffic": await self.service.traffic(model, change)})
+
+    async def update_activation(self, request: web.Request) -> web.Response:
+        """GET: the pending updates' activation state. POST {"action": "allow" |
+        "defer", "for_s": N, "model": M}: the app's word (docs/ota.md)."""
+        self.require_admin(request)
+        fields = await self.control_body(request) if request.method == "POST" else {}
+        if request.method == "POST" and "action" not in fields:
+            raise InvalidArgument('send {"action": "allow"} or {"action": "defer"} (with '
+                                  '"for_s" seconds); GET reads the state')
+        return json_response(await self.service.update_activation(fields))
 
 
 def infer_request(model: str, version: int | None, body: InferBody | None,
