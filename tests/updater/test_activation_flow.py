@@ -8,6 +8,7 @@ deferral past the release's maximum is activated anyway and reported."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -17,7 +18,7 @@ from datetime import datetime
 
 import pytest
 
-from appliance.client import Client
+from appliance.client import AsyncClient, Client
 from appliance.demo.launcher import ServerProcess
 from appliance.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from tests.support.http_server import http_url
@@ -148,6 +149,8 @@ def test_the_app_allows_over_the_socket_and_http_and_a_deferral_past_the_maximum
                 c.update_activation("now")
             with pytest.raises(InvalidArgument, match="for_s belongs to action"):
                 c.update_activation("allow", for_s=60)
+            [read] = asyncio.run(read_async(device.socket_path))["updates"]
+            assert read == pending  # the async client has the op too
             [pending] = c.update_activation("allow")["updates"]
             assert pending["state"] == "activating"
             assert wait_done(data, 2, 60)["outcome"] == "committed"
@@ -197,10 +200,37 @@ def test_the_app_allows_over_the_socket_and_http_and_a_deferral_past_the_maximum
     assert active_version(data) == 4
 
 
+@pytest.mark.parametrize(("flags", "says"), [
+    (("--activate-window", "25:00-26:00"), "--activate-window: '25:00-26:00' has no such "
+                                           "time of day"),
+    (("--activate-window", "2am-4am"), "'2am-4am' is not a window; write HH:MM-HH:MM"),
+    (("--activate-window", "04:00-04:00"), "starts where it ends"),
+    (("--activate", "later"), "--activate 'later': the one mode is on-request"),
+    (("--max-deferral", "24h"), "--max-deferral belongs to an activation policy"),
+    (("--activate", "on-request", "--max-deferral", "a while"), "is not a duration"),
+])
+def test_a_bad_policy_is_one_line_and_publishes_nothing(fleet, demo_files, flags, says):
+    before = sorted(p.name for p in (fleet.dir / "metadata").iterdir())
+    result = run_outpost("fleet", "publish", fleet.dir, demo_files["identity"], "--name",
+                         "identity", "--version", "2", *flags)
+    assert result.returncode == 1
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert fleet.repo.releases() == []
+    assert sorted(p.name for p in (fleet.dir / "metadata").iterdir()) == before
+    assert not any(p.is_file() for p in (fleet.dir / "targets").rglob("*"))
+
+
 def test_without_an_update_agent_the_op_says_so(module_server):
     with Client(module_server.socket_path) as c, \
             pytest.raises(FailedPrecondition, match="no update agent runs in this server"):
         c.update_activation("allow")
+
+
+async def read_async(socket_path) -> dict:
+    async with await AsyncClient.connect(socket_path) as c:
+        await c.hello(SOCKET_TOKEN)
+        return await c.update_activation()
 
 
 def http(url: str, body: dict | None = None, token: str | None = None
