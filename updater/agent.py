@@ -63,6 +63,7 @@ from updater.fleet_repo import delta_path, releases_from_targets, target_url_pat
 from updater.health import Health, verdict, window
 from updater.journal import Journal, Step, Update
 from updater.pacing import TokenBucket, describe, in_windows
+from updater.prebuilt import prepare_engine
 from updater.release import extract_release
 from updater.shadow import (
     REJECT,
@@ -320,10 +321,9 @@ class Agent:
             await asyncio.to_thread(self._stage, u, self.host.has_version(u.model, u.version))
             self._report(u, "staged")
             return self.journal.advance(u, Step.PREPARE)
-        if u.step is Step.PREPARE:
-            await asyncio.to_thread(self.host.prepare_and_validate, u.model, u.version,
-                                    self._unpacked(u) / "samples.npz", self.fault)
-            self._report(u, "validated")
+        if u.step is Step.PREPARE:  # a plan the fleet prebuilt for this device, or a build
+            how, line = await asyncio.to_thread(prepare_engine, self, u)
+            self._report(u, "validated", line, engine=how)
             current = self.host.active(u.model)
             previous = current if current != u.version else u.previous
             if u.shadow and current is None:
@@ -671,7 +671,7 @@ class Agent:
         self.host.mark_bad(u.model, u.version, why)
 
     def _discard_download(self, u: Update) -> None:
-        for p in (*self._part(u), *self.downloads.glob(f"{u.sha256}.delta-*.part")):
+        for p in (*self._part(u), *self.downloads.glob(f"{u.sha256}.*.part")):  # deltas, plans
             p.unlink(missing_ok=True)
 
     def _unpacked(self, u: Update) -> Path:
@@ -684,12 +684,14 @@ class Agent:
     # -- reports -------------------------------------------------------------------------
 
     def _report(self, u: Update, state: str, detail: str = "",
-                shadow: ShadowFigures | None = None) -> None:
+                shadow: ShadowFigures | None = None, engine: str = "") -> None:
         report = {"device_id": self.device_id, "model": u.model, "version": u.version,
                   "rollout_id": u.rollout_id, "state": state, "detail": detail[:2000],
                   "ts": time.time(), "labels": dict(self.config.labels)}
         if shadow is not None:
             report["shadow"] = shadow.as_report()
+        if engine:  # prebuilt | built: how this device got its engine
+            report["engine"] = engine
         if self.journal.queue_report(report, self.config.max_queued_reports):
             log.warning("report queue full: the oldest report dropped",
                         extra={"dropped": self.journal.dropped_reports()})

@@ -6,6 +6,8 @@ Layout of a fleet directory (only ``metadata/`` and ``targets/`` are ever served
                 (and unversioned copies of root, targets and snapshot for people)
     DIR/targets/releases/<name>/<sha256>.<version>.tar   one release: model, config,
                 samples
+    DIR/targets/engines/<name>/<version>/<sha256>.<profile>-<key>.plan   a prebuilt
+                TensorRT plan of a release (`fleet attach-engine`, updater/prebuilt.py)
 
 Consistent snapshots: metadata and targets are never overwritten but added under new
 names, so a device refreshing while the fleet re-signs still reads one consistent set.
@@ -140,6 +142,11 @@ def release_path(name: str, version: int) -> str:
 
 def delta_path(name: str, version: int, base: int) -> str:
     return f"deltas/{name}/{version}-from-{base}.delta"
+
+
+def engine_path(name: str, version: int, profile: str, key_digest: str) -> str:
+    """Where a prebuilt TensorRT plan of a release lives (updater/prebuilt.py)."""
+    return f"engines/{name}/{version}/{profile}-{key_digest[:16]}.plan"
 
 
 def _member_bytes(archive: bytes, member: str) -> bytes:
@@ -334,6 +341,53 @@ class FleetRepo:
         tf = TargetFile.from_data(delta_path(name, version, base), delta, ["sha256"])
         tf.unrecognized_fields["custom"] = {"delta": about}
         return tf, delta
+
+    def release_member(self, name: str, version: int, member: str) -> bytes:
+        """One file of a published release (model.onnx, config.toml, samples.npz)."""
+        path = release_path(name, version)
+        tf = self._load("targets").signed.targets.get(path)
+        if tf is None:
+            raise FleetRepoError(f"the fleet has no release {name} {version}; 'outpost fleet "
+                                 f"status' lists the releases")
+        return _member(self.target_file(path, tf.hashes["sha256"]), member)
+
+    def attach_engine(self, name: str, version: int, plan: Path, *, profile: str,
+                      key: dict, source_sha256: str) -> str:
+        """Sign ``plan`` (a TensorRT plan of the release's model) as a target beside
+        release name/version, its ``custom`` naming the plan key (``PlanKey.as_custom``),
+        the firmware profile and the model's sha256; returns its target path. Refused when
+        the release is missing, the plan is of another model, or one for this key is
+        attached already (targets are immutable)."""
+        import hashlib  # noqa: PLC0415
+
+        from tuf.api.metadata import TargetFile  # noqa: PLC0415
+
+        data = Path(plan).read_bytes()
+        with self.locked():
+            targets = dict(self._load("targets").signed.targets)
+            rel = release_path(name, version)
+            if rel not in targets:
+                raise FleetRepoError(f"the fleet has no release {name} {version}; publish it "
+                                     f"first with 'outpost fleet publish'")
+            model = _member(self.target_file(rel, targets[rel].hashes["sha256"]),
+                            "model.onnx")
+            if hashlib.sha256(model).hexdigest() != source_sha256:
+                raise FleetRepoError(
+                    f"{plan} was built from a model whose sha256 is {source_sha256[:16]}..., "
+                    f"not from release {name} {version}'s model.onnx; compile that file")
+            path = engine_path(name, version, profile, key["digest"])
+            if path in targets:
+                raise FleetRepoError(f"release {name} {version} has a plan for key "
+                                     f"{key['digest'][:16]} already ({path}); targets are "
+                                     f"immutable: publish a new version to change it")
+            tf = TargetFile.from_data(path, data, ["sha256"])
+            atomic_write_bytes(self.target_file(path, tf.hashes["sha256"]), data)
+            tf.unrecognized_fields["custom"] = {"engine": {
+                "model": name, "version": version, "profile": profile,
+                "source_sha256": source_sha256, "key": key}}
+            targets[path] = tf
+            self._write_targets(targets)
+        return path
 
     def set_rollout(self, name: str, version: int, **changes) -> Rollout:
         """Start (fresh id), promote, pause, resume or halt a release's rollout; re-sign."""

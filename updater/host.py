@@ -58,6 +58,15 @@ class ApplianceHost:
                      config_path=folder / "config.toml",
                      samples_path=folder / "samples.npz", activate=False)
 
+    def build_inputs(self, model: str, version: int):
+        """(the stored version's record, its config, its BuildOptions for this profile)."""
+        from appliance.models.loaded import build_options  # noqa: PLC0415
+
+        with self._thread_repo() as repo:
+            record = repo.version(model, version)
+        config = record.config()
+        return record, config, build_options(config, self.profile)
+
     def prepare_and_validate(self, model: str, version: int, release_samples: Path,
                              fault=None) -> None:
         """Prepare the engine for this device (cached) and check it on the samples.
@@ -65,14 +74,10 @@ class ApplianceHost:
         The stored version's own samples.npz when it has one (a version added locally
         may not), else the release's.
         """
-        from appliance.models.loaded import build_options  # noqa: PLC0415
         from engines import EngineError, RuntimeOptions  # noqa: PLC0415
 
         where = f"release {model} {version}"
-        with self._thread_repo() as repo:
-            record = repo.version(model, version)
-        config = record.config()
-        opts = build_options(config, self.profile)
+        record, config, opts = self.build_inputs(model, version)
         try:
             artifact = self.engine.prepare(record.model_file, opts, self.repo.engines_dir)
             if fault is not None:

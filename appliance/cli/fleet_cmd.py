@@ -127,6 +127,18 @@ def register(sub) -> None:
                     help="share of live requests copied to the shadow, (0, 1] (default 1)")
     ro.set_defaults(func=fleet_rollout)
 
+    ae = fs.add_parser("attach-engine", help="add a prebuilt TensorRT plan to a release: "
+                                             "devices whose plan key matches take it "
+                                             "instead of building (docs/ota.md)")
+    ae.add_argument("dir", type=Path)
+    ae.add_argument("name")
+    ae.add_argument("version", type=int)
+    ae.add_argument("plan", type=Path, help="the plan 'outpost compile' wrote (its key is "
+                                            "in PLAN.json beside it)")
+    ae.add_argument("--profile", required=True,
+                    help="the firmware profile of the devices it is for")
+    ae.set_defaults(func=fleet_attach_engine)
+
     pr = fs.add_parser("promote", help="raise a rollout's fraction (keeps its cohort)")
     pr.add_argument("dir", type=Path)
     pr.add_argument("name")
@@ -304,6 +316,31 @@ def _shadow_policy(args):
             text = text.replace(f"shadow {field} ", f"{flag} ", 1)
         raise UpdaterError(text) from exc
     return policy
+
+
+def fleet_attach_engine(args) -> int:
+    from appliance.config.profiles import load_profile  # noqa: PLC0415
+    from engines.tensorrt.plan_key import PlanKeyError, read_plan_key  # noqa: PLC0415
+    from updater.fleet_repo import FleetRepo  # noqa: PLC0415
+    from updater.prebuilt import check_plan_fits  # noqa: PLC0415
+
+    repo = FleetRepo(args.dir)
+    config = repo.release_member(args.name, args.version, "config.toml")  # it exists
+    profile = load_profile(args.profile)
+    if not args.plan.is_file() or args.plan.stat().st_size == 0:
+        raise UpdaterError(f"{args.plan}: " + ("an empty file; " if args.plan.is_file()
+                                               else "no such plan file; ")
+                           + "make the plan with 'outpost compile' on a reference device")
+    try:
+        key, meta = read_plan_key(args.plan)
+    except PlanKeyError as exc:
+        raise UpdaterError(str(exc)) from None
+    check_plan_fits(key, config, profile, f"{args.name} {args.version}", args.plan)
+    path = repo.attach_engine(args.name, args.version, args.plan, profile=profile.name,
+                              key=key.as_custom(), source_sha256=meta["source_sha256"])
+    print(f"attached {args.plan} to {args.name} {args.version} as {path} for "
+          f"{profile.name} devices with plan key {key.describe()}; the others build")
+    return 0
 
 
 def fleet_promote(args) -> int:
