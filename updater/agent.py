@@ -369,7 +369,10 @@ class Agent:
         """Activate when the release's activation policy and the app's word let it
         (updater/activation.py); else report what it waits for, once per change."""
         if u.shadow:  # it passed: copying live requests to it while it waits costs
-            await self.host.end_shadow(u.model, u.version)
+            try:
+                await self.host.end_shadow(u.model, u.version)
+            except Exception as exc:  # best effort: activation ends it in any case
+                log.warning("shadow policy not cleared", extra={"error": str(exc)})
         u = self.journal.get(u.id)  # the app's word may have come since
         d = decide(self.clock(), *self._activation_inputs(u))
         if isinstance(d, Wait):
