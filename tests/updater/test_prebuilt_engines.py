@@ -221,6 +221,51 @@ def test_a_plan_whose_bytes_do_not_match_the_signed_hash_is_refused_before_deser
     assert journal_rows(dev.data)[-1]["outcome"] == "committed"
 
 
+@pytest.mark.parametrize("forged", ["built on another gpu", "built from another model"])
+def test_a_signed_plan_that_does_not_deserialize_or_validate_here_is_dropped_and_built(
+        tmp_path, short_tmp, demo_files, capsys, forged):
+    """A sidecar that lies about its plan passes attach-engine's checks (they read the
+    key): the device's own TensorRT and validation are the last word."""
+    fleet = Fleet(tmp_path / "fleet")
+    model = doubling_model(tmp_path / "double.onnx")
+    folder = tmp_path / "release"
+    folder.mkdir()
+    config, samples = make_release_samples(model, None, None, folder)
+    fleet.repo.publish("identity", 2, model, config, samples)
+    honest = tmp_path / "honest.plan"
+    _compile(model, config, honest, tmp_path / "ref", capsys)
+    plan = tmp_path / "forged.plan"
+    if forged == "built on another gpu":
+        _compile(model, config, plan, tmp_path / "ref2", capsys, gpu=XAVIER)
+    else:
+        _compile(_tripling_model(tmp_path), config, plan, tmp_path / "ref2", capsys)
+    sidecar = json.loads(meta_path(honest).read_text())  # the honest key, other bytes
+    sidecar.update(sha256=file_sha256(plan), bytes=plan.stat().st_size)
+    meta_path(plan).write_text(json.dumps(sidecar))
+    out = run_outpost("fleet", "attach-engine", fleet.dir, "identity", "2", plan,
+                      "--profile", PROFILE)
+    assert out.returncode == 0, out.stderr
+    fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0)
+    fleet.start()
+    try:
+        dev = Device(short_tmp / "dev", fleet, demo_files["identity"])
+        lines = dev.update()
+    finally:
+        fleet.stop()
+    assert any("identity 1 -> 2: committed" in line for line in lines), lines
+    assert file_sha256(plan) in dev.trt.deserialized  # verified, then tried here
+    assert len(dev.trt.builds) == 1  # and built instead
+    (cached,) = dev.cached_plans()
+    assert "origin" not in json.loads(meta_path(cached).read_text())
+    assert dev.staged_parts() == []
+    x = np.ones((1, 16), np.float32)
+    np.testing.assert_allclose(_served(dev, x)[0], 2 * x)  # the model's own answer
+    (report,) = _validated_reports(fleet)
+    said = ("could not deserialize it here" if forged == "built on another gpu"
+            else "the prebuilt plan failed validation")
+    assert report.startswith("engine: built") and said in report, report
+
+
 # -- fleet attach-engine: bad input is one clear line, nothing changed ----------------------
 
 
