@@ -152,8 +152,9 @@ def prepare_engine(agent, u) -> tuple[str, str]:
 
 
 def _device(host, u):
-    """(engine, model file, options, this device's plan key) where the engine is
-    TensorRT; None elsewhere, or when the key can't be computed (the build says why)."""
+    """(engine, model file, options, this device's plan key, the model's sha256) where
+    the engine is TensorRT; None elsewhere, or when the key can't be computed (the build
+    then says why)."""
     engine = getattr(host, "engine", None)
     if getattr(engine, "kind", "") != "tensorrt" or not hasattr(host, "build_inputs"):
         return None
