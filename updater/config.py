@@ -6,9 +6,11 @@ this dataclass with the same clear errors (unknown key, wrong type) as the rest.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from updater.pacing import parse_windows
 
@@ -16,7 +18,8 @@ from updater.pacing import parse_windows
 @dataclass(frozen=True)
 class UpdaterConfig:
     fleet_url: str = ""  # http(s)://host:port/ of the fleet server (or any static mirror)
-    report_url: str = ""  # "": fleet_url; where POST /v1/reports goes
+    report_url: str = ""  # "": fleet_url; the fleet server taking POST /v1/reports
+    # (set it when fleet_url is a static host: nginx, a CDN, an object store)
     report_key_file: str = ""  # this device's report key ('outpost fleet device-key')
     trusted_root: str = ""  # the fleet's root.json, copied in on first start
     device_id: str = ""  # "": this host's name
@@ -37,8 +40,11 @@ class UpdaterConfig:
     max_queued_reports: int = 1000  # kept while offline; past it the oldest are dropped
 
     def check(self) -> None:
-        if not self.fleet_url.startswith(("http://", "https://")):
-            raise ValueError(f"fleet_url {self.fleet_url!r} must be an http:// or https:// URL")
+        check_url("fleet_url", self.fleet_url, "the fleet server or the static host "
+                  "that serves metadata/ and targets/")
+        if self.report_url:
+            check_url("report_url", self.report_url, "the fleet server that takes "
+                      "reports (outpost fleet serve)")
         if not self.trusted_root:
             raise ValueError("trusted_root must name the fleet's root.json (from "
                              "'outpost fleet init')")
@@ -63,7 +69,37 @@ class UpdaterConfig:
 
     @property
     def reports_endpoint(self) -> str:
-        return (self.report_url or self.fleet_url).rstrip("/") + "/v1/reports"
+        base = (self.report_url or self.fleet_url).rstrip("/")
+        return base if base.endswith("/v1/reports") else base + "/v1/reports"
+
+
+def check_url(key: str, url: str, what: str) -> None:
+    """Raise one error naming the key, the URL and what it must be, unless ``url`` is an
+    http(s) base URL."""
+    why = _url_problem(url)
+    if why:
+        shown = re.sub(r"//[^/@]*@", "//***@", url)  # a password is not echoed to logs
+        raise ValueError(f"{key} {shown!r}: {why}; it must be the http(s) URL of {what}, "
+                         f"like https://fleet.example.com:8470")
+
+
+def _url_problem(url: str) -> str | None:
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "it holds a space or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is no number or out of range raises here
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "not an http:// or https:// URL"
+    if not parts.hostname or port == 0:
+        return "no host" if not parts.hostname else "port 0"
+    if parts.username is not None:
+        return "a user name or password does not belong in it"
+    if "?" in url or "#" in url:
+        return "a base URL takes no query or fragment"
+    return None
 
 
 def from_table(table: dict, where: str = "config") -> UpdaterConfig:

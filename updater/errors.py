@@ -25,3 +25,7 @@ class ReleaseError(UpdaterError):
 
 class HealthError(UpdaterError):
     """The new version served worse than the previous one during the health watch."""
+
+
+class SyncError(UpdaterError):
+    """Publishing the repository to a static host's folder failed (``fleet sync``)."""

@@ -377,7 +377,8 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
 
 
 def run_fleet_server(directory: Path, host: str, port: int,
-                     timestamp_check_s: float = 60.0, plan_check_s: float = 5.0) -> int:
+                     timestamp_check_s: float = 60.0, plan_check_s: float = 5.0,
+                     sync_to: Path | None = None) -> int:
     async def main() -> None:
         _server, runner, bound = await start_fleet_server(directory, host, port,
                                                           timestamp_check_s, plan_check_s)
@@ -385,9 +386,17 @@ def run_fleet_server(directory: Path, host: str, port: int,
         stop = asyncio.Event()
         # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        syncing = None
+        if sync_to is not None:  # each re-sign (a halt, a stage advance, a renewal, a
+            # command beside the server) is published to the static host's folder
+            from updater.fleet_sync import keep_synced  # noqa: PLC0415
+
+            syncing = asyncio.create_task(keep_synced(directory, sync_to))
         try:
             await stop.wait()
         finally:
+            if syncing is not None:
+                syncing.cancel()
             await runner.cleanup()
 
     try:

@@ -190,7 +190,19 @@ def register(sub) -> None:
                          "(0: never; devices then stop updating when it expires)")
     sv.add_argument("--plan-check-s", type=float, default=5.0,
                     help="how often planned rollouts are judged for their next stage")
+    sv.add_argument("--sync-to", metavar="DEST",
+                    help="also publish the repository to this folder (as 'fleet sync') "
+                         "whenever it is re-signed, for a static server in front of devices")
     sv.set_defaults(func=fleet_serve)
+
+    sy = fs.add_parser("sync", help="publish the repository to a folder a static web "
+                                    "server serves: targets, then metadata, timestamp last")
+    sy.add_argument("dir", type=Path)
+    sy.add_argument("dest", metavar="DEST", help="the folder (or file:///path) to publish to")
+    sy.add_argument("--prune", action="store_true",
+                    help="after the timestamp, remove target files the metadata no longer "
+                         "names")
+    sy.set_defaults(func=fleet_sync)
 
 
 def fleet_init(args) -> int:
@@ -494,10 +506,22 @@ def fleet_serve(args) -> int:
     from updater.fleet_repo import FleetRepo  # noqa: PLC0415
     from updater.fleet_server import run_fleet_server  # noqa: PLC0415
 
-    FleetRepo(args.dir)  # a wrong directory fails here, in one line
+    repo = FleetRepo(args.dir)  # a wrong directory fails here, in one line
     if not args.plan_check_s > 0:
         raise UpdaterError(f"--plan-check-s {args.plan_check_s} must be above 0 seconds")
+    sync_to = None
+    if args.sync_to is not None:
+        from updater.fleet_sync import check_dest, parse_dest  # noqa: PLC0415
+
+        sync_to = check_dest(parse_dest(args.sync_to), repo)  # a bad DEST fails at start
     return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s,
-                            args.plan_check_s)
+                            args.plan_check_s, sync_to=sync_to)
+
+
+def fleet_sync(args) -> int:
+    from updater.fleet_sync import parse_dest, sync  # noqa: PLC0415
+
+    print(sync(args.dir, parse_dest(args.dest), prune=args.prune).describe())
+    return 0
 
 

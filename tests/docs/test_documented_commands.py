@@ -85,6 +85,7 @@ ADAPT = {  # -> (arguments added, why)
 
 PLACEHOLDERS = {
     "/srv/fleet": "{tmp}/srv/fleet",
+    "/srv/www": "{tmp}/srv/www",  # `fleet sync`'s DEST: the folder a static server serves
     "R.pem": "{tmp}/srv/fleet/keys/root.pem",  # the root key `fleet init` wrote
     "/media/offline/root.pem": "{tmp}/offline/root.pem",
     "/media/offline/root-2026.pem": "{tmp}/offline/root-2026.pem",
@@ -544,6 +545,8 @@ BEFORE = {  # (doc, command) -> done first
     ("README.md", "outpost update check"): [_device_config("cam07")],
     ("docs/ota.md", "outpost update check [--config FILE]"):
         [_device_config("line3-cam07", 'site = "berlin"\n')],
+    ("docs/ota.md", "outpost fleet sync /srv/fleet /srv/www [--prune]"):  # the doc's mkdir
+        [lambda s, _variant: (s.tmp / "srv" / "www").mkdir(parents=True, exist_ok=True)],
 }
 AFTER = {  # (doc, command) -> checked right after
     ("docs/versions.md", "outpost models add NAME ensemble.toml"): [_ensemble_answers],
@@ -589,6 +592,7 @@ BAD = {  # command -> [(arguments with one bad one, words its one line must hold
     "fleet halt": [(["fleet", "halt", "/srv/fleet", "nosuchmodel", "7"], "no release")],
     "fleet status": [(["fleet", "status", "missing"], _NO_FLEET)],
     "fleet serve": [(["fleet", "serve", "missing"], _NO_FLEET)],
+    "fleet sync": [(["fleet", "sync", "/srv/fleet", "missing"], "no such folder")],
     "fleet device-key": [(["fleet", "device-key", "missing", "cam07"], _NO_FLEET),
                          (["fleet", "device-key", "/srv/fleet", "cam07", "--out",
                            "not-a-folder/cam07.key"], "is not a folder")],
