@@ -2,10 +2,11 @@
 
 The data is what /v1/status already computes (``status_report``: each release, its
 rollout, plan and shadow figures), the cohort figures the auto-halt judges (the live
-tallies), and three read-only queries of fleet.db made here: devices per version and
-state, reports per minute by state over the last hour, and devices not heard from for
-``STALE_AFTER_S``. The page is package data (dashboard_page/: HTML, JS, CSS, no
-framework, nothing fetched from elsewhere) that polls the JSON every few seconds.
+tallies), and three read-only queries of the fleet's store (fleet.db or PostgreSQL:
+fleet_db.py): devices per version and state, reports per minute by state over the last
+hour, and devices not heard from for ``STALE_AFTER_S``. The page is package data
+(dashboard_page/: HTML, JS, CSS, no framework, nothing fetched from elsewhere) that polls
+the JSON every few seconds.
 
 Nothing here writes, and nothing names a key: report keys, the report secret and the
 signing keys stay under keys/, which no route of the fleet server reads.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from updater.fleet_db import FleetDB
+from updater.fleet_db import FleetStore
 from updater.fleet_rollouts import LiveRollouts
 
 STALE_AFTER_S = 15 * 60  # a device that reports each state change and polls is heard often
@@ -80,12 +81,10 @@ def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def versions_by_state(db: FleetDB) -> list[dict]:
+def versions_by_state(db: FleetStore) -> list[dict]:
     """Devices per model version, by the state of each device's latest report."""
     out: dict[tuple[str, int], dict] = {}
-    for model, version, state, n in db.db.conn.execute(
-            "select model, version, state, count(*) from devices "
-            "group by model, version, state"):
+    for model, version, state, n in db.versions_by_state():
         row = out.setdefault((model, version), {"model": model, "version": version,
                                                 "devices": 0, "states": {}})
         row["states"][state] = n
@@ -93,54 +92,32 @@ def versions_by_state(db: FleetDB) -> list[dict]:
     return sorted(out.values(), key=lambda r: (r["model"], -r["version"]))
 
 
-def reports_per_minute(db: FleetDB, now: float, minutes: int = CHART_MINUTES) -> dict:
+def reports_per_minute(db: FleetStore, now: float, minutes: int = CHART_MINUTES) -> dict:
     """Reports the server took (its own clock: received_at) per minute and state, the
     last ``minutes`` whole minutes up to the current one, oldest first."""
     end = (math.floor(now / 60) + 1) * 60
     start = end - minutes * 60
     by_state: dict[str, list[int]] = {}
-    for minute, state, n in db.db.conn.execute(
-            "select cast((received_at - ?) / 60 as integer) as m, state, count(*) "
-            "from reports where id >= ? and received_at >= ? and received_at < ? "
-            "group by m, state", [start, _first_report_since(db, start), start, end]):
+    for minute, state, n in db.reports_by_minute(start, end):
         by_state.setdefault(state, [0] * minutes)[minute] += n
     return {"start": start, "minute_s": 60, "minutes": minutes, "by_state": by_state,
             "total": sum(sum(v) for v in by_state.values())}
 
 
-def _first_report_since(db: FleetDB, since: float) -> int:
-    """The lowest report id received at or after ``since``. Ids rise with received_at
-    (one clock, rows appended), so a binary search over the primary key finds it in a
-    few lookups: a dashboard polled all day never scans a year of reports."""
-    conn = db.db.conn
-    lo, hi = conn.execute("select coalesce(min(id), 0), coalesce(max(id), 0) + 1 "
-                          "from reports").fetchone()
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = conn.execute("select id, received_at from reports where id >= ? "
-                           "order by id limit 1", [mid]).fetchone()
-        if row is None or row[1] >= since:
-            hi = mid
-        else:
-            lo = row[0] + 1
-    return lo
+def _first_report_since(db: FleetStore, since: float) -> int:
+    """The lowest report id received at or after ``since`` (SQLite's FleetDB finds it by
+    a binary search over ids; PostgreSQL has an index on the time)."""
+    return db.first_report_since(since)
 
 
-def stale_devices(db: FleetDB, now: float, after_s: float = STALE_AFTER_S,
+def stale_devices(db: FleetStore, now: float, after_s: float = STALE_AFTER_S,
                   limit: int = MAX_STALE_LISTED) -> dict:
     """Devices the fleet has not heard from for ``after_s``: how many, and the longest
     silent ``limit`` of them (id, labels, last report, when last heard)."""
-    conn = db.db.conn
-    since = now - after_s
-    total = conn.execute("select count(*) from devices").fetchone()[0]
-    count = conn.execute("select count(*) from devices where last_seen < ?",
-                         [since]).fetchone()[0]
+    total, count, rows = db.stale_devices(now - after_s, limit)
     listed = [{"device_id": d, "labels": json.loads(lb or "{}"), "model": m,
                "version": v, "state": st, "rollout_id": ro, "last_seen": seen}
-              for d, lb, m, v, st, ro, seen in conn.execute(
-                  "select device_id, labels, model, version, state, rollout_id, last_seen "
-                  "from devices where last_seen < ? order by last_seen, device_id limit ?",
-                  [since, limit])]
+              for d, lb, m, v, st, ro, seen in rows]
     return {"after_s": after_s, "devices": total, "count": count, "listed": listed}
 
 

@@ -27,5 +27,14 @@ class HealthError(UpdaterError):
     """The new version served worse than the previous one during the health watch."""
 
 
+class FleetStoreError(UpdaterError):
+    """The fleet server's store (SQLite fleet.db or PostgreSQL) can't be opened or used."""
+
+
+class StoreUnavailable(FleetStoreError):
+    """The store was lost while serving (PostgreSQL down): reports are answered 503 and
+    devices keep them until it returns."""
+
+
 class SyncError(UpdaterError):
     """Publishing the repository to a static host's folder failed (``fleet sync``)."""

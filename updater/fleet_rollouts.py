@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from updater.cohort import Release
-from updater.fleet_db import FleetDB
+from updater.fleet_db import FleetStore
 from updater.fleet_repo import FleetRepo
 from updater.plans import Advance, StageFigures, advance_decision, halt_reason
 from updater.report_auth import MAX_SKEW_S
@@ -29,7 +29,7 @@ class Decision:
 
 
 class LiveRollouts:
-    def __init__(self, repo: FleetRepo, db: FleetDB):
+    def __init__(self, repo: FleetRepo, db: FleetStore):
         self.repo = repo
         self.db = db
         self.known: dict[str, dict] = db.known_devices()  # device id -> labels
@@ -40,11 +40,12 @@ class LiveRollouts:
         self._targets_stamp: tuple | None = None
         self.refresh()
 
-    def refresh(self) -> None:
-        """Re-read the releases if targets.json was re-signed (a new file each time)."""
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the releases if targets.json was re-signed (a new file each time), or
+        with ``force`` (another replica signed: shared storage may cache the old stat)."""
         st = os.stat(self.repo.metadata_dir / "targets.json")
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._targets_stamp:
+        if stamp == self._targets_stamp and not force:
             return
         self._targets_stamp = stamp
         self.releases = self.repo.releases()

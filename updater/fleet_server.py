@@ -31,8 +31,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from updater.dashboard import add_dashboard_routes
-from updater.errors import UpdaterError
-from updater.fleet_db import REPORT_STATES, FleetDB
+from updater.errors import StoreUnavailable, UpdaterError
+from updater.fleet_db import REPORT_STATES, open_fleet_store
+from updater.fleet_decisions import Change, apply_change, settle
 from updater.fleet_repo import FleetRepo
 from updater.fleet_rollouts import Decision, LiveRollouts, plan_status
 from updater.report_auth import ReportAuthError, Verifier
@@ -131,10 +132,13 @@ def check_shadow_figures(fig: object, i: int) -> dict | None:
 
 class FleetServer:
     def __init__(self, directory: Path, timestamp_check_s: float = 60.0,
-                 plan_check_s: float = 5.0):
+                 plan_check_s: float = 5.0, db_url: str | None = None):
         self.repo = FleetRepo(directory)
-        self.db = FleetDB(self.repo.dir / "fleet.db")
+        # DIR/fleet.db, or PostgreSQL shared with other replicas (fleet_db_postgres.py)
+        self.db = open_fleet_store(self.repo.dir, db_url)
         self.live = LiveRollouts(self.repo, self.db)
+        self.follow_s = 0.5  # how often a replica takes in what the others stored
+        self._decisions_seen = self.db.last_decision_id()
         self.timestamp_check_s = timestamp_check_s
         self.plan_check_s = plan_check_s  # how often planned rollouts are judged
         secret = self.repo.report_secret()
@@ -147,6 +151,7 @@ class FleetServer:
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task | None = None
         self._planner: asyncio.Task | None = None
+        self._follower: asyncio.Task | None = None
         self._last_word: dict[str, str] = {}  # rollout id -> the planner's last wait, logged
 
     def app(self) -> web.Application:
@@ -171,9 +176,11 @@ class FleetServer:
             self._refresher = asyncio.create_task(self._refresh_timestamp())
         if self.plan_check_s > 0:
             self._planner = asyncio.create_task(self._run_plans())
+        if self.db.shared:
+            self._follower = asyncio.create_task(self._follow_replicas())
 
     async def _stop(self, _app) -> None:
-        for task in (self._refresher, self._planner):
+        for task in (self._refresher, self._planner, self._follower):
             if task:
                 task.cancel()
         self.db.close()
@@ -181,10 +188,15 @@ class FleetServer:
     async def _refresh_timestamp(self) -> None:
         """Keep the short-lived timestamp valid: re-sign it when half its life is gone."""
         half = timedelta(days=self.repo.expiry.timestamp_days / 2)
+        def refresh() -> bool:  # signing is serialised with the other replicas' too
+            with self.db.decision_lock():
+                return self.repo.refresh_timestamp(half)
+
         while True:
             try:
-                if await asyncio.to_thread(self.repo.refresh_timestamp, half):
-                    log.info("timestamp re-signed")
+                async with self._lock:
+                    if await asyncio.to_thread(refresh):
+                        log.info("timestamp re-signed")
             except Exception as exc:  # keep serving; the next round retries
                 log.error("timestamp refresh failed: %s", exc)
             await asyncio.sleep(self.timestamp_check_s)
@@ -200,6 +212,8 @@ class FleetServer:
             return _error(400, "this server takes no query string; serves: " + _ROUTES)
         try:
             return await handler(request)
+        except StoreUnavailable as exc:  # the database is gone: come back later
+            return _error(503, str(exc), {"Retry-After": "5"})
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -291,8 +305,12 @@ class FleetServer:
         rel = d.release
         rejected = self.live.tallies[rel.rollout.id].cohort["rejected_in_shadow"]
         why = d.why + (f" ({rejected} rejected it in shadow)" if rejected else "")
-        await asyncio.to_thread(self.repo.set_rollout, rel.model, rel.version, state="halted")
-        self.live.refresh()
+        signed = await asyncio.to_thread(apply_change, self.repo, self.db, Change(
+            rel.model, rel.version, rel.rollout.id, "halt", rel.rollout.fraction, None, why,
+            d.figures.__dict__))
+        self.live.refresh(force=True)
+        if signed is None:  # another replica halted it first
+            return
         self.halts.append((rel.model, rel.version, why, time.time()))
         if self.on_halt is not None:
             self.on_halt(rel.model, rel.version, why)
@@ -306,7 +324,11 @@ class FleetServer:
         while True:
             try:
                 async with self._lock:
+                    if await asyncio.to_thread(settle, self.repo, self.db):
+                        self.live.refresh(force=True)  # a stopped replica's decision
                     await self.judge_plans(time.time())
+            except StoreUnavailable:
+                pass  # said once by the store; judged again when it is back
             except Exception as exc:  # keep serving; the next round retries
                 log.error("planned rollouts could not be judged: %s", exc)
             await asyncio.sleep(self.plan_check_s)
@@ -327,15 +349,43 @@ class FleetServer:
                 self._last_word[rollout.id] = word.why
                 continue
             nxt = rollout.plan.next_fraction(rollout.fraction)
-            await asyncio.to_thread(self.repo.set_rollout, rel.model, rel.version,
-                                    fraction=nxt)
+            signed = await asyncio.to_thread(apply_change, self.repo, self.db, Change(
+                rel.model, rel.version, rollout.id, "advance", rollout.fraction, nxt,
+                word.why, fig))
+            self.live.refresh(force=True)
+            if signed is None:  # another replica advanced (or halted) it first
+                log.info("rollout of %s %s: another fleet server moved it first", rel.model,
+                         rel.version, extra=facts)
+                continue
             self.db.set_progress(rollout.id, nxt, None)
-            self.live.refresh()
             self._last_word.pop(rollout.id, None)
             log.warning("rollout of %s %s advanced to %.0f%%: %s", rel.model, rel.version,
                         nxt * 100, word.why, extra={**facts, "to": nxt})
             if self.on_advance is not None:
                 self.on_advance(rel.model, rel.version, nxt, word.why)
+
+    async def _follow_replicas(self) -> None:
+        """With replicas on one store: take in the reports the others stored (their
+        counts move this one's tallies, and may call for a halt), and reload the metadata
+        when another replica logged a decision."""
+        while True:
+            try:
+                async with self._lock:
+                    theirs = self.db.others_reports()
+                    if theirs:
+                        self.live.refresh()
+                        self.live.take(theirs)
+                        for decision in self.live.to_halt({r["rollout_id"] for r in theirs}):
+                            await self._halt(decision)
+                    seen = self.db.last_decision_id()
+                    if seen != self._decisions_seen:
+                        self._decisions_seen = seen
+                        self.live.refresh(force=True)
+            except StoreUnavailable:
+                pass  # said once by the store; reports wait on the devices meanwhile
+            except Exception as exc:  # keep serving; the next round retries
+                log.error("the other replicas' reports could not be taken in: %s", exc)
+            await asyncio.sleep(self.follow_s)
 
     async def status(self, _request: web.Request) -> web.Response:
         async with self._lock:
@@ -359,9 +409,10 @@ def status_report(live: LiveRollouts) -> list[dict]:
 
 async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int = 0,
                              timestamp_check_s: float = 60.0, plan_check_s: float = 5.0,
+                             db_url: str | None = None,
                              ) -> tuple[FleetServer, web.AppRunner, int]:
     """Start on host:port (0: any free port); returns the server, its runner and port."""
-    server = FleetServer(directory, timestamp_check_s, plan_check_s)
+    server = FleetServer(directory, timestamp_check_s, plan_check_s, db_url)
     runner = web.AppRunner(server.app(), access_log=None, logger=_http_log)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -378,11 +429,14 @@ async def start_fleet_server(directory: Path, host: str = "127.0.0.1", port: int
 
 def run_fleet_server(directory: Path, host: str, port: int,
                      timestamp_check_s: float = 60.0, plan_check_s: float = 5.0,
-                     sync_to: Path | None = None) -> int:
+                     sync_to: Path | None = None, db_url: str | None = None) -> int:
     async def main() -> None:
-        _server, runner, bound = await start_fleet_server(directory, host, port,
-                                                          timestamp_check_s, plan_check_s)
-        print(f"fleet server on http://{host}:{bound}/ serving {directory}", flush=True)
+        server, runner, bound = await start_fleet_server(directory, host, port,
+                                                         timestamp_check_s, plan_check_s,
+                                                         db_url)
+        store = getattr(server.db, "where", None)  # PostgreSQL: where, without a password
+        print(f"fleet server on http://{host}:{bound}/ serving {directory}"
+              + (f", its store in {store}" if store else ""), flush=True)
         stop = asyncio.Event()
         # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -38,6 +38,7 @@ class ServerProcess:
     directory: Path
     source: Path
     plan_check_s: float | None = None  # --plan-check-s, if given
+    extra: tuple[str, ...] = ()  # more `fleet serve` arguments (--db URL)
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen | None = None
 
@@ -47,7 +48,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "fleet", "serve", str(self.directory),
              "--port", str(self.port), "--timestamp-check-s", "0",
-             *(["--plan-check-s", str(self.plan_check_s)] if self.plan_check_s else [])],
+             *(["--plan-check-s", str(self.plan_check_s)] if self.plan_check_s else []),
+             *self.extra],
             cwd=self.source, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -48,6 +48,22 @@ def _selector(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _add_db(parser) -> None:
+    parser.add_argument("--db", metavar="URL",
+                        help="the fleet's store of reports and decisions: DIR/fleet.db "
+                             "(SQLite, the default) or postgresql://user@host:port/dbname, "
+                             "shared by replicas (docs/ota.md); default $OUTPOST_FLEET_DB")
+
+
+def _store(args, directory: Path):
+    """The fleet store --db (or $OUTPOST_FLEET_DB, which keeps a password out of ps) names."""
+    import os  # noqa: PLC0415
+
+    from updater.fleet_db import open_fleet_store  # noqa: PLC0415
+
+    return open_fleet_store(directory, args.db or os.environ.get("OUTPOST_FLEET_DB"))
+
+
 def register(sub) -> None:
     p = sub.add_parser("fleet", help="publish model releases and roll them out (TUF)")
     fs = p.add_subparsers(dest="fleet_command", metavar="ACTION")
@@ -157,12 +173,14 @@ def register(sub) -> None:
     st.add_argument("dir", type=Path)
     st.add_argument("name", nargs="?")
     st.add_argument("--json", action="store_true")
+    _add_db(st)
     st.set_defaults(func=fleet_status)
 
     dv = fs.add_parser("devices", help="each device's last report, version, labels and "
                                        "when the fleet last heard from it")
     dv.add_argument("dir", type=Path)
     dv.add_argument("--json", action="store_true")
+    _add_db(dv)
     dv.set_defaults(func=fleet_devices)
 
     rk = fs.add_parser("rotate-key", help="give a role a new key (root N+1; devices follow)")
@@ -185,6 +203,7 @@ def register(sub) -> None:
     sv.add_argument("dir", type=Path)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8470)
+    _add_db(sv)
     sv.add_argument("--timestamp-check-s", type=float, default=60.0,
                     help="how often to renew the timestamp when half its life is gone "
                          "(0: never; devices then stop updating when it expires)")
@@ -379,13 +398,12 @@ def fleet_state(args, state: str) -> int:
 
 
 def fleet_status(args) -> int:
-    from updater.fleet_db import FleetDB  # noqa: PLC0415
     from updater.fleet_repo import FleetRepo  # noqa: PLC0415
     from updater.fleet_rollouts import LiveRollouts  # noqa: PLC0415
     from updater.fleet_server import status_report  # noqa: PLC0415
 
     repo = FleetRepo(args.dir)
-    db = FleetDB(repo.dir / "fleet.db")
+    db = _store(args, repo.dir)
     try:
         rows = [r for r in status_report(LiveRollouts(repo, db))
                 if args.name in (None, r["model"])]
@@ -443,11 +461,10 @@ def _shadow_line(limits: dict, s: dict) -> str:
 def fleet_devices(args) -> int:
     import time  # noqa: PLC0415
 
-    from updater.fleet_db import FleetDB  # noqa: PLC0415
     from updater.fleet_repo import FleetRepo  # noqa: PLC0415
 
     repo = FleetRepo(args.dir)
-    with FleetDB(repo.dir / "fleet.db") as db:
+    with _store(args, repo.dir) as db:
         rows = db.devices()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -503,6 +520,8 @@ def fleet_device_key(args) -> int:
 
 
 def fleet_serve(args) -> int:
+    import os  # noqa: PLC0415
+
     from updater.fleet_repo import FleetRepo  # noqa: PLC0415
     from updater.fleet_server import run_fleet_server  # noqa: PLC0415
 
@@ -515,7 +534,8 @@ def fleet_serve(args) -> int:
 
         sync_to = check_dest(parse_dest(args.sync_to), repo)  # a bad DEST fails at start
     return run_fleet_server(args.dir, args.host, args.port, args.timestamp_check_s,
-                            args.plan_check_s, sync_to=sync_to)
+                            args.plan_check_s, sync_to=sync_to,
+                            db_url=args.db or os.environ.get("OUTPOST_FLEET_DB"))
 
 
 def fleet_sync(args) -> int:
