@@ -9,8 +9,8 @@ Each step is journaled before it has effects, so a killed process resumes or rol
 back on restart (``recover``). Reports queue in SQLite until the fleet takes them.
 
 Fault injection for the crash tests: OUTPOST_UPDATER_FAULT=<point> makes the process
-SIGKILL itself at that point (download-mid, download-done, stage-mid, prepare-mid,
-shadow-mid, activate-done, watch-mid).
+SIGKILL itself at that point (download-mid, download-done, stage-mid, stage-stored,
+prepare-mid, shadow-mid, activate-done, watch-mid).
 
 The shadow phase (updater/shadow.py): the candidate shadows the active version on live
 traffic through the serving process's traffic policy until the window has passed and
@@ -318,7 +318,11 @@ class Agent:
             self._report(u, "downloaded", self._delta_failed.pop(u.id, ""))
             return self.journal.advance(u, Step.STAGE)
         if u.step is Step.STAGE:
-            await asyncio.to_thread(self._stage, u, self.host.has_version(u.model, u.version))
+            staged = self.host.has_version(u.model, u.version)
+            if not staged and not self._part(u)[1].exists():  # removed by hand: fetch again
+                return self.journal.advance(u, Step.DOWNLOAD, "the verified archive is gone "
+                                            "and the version not stored: downloading again")
+            await asyncio.to_thread(self._stage, u, staged)
             self._report(u, "staged")
             return self.journal.advance(u, Step.PREPARE)
         if u.step is Step.PREPARE:  # a plan the fleet prebuilt for this device, or a build
@@ -627,15 +631,27 @@ class Agent:
         return True
 
     def _stage(self, u: Update, staged_before: bool) -> None:
+        """Unpack the verified archive and move its files into the repository.
+
+        Disk: never more than two copies of the new model (docs/ota.md): the archive and
+        the unpacked folder, then the archive and the stored version (moved in, not
+        copied), then the stored version alone. The archive goes only once the version
+        is stored, so a restart before that unpacks it again."""
         _, done = self._part(u)
+        if staged_before:  # in the repository already (before a restart, or a fallback):
+            if done.exists():  # immutable; only the release's samples are wanted
+                extract_release(done, self._unpacked(u), self.config.max_release_bytes,
+                                only=("samples.npz",))
+            done.unlink(missing_ok=True)
+            return
         folder = extract_release(done, self._unpacked(u), self.config.max_release_bytes)
         self.fault("stage-mid")
-        if staged_before:
-            return  # in the repository already (before a restart, or a fallback): immutable
         try:
             self.host.stage(u.model, u.version, folder)
         except OutpostError as exc:
             raise ReleaseError(f"release {u.model} {u.version} can't be stored: {exc}") from exc
+        self.fault("stage-stored")
+        done.unlink()
 
     async def _watch(self, u: Update) -> None:
         """Compare the new version's errors and latency with the previous one's."""

@@ -52,11 +52,13 @@ class ApplianceHost:
             repo.close()
 
     def stage(self, model: str, version: int, folder: Path) -> None:
-        """Blocking (runs in a worker thread): copy the release into the repository."""
+        """Blocking (runs in a worker thread): move the unpacked release into the
+        repository (a rename, not a copy: the disk holds the model once more, not twice);
+        its model and samples leave ``folder``."""
         with self._thread_repo() as repo:
             repo.add(model, folder / "model.onnx", version=version,
                      config_path=folder / "config.toml",
-                     samples_path=folder / "samples.npz", activate=False)
+                     samples_path=folder / "samples.npz", activate=False, adopt=True)
 
     def build_inputs(self, model: str, version: int):
         """(the stored version's record, its config, its BuildOptions for this profile)."""

@@ -18,8 +18,11 @@ from updater.fleet_repo import RELEASE_FILES
 REQUIRED = ("model.onnx", "config.toml", "samples.npz")
 
 
-def extract_release(archive: Path, dest: Path, max_bytes: int = 2 << 30) -> Path:
-    """Unpack ``archive`` into the new folder ``dest``; returns it. Raises ReleaseError."""
+def extract_release(archive: Path, dest: Path, max_bytes: int = 2 << 30,
+                    only: tuple[str, ...] | None = None) -> Path:
+    """Unpack ``archive`` into the new folder ``dest``; returns it. Raises ReleaseError.
+
+    ``only``: write just these members (the whole archive is checked all the same)."""
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -41,7 +44,7 @@ def extract_release(archive: Path, dest: Path, max_bytes: int = 2 << 30) -> Path
             if missing or len(set(names)) != len(names):
                 raise ReleaseError(f"{archive}: needs each of {', '.join(REQUIRED)} once; "
                                    f"has {', '.join(names) or 'nothing'}")
-            for m in members:
+            for m in members if only is None else [m for m in members if m.name in only]:
                 # A new file: never through a link, never over an existing file.
                 copy_synced(tar.extractfile(m), dest / m.name)
     except (tarfile.TarError, OSError) as exc:

@@ -7,6 +7,7 @@ modified again; the active pointer changes in one SQLite transaction.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -146,12 +147,15 @@ class Repository:
         samples_path: Path | None = None,
         defaults: BatchingConfig | None = None,
         activate: bool = True,
+        adopt: bool = False,
     ) -> VersionRecord:
         """Check, complete and store a new immutable version; returns its record.
 
         ``model_path`` is an ONNX model, or an ensemble's config.toml (no model file).
         With ``activate=False`` the version is only staged, even the first of a model:
         nothing serves it until it is activated (the updater validates it first).
+        With ``adopt=True`` the files are moved in, not copied (a rename where they are
+        on this filesystem): the caller gives them up, and the disk holds one copy.
         """
         check_model_name(name)
         model_path = Path(model_path)
@@ -185,7 +189,10 @@ class Repository:
             for rel, src in files.items():
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                copy_synced(src, dst)
+                if adopt:
+                    _move_synced(src, dst)
+                else:
+                    copy_synced(src, dst)
             write_synced(stage / CONFIG_FILE, model_config_to_toml(config).encode())
             fsync_dir(stage)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +329,17 @@ class Repository:
             for p in folder.iterdir() if folder.is_dir() else ():
                 if p.stat().st_mtime < cutoff:
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def _move_synced(src: Path, dst: Path) -> None:
+    """Rename ``src`` (written and fsynced by its owner) to ``dst``; copy across filesystems."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_synced(src, dst)
+        src.unlink()
 
 
 def check_onnx(path: Path) -> list[str]:

@@ -56,7 +56,8 @@ def _serves(device: ServerProcess) -> int:
 
 
 @pytest.mark.parametrize("point", ["download-mid", "download-done", "stage-mid",
-                                   "prepare-mid", "activate-done", "watch-mid"])
+                                   "stage-stored", "prepare-mid", "activate-done",
+                                   "watch-mid"])
 def test_killed_update_resumes_and_finishes(fleet, short_tmp, demo_files, point):
     data = short_tmp / "dev"
     config = make_device(data, fleet, demo_files["identity"], window_s=1.0)
@@ -85,7 +86,7 @@ def test_repeated_crash_during_health_watch_rolls_back(fleet, short_tmp, demo_fi
     assert active_version(data) == 1
 
 
-@pytest.mark.parametrize("point", ["stage-mid", "prepare-mid"])
+@pytest.mark.parametrize("point", ["stage-mid", "stage-stored", "prepare-mid"])
 def test_first_install_killed_before_validation_serves_nothing_unvalidated(
         fleet, short_tmp, demo_files, point):
     data = short_tmp / "dev"
