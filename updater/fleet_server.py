@@ -431,15 +431,16 @@ def run_fleet_server(directory: Path, host: str, port: int,
                      timestamp_check_s: float = 60.0, plan_check_s: float = 5.0,
                      sync_to: Path | None = None, db_url: str | None = None) -> int:
     async def main() -> None:
+        stop = asyncio.Event()
+        # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0;
+        # handled before the port opens, so one sent as soon as it answers is too.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         server, runner, bound = await start_fleet_server(directory, host, port,
                                                          timestamp_check_s, plan_check_s,
                                                          db_url)
         store = getattr(server.db, "where", None)  # PostgreSQL: where, without a password
         print(f"fleet server on http://{host}:{bound}/ serving {directory}"
               + (f", its store in {store}" if store else ""), flush=True)
-        stop = asyncio.Event()
-        # SIGTERM (systemd, kill) stops it as Ctrl-C does: the database closed, exit 0.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         syncing = None
         if sync_to is not None:  # each re-sign (a halt, a stage advance, a renewal, a
             # command beside the server) is published to the static host's folder
