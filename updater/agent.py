@@ -129,6 +129,7 @@ class Agent:
         self._shadow_waiting_told: set[int] = set()  # updates reported shadow_waiting
         self._delta_targets: dict = {}  # delta path -> signed TargetFile, from _refresh
         self._delta_failed: dict[int, str] = {}  # update id -> why its delta wasn't used
+        self._delta_wasted: dict[int, int] = {}  # update id -> bytes of a delta not used
         self._wake = asyncio.Event()  # the app's word: the next pass now, not after the poll
         self._closed = False
 
@@ -315,7 +316,9 @@ class Agent:
     async def _step(self, u: Update) -> Update:
         if u.step is Step.DOWNLOAD:
             await asyncio.to_thread(self._download, u)
-            self._report(u, "downloaded", self._delta_failed.pop(u.id, ""))
+            got = self.journal.get(u.id).download
+            self._report(u, "downloaded", self._delta_failed.pop(u.id, ""),
+                         download=json.loads(got) if got else None)
             return self.journal.advance(u, Step.STAGE)
         if u.step is Step.STAGE:
             staged = self.host.has_version(u.model, u.version)
@@ -484,6 +487,10 @@ class Agent:
                 self._fetch_to(u, url, part, u.length, f"release {u.target_path}")
                 _verify(info, part, f"release {u.target_path} failed TUF verification "
                                     f"({{}}); it was tampered with or corrupted")
+                if not self.journal.get(u.id).download:  # else rebuilt before a restart
+                    wasted = self._delta_wasted.pop(u.id, 0)
+                    self._remember_download(u, {"kind": "full", "bytes": u.length + wasted,
+                                                "full_bytes": u.length})
             replace_synced(part, done)
         else:  # downloaded and verified before a restart; check again, it's cheap
             _verify(info, done, f"staged release {done} no longer matches its signed "
@@ -619,6 +626,7 @@ class Agent:
                                 f"match its signed hash ({{}})")
         except (TrustError, DeltaError) as exc:
             part.unlink(missing_ok=True)
+            self._delta_wasted[u.id] = dpart.stat().st_size if dpart.exists() else 0
             dpart.unlink(missing_ok=True)
             why = f"delta from {base} not used ({exc}); downloaded the full release"
             self._delta_failed[u.id] = why
@@ -626,9 +634,22 @@ class Agent:
             log.warning("delta not used", extra={"model": u.model, "error": str(exc)})
             return False
         dpart.unlink(missing_ok=True)
-        self.journal.note(u, f"rebuilt from the delta from {base}: {tf.length} bytes "
-                             f"downloaded instead of {u.length}")
+        self._remember_download(u, {"kind": "delta", "bytes": tf.length,
+                                    "full_bytes": u.length, "base_version": base})
         return True
+
+    def _remember_download(self, u: Update, facts: dict) -> None:
+        """Journal how the release came (the ``downloaded`` report carries it: the fleet
+        counts bytes sent as deltas and as full files); ``bytes`` counts a failed delta's
+        bytes too."""
+        if facts["kind"] == "delta":
+            line = (f"rebuilt from the delta from {facts['base_version']}: {facts['bytes']} "
+                    f"bytes downloaded instead of {facts['full_bytes']}")
+        else:
+            wasted = facts["bytes"] - facts["full_bytes"]
+            line = (f"the full release: {facts['bytes']} bytes downloaded"
+                    + (f" ({wasted} of them a delta not used)" if wasted else ""))
+        self.journal.remember(u, line, download=json.dumps(facts))
 
     def _stage(self, u: Update, staged_before: bool) -> None:
         """Unpack the verified archive and move its files into the repository.
@@ -703,7 +724,8 @@ class Agent:
     # -- reports -------------------------------------------------------------------------
 
     def _report(self, u: Update, state: str, detail: str = "",
-                shadow: ShadowFigures | None = None, engine: str = "") -> None:
+                shadow: ShadowFigures | None = None, engine: str = "",
+                download: dict | None = None) -> None:
         report = {"device_id": self.device_id, "model": u.model, "version": u.version,
                   "rollout_id": u.rollout_id, "state": state, "detail": detail[:2000],
                   "ts": time.time(), "labels": dict(self.config.labels)}
@@ -711,6 +733,8 @@ class Agent:
             report["shadow"] = shadow.as_report()
         if engine:  # prebuilt | built: how this device got its engine
             report["engine"] = engine
+        if download is not None:  # delta | full, and its bytes
+            report["download"] = download
         if self.journal.queue_report(report, self.config.max_queued_reports):
             log.warning("report queue full: the oldest report dropped",
                         extra={"dropped": self.journal.dropped_reports()})

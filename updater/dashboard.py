@@ -74,7 +74,9 @@ def rollout_view(row: dict, live: LiveRollouts) -> dict:
             "failure_share": _share(fig["failed"], fig["final"]) if fig else None,
             "stage_failure_share": (_share(fig["stage_failed"], fig["stage_final"])
                                     if fig else None),
-            "devices": row["devices"], "shadow": row["shadow"]}
+            "devices": row["devices"], "shadow": row["shadow"],
+            "downloads": row["downloads"], "waiting": row["waiting"],
+            "engines": row["engines"]}
 
 
 def _share(part: int, whole: int) -> float | None:

@@ -37,17 +37,24 @@ DECISION_FIELDS = ("id", "decided_at", "replica", "model", "version", "rollout_i
 
 INSERT_REPORT = (
     "insert into reports (received_at, device_id, model, version, rollout_id, state, "
-    "detail, labels, device_ts, shadow) values (?,?,?,?,?,?,?,?,?,?)")
+    "detail, labels, device_ts, shadow, download, engine) values (?,?,?,?,?,?,?,?,?,?,?,?)")
 # Reports may arrive out of order from a device's queue: keep the newest, and a device's
-# latest shadow figures past its later states.
+# latest shadow figures, download (delta or full, bytes) and engine (prebuilt or built)
+# past its later states.
 UPSERT_STATE = (
     "insert into device_state (device_id, rollout_id, model, version, state, detail, "
-    "labels, updated_at, shadow) values (?,?,?,?,?,?,?,?,?) "
+    "labels, updated_at, shadow, download, engine) values (?,?,?,?,?,?,?,?,?,?,?) "
     "on conflict (device_id, rollout_id) do update set model = excluded.model, "
     "version = excluded.version, state = excluded.state, detail = excluded.detail, "
     "labels = excluded.labels, updated_at = excluded.updated_at, shadow = "
-    "coalesce(excluded.shadow, device_state.shadow) "
+    "coalesce(excluded.shadow, device_state.shadow), download = "
+    "coalesce(excluded.download, device_state.download), engine = "
+    "coalesce(excluded.engine, device_state.engine) "
     "where excluded.updated_at >= device_state.updated_at")
+# Columns a store from before them lacks: (table, column); added at open.
+LATER_COLUMNS = (("reports", "shadow"), ("device_state", "shadow"),
+                 ("reports", "download"), ("device_state", "download"),
+                 ("reports", "engine"), ("device_state", "engine"))
 UPSERT_DEVICE = (
     "insert into devices (device_id, labels, last_seen, model, version, rollout_id, "
     "state, detail, device_ts) values (?,?,?,?,?,?,?,?,?) "
@@ -70,10 +77,12 @@ def report_rows(reports: list[dict], now: float) -> list[tuple]:
     """The ``reports`` rows of checked report maps, received at ``now``."""
     rows = []
     for r in reports:
-        fig = r.get("shadow")
+        fig, got = r.get("shadow"), r.get("download")
         rows.append((now, r["device_id"], r["model"], r["version"], r["rollout_id"],
                      r["state"], r["detail"], json.dumps(r["labels"], sort_keys=True),
-                     r["ts"], json.dumps(fig, sort_keys=True) if fig is not None else None))
+                     r["ts"], json.dumps(fig, sort_keys=True) if fig is not None else None,
+                     json.dumps(got, sort_keys=True) if got is not None else None,
+                     r.get("engine")))
     return rows
 
 
@@ -83,10 +92,10 @@ def add_statements(reports: list[dict], now: float) -> list[tuple[str, list[tupl
     rows = report_rows(reports, now)
     return [
         (INSERT_REPORT, rows),
-        (UPSERT_STATE, [(d, ro, m, v, st, de, lb, ts, sh)
-                        for _, d, m, v, ro, st, de, lb, ts, sh in rows]),
+        (UPSERT_STATE, [(d, ro, m, v, st, de, lb, ts, sh, dl, en)
+                        for _, d, m, v, ro, st, de, lb, ts, sh, dl, en in rows]),
         (UPSERT_DEVICE, [(d, lb, now, m, v, ro, st, de, ts)
-                         for _, d, m, v, ro, st, de, lb, ts, _ in rows]),
+                         for _, d, m, v, ro, st, de, lb, ts, *_ in rows]),
         (TOUCH_DEVICE, [(now, r["device_id"]) for r in reports])]
 
 
@@ -151,10 +160,12 @@ class FleetStore:
         return [{**dict(zip(keys, row)), "labels": json.loads(row[1])} for row in self._rows(
             f"select {', '.join(keys)} from devices order by device_id")]
 
-    def latest(self, rollout_id: str) -> list[tuple[str, str, float]]:
-        """(device id, latest state, its device time) of every device on a rollout."""
-        return self._rows("select device_id, state, updated_at from device_state "
-                          "where rollout_id = ?", [rollout_id])
+    def latest(self, rollout_id: str) -> list[tuple[str, str, float, dict | None, str | None]]:
+        """(device id, latest state, its device time, its download, its engine) of every
+        device on a rollout."""
+        return [(d, st, ts, json.loads(dl) if dl else None, en) for d, st, ts, dl, en in
+                self._rows("select device_id, state, updated_at, download, engine from "
+                           "device_state where rollout_id = ?", [rollout_id])]
 
     def has_rollout(self, rollout_id: str) -> bool:
         return bool(self._rows("select 1 from device_state where rollout_id = ? limit 1",
@@ -317,16 +328,17 @@ class FleetDB(FleetStore):
             self.db["reports"].create(
                 {"id": int, "received_at": float, "device_id": str, "model": str,
                  "version": int, "rollout_id": str, "state": str, "detail": str,
-                 "labels": str, "device_ts": float, "shadow": str},
+                 "labels": str, "device_ts": float, "shadow": str, "download": str,
+                 "engine": str},
                 pk="id", if_not_exists=True)
             self.db["device_state"].create(
                 {"device_id": str, "rollout_id": str, "model": str, "version": int,
                  "state": str, "detail": str, "labels": str, "updated_at": float,
-                 "shadow": str},
+                 "shadow": str, "download": str, "engine": str},
                 pk=("device_id", "rollout_id"), if_not_exists=True)
-            for table in ("reports", "device_state"):  # a fleet.db from before shadow phases
-                if "shadow" not in self.db[table].columns_dict:
-                    self.db[table].add_column("shadow", str)
+            for table, column in LATER_COLUMNS:  # a fleet.db from before them
+                if column not in self.db[table].columns_dict:
+                    self.db[table].add_column(column, str)
             self.db["devices"].create(
                 {"device_id": str, "labels": str, "last_seen": float, "model": str,
                  "version": int, "rollout_id": str, "state": str, "detail": str,

@@ -33,7 +33,7 @@ import psycopg
 from psycopg import conninfo
 
 from updater.errors import FleetStoreError, StoreUnavailable
-from updater.fleet_db import INSERT_DECISION, FleetStore
+from updater.fleet_db import INSERT_DECISION, LATER_COLUMNS, FleetStore
 
 log = logging.getLogger("outpost.fleet")
 
@@ -54,7 +54,7 @@ SCHEMA = (
     "received_at double precision not null, device_id text not null, model text not null, "
     "version bigint not null, rollout_id text not null, state text not null, "
     "detail text not null, labels text not null, device_ts double precision not null, "
-    "shadow text, "
+    "shadow text, download text, engine text, "
     # which replica stored it, and the transaction that did (others_reports reads by it)
     "replica text not null default coalesce(current_setting('outpost.replica', true), ''), "
     "tx xid8 not null default pg_current_xact_id())",
@@ -64,8 +64,11 @@ SCHEMA = (
     "create table if not exists device_state (device_id text not null, "
     "rollout_id text not null, model text not null, version bigint not null, "
     "state text not null, detail text not null, labels text not null, "
-    "updated_at double precision not null, shadow text, "
+    "updated_at double precision not null, shadow text, download text, engine text, "
     "primary key (device_id, rollout_id))",
+    # a database from before the download and engine columns
+    *(f"alter table {table} add column if not exists {column} text"
+      for table, column in LATER_COLUMNS),
     "create index if not exists state_by_rollout on device_state (rollout_id)",
     "create table if not exists devices (device_id text primary key, labels text not null, "
     "last_seen double precision not null, model text not null, version bigint not null, "
@@ -254,13 +257,15 @@ class PostgresFleetDB(FleetStore):
             horizon = self._horizon(conn)
             rows = conn.execute(
                 "select device_id, model, version, rollout_id, state, detail, labels, "
-                "device_ts from reports where tx >= %s::xid8 and tx < %s::xid8 and "
-                "replica <> %s order by id", [self._cursor, horizon, self.replica]
+                "device_ts, download, engine from reports where tx >= %s::xid8 and "
+                "tx < %s::xid8 and replica <> %s order by id",
+                [self._cursor, horizon, self.replica]
             ).fetchall()
             return horizon, rows
 
         horizon, rows = self._use(read)
         self._cursor = horizon
         return [{"device_id": d, "model": m, "version": v, "rollout_id": ro, "state": st,
-                 "detail": de, "labels": json.loads(lb), "ts": ts}
-                for d, m, v, ro, st, de, lb, ts in rows]
+                 "detail": de, "labels": json.loads(lb), "ts": ts,
+                 "download": json.loads(dl) if dl else None, "engine": en}
+                for d, m, v, ro, st, de, lb, ts, dl, en in rows]

@@ -91,7 +91,8 @@ class LiveRollouts:
                     tally.see(device_id, labels)
             tally = self.tallies.get(r["rollout_id"])
             if tally is not None:
-                tally.see(device_id, labels, r["state"], r["ts"])
+                tally.see(device_id, labels, r["state"], r["ts"], r.get("download"),
+                          r.get("engine"))
 
     def to_halt(self, rollout_ids: set[str]) -> list[Decision]:
         out = []

@@ -24,6 +24,7 @@ import math
 import re
 import signal
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from updater.fleet_decisions import Change, apply_change, settle
 from updater.fleet_repo import FleetRepo
 from updater.fleet_rollouts import Decision, LiveRollouts, plan_status
 from updater.report_auth import ReportAuthError, Verifier
+from updater.rollout_tally import DOWNLOAD_KINDS, ENGINE_KINDS, fleet_view
 
 log = logging.getLogger("outpost.fleet")
 MAX_REPORTS_A_POST = 1000
@@ -94,8 +96,37 @@ def check_report(r: object, i: int) -> dict:
     if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ValueError(f"reports[{i}].labels must map strings to strings")
+    engine = r.get("engine")
+    if engine is not None and engine not in ENGINE_KINDS:
+        raise ValueError(f"reports[{i}].engine {str(engine)[:40]!r}: one of "
+                         f"{', '.join(ENGINE_KINDS)} (how the device got its engine)")
     return {**{k: r[k] for k in _STR_FIELDS}, "version": r["version"], "ts": float(ts),
-            "labels": labels, "shadow": check_shadow_figures(r.get("shadow"), i)}
+            "labels": labels, "shadow": check_shadow_figures(r.get("shadow"), i),
+            "download": check_download(r.get("download"), i), "engine": engine}
+
+
+def check_download(got: object, i: int) -> dict | None:
+    """A ``downloaded`` report's optional account of the download (agent.py): ``kind``
+    delta or full, ``bytes`` downloaded, ``full_bytes`` of the release, and a delta's
+    ``base_version``. Reports from before it have none."""
+    if got is None:
+        return None
+    where = f"reports[{i}].download"
+    if not isinstance(got, dict):
+        raise ValueError(f"{where} must be an object: kind, bytes, full_bytes, base_version")
+    unknown = set(got) - {"kind", "bytes", "full_bytes", "base_version"}
+    if unknown:
+        raise ValueError(f"{where} has an unknown field '{sorted(unknown)[0]}'")
+    if got.get("kind") not in DOWNLOAD_KINDS:
+        raise ValueError(f"{where}.kind must be one of {', '.join(DOWNLOAD_KINDS)}")
+    for k in ("bytes", "full_bytes"):
+        if type(got.get(k)) is not int or not 0 <= got[k] < 1 << 53:
+            raise ValueError(f"{where}.{k} must be a whole number of bytes >= 0")
+    base = got.get("base_version")
+    if got["kind"] == "delta" and type(base) is not int:
+        raise ValueError(f"{where}.base_version must be the version the delta was applied to")
+    return {k: got[k] for k in ("kind", "bytes", "full_bytes")} | (
+        {"base_version": base} if got["kind"] == "delta" else {})
 
 
 _SHADOW_NUMBERS = ("elapsed_s", "requests", "agreed", "errors", "shed", "p50_ms", "p99_ms",
@@ -396,14 +427,18 @@ class FleetServer:
 def status_report(live: LiveRollouts) -> list[dict]:
     """Per release: its rollout, how many devices report each state, for a rollout with
     a shadow phase the devices' shadow figures aggregated (FleetDB.shadow_summary), and
-    for a planned one its stage, what it waits for and when it may advance."""
+    for a planned one its stage, what it waits for and when it may advance; bytes sent
+    as deltas and as full files, devices waiting for a window or their app, engines
+    prebuilt or built (the rollout's tally: RolloutTally.view)."""
     counts = live.db.counts()
     return [{"model": r.model, "version": r.version,
              "rollout": dataclasses.asdict(r.rollout) if r.rollout else None,
              "devices": counts.get(r.rollout.id, {}) if r.rollout else {},
              "shadow": live.db.shadow_summary(r.rollout.id)
              if r.rollout and r.rollout.shadow else None,
-             "plan": plan_status(r, live) if r.rollout and r.rollout.plan else None}
+             "plan": plan_status(r, live) if r.rollout and r.rollout.plan else None,
+             **(live.tallies[r.rollout.id].view() if r.rollout
+                else fleet_view(Counter(), Counter(), Counter()))}
             for r in live.releases]
 
 

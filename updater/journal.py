@@ -56,6 +56,7 @@ class Update:
     app_action: str = ""  # the local app's last word: "", "allow" or "defer"
     app_until: float | None = None  # "defer": until this unix time (None: the maximum)
     waiting: str = ""  # what it waits for, as last reported (reported again on a change)
+    download: str = ""  # JSON: how the release came (delta or full, bytes), for the report
 
 
 class Journal:
@@ -74,7 +75,8 @@ class Journal:
                 pk="id", if_not_exists=True)
             for column, kind in (("shadow", str), ("activation", str), ("ready_at", float),
                                  ("app_action", str), ("app_until", float),
-                                 ("waiting", str)):  # a journal from before these
+                                 ("waiting", str),  # a journal from before these
+                                 ("download", str)):
                 if column not in self.db["update_journal"].columns_dict:
                     self.db["update_journal"].add_column(column, kind)
             self.db["update_steps"].create(
@@ -98,7 +100,7 @@ class Journal:
                       row["detail"] or "", row["baseline"] or "", row.get("shadow") or "",
                       row.get("activation") or "", row.get("ready_at"),
                       row.get("app_action") or "", row.get("app_until"),
-                      row.get("waiting") or "")
+                      row.get("waiting") or "", row.get("download") or "")
 
     def open_updates(self) -> list[Update]:
         return [self._row(r) for r in self.db.query(

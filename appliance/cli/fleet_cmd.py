@@ -425,7 +425,21 @@ def fleet_status(args) -> int:
             print("  " + _plan_line(r["plan"]))
         if r.get("shadow") is not None:
             print("  " + _shadow_line(ro["shadow"], r["shadow"]))
+        if ro:
+            print("  " + _travel_line(r))
     return 0
+
+
+def _travel_line(r: dict) -> str:
+    """How a rollout's release travelled: bytes as deltas and as full files, devices
+    waiting for a window or their app, engines prebuilt or built."""
+    d, w, e = r["downloads"], r["waiting"], r["engines"]
+    return (f"downloads: {d['delta']['devices']} as deltas ({d['delta']['bytes']:,} bytes), "
+            f"{d['full']['devices']} as full files ({d['full']['bytes']:,} bytes); "
+            f"{d['bytes']:,} bytes sent of {d['full_release_bytes']:,} as full files "
+            f"({d['saved_bytes']:,} saved); waiting: {w['window']} for a window, "
+            f"{w['app']} for their app; engines: {e['prebuilt']} prebuilt, "
+            f"{e['built']} built")
 
 
 def _plan_line(p: dict) -> str:

@@ -472,3 +472,98 @@ def test_a_shadow_phase_shows_what_fleet_status_says(tmp_path, demo_files):
         node = dom.by_id[f"{rid}-shadow-{field}"]
         assert float(node["attrs"]["data-value"]) == pytest.approx(sh[key])
         assert node["text"] == f"{sh[key]:.1%}"
+
+
+# -- how releases travelled: deltas and full files, waiting devices, engines -------------------
+
+TRAVEL = {  # device -> its reports on the rollout, oldest first
+    "cam-a": [("downloaded", {"kind": "delta", "bytes": 1_234, "full_bytes": 2_181_120,
+                              "base_version": 1}, None),
+              ("validated", None, "prebuilt"), ("waiting_window", None, None)],
+    "cam-b": [("downloaded", {"kind": "full", "bytes": 2_181_120, "full_bytes": 2_181_120},
+               None), ("validated", None, "built"), ("waiting_app", None, None)],
+    "cam-c": [("downloaded", {"kind": "delta", "bytes": 98_765, "full_bytes": 2_181_120,
+                              "base_version": 1}, None),
+              ("validated", None, "built"), ("committed", None, None)],
+}
+
+
+def travel_reports(rollout_id: str) -> dict[str, list[dict]]:
+    """TRAVEL as each device's reports (identity 2), a second apart."""
+    t = time.time() - 60
+    out = {}
+    for device, steps in TRAVEL.items():
+        out[device] = []
+        for i, (state, download, engine) in enumerate(steps):
+            r = {**_report(device, 2, rollout_id, state), "ts": t + i}
+            if download:
+                r["download"] = download
+            if engine:
+                r["engine"] = engine
+            out[device].append(r)
+    return out
+
+
+@pytest.fixture
+def travelled(tmp_path, demo_files):
+    """A rollout whose devices reported how the release reached them."""
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.publish("identity", 2, demo_files["identity"])
+    ro = fleet.repo.set_rollout("identity", 2, new=True, fraction=1.0)
+    fleet.start()
+    for device, reports in travel_reports(ro.id).items():
+        assert _post(fleet, device, reports) == {"accepted": len(reports), "ignored": []}
+    yield fleet, ro
+    fleet.stop()
+
+
+def test_dashboard_json_carries_how_the_release_travelled_as_status_does(travelled):
+    fleet, ro = travelled
+    [status] = [r for r in _get_json(f"{fleet.url}/v1/status") if r["rollout"]]
+    [shown] = _get_json(f"{fleet.url}/v1/dashboard")["rollouts"]
+    for key in ("downloads", "waiting", "engines"):
+        assert shown[key] == status[key], key
+    assert status["downloads"]["delta"] == {"devices": 2, "bytes": 1_234 + 98_765}
+    assert status["downloads"]["full"] == {"devices": 1, "bytes": 2_181_120}
+    assert status["downloads"]["saved_bytes"] == 3 * 2_181_120 - (1_234 + 98_765 + 2_181_120)
+    assert status["waiting"] == {"window": 1, "app": 1}
+    assert status["engines"] == {"prebuilt": 1, "built": 2}
+
+
+def _bytes(n: int) -> str:
+    """The page's bytes(): SI units, one decimal."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for a headless "
+                                             "browser: apt-get install -y chromium")
+def test_the_page_shows_how_the_release_travelled_as_fleet_status_says(travelled, tmp_path):
+    fleet, ro = travelled
+    out = _chromium(f"{fleet.url}/", tmp_path / "profile", "--dump-dom")
+    assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-2000:]
+    status = run_outpost("fleet", "status", fleet.dir, "--json")
+    assert status.returncode == 0, status.stderr
+    [row] = [r for r in json.loads(status.stdout) if r["rollout"]]
+    dom = _Elements()
+    dom.feed(out.stdout)
+    d, w, e = row["downloads"], row["waiting"], row["engines"]
+    rid = f"rollout-{ro.id}"
+    for field, value, text in (
+            ("delta-devices", d["delta"]["devices"], None),
+            ("delta-bytes", d["delta"]["bytes"], _bytes),
+            ("full-devices", d["full"]["devices"], None),
+            ("full-bytes", d["full"]["bytes"], _bytes),
+            ("sent-bytes", d["bytes"], _bytes), ("saved-bytes", d["saved_bytes"], _bytes),
+            ("waiting-window", w["window"], None), ("waiting-app", w["app"], None),
+            ("engines-prebuilt", e["prebuilt"], None), ("engines-built", e["built"], None)):
+        node = dom.by_id[f"{rid}-{field}"]
+        assert node["attrs"]["data-value"] == str(value), field
+        assert node["text"] == (text or str)(value), field
+    assert (d["delta"]["devices"], w["window"], w["app"], e["prebuilt"]) == (2, 1, 1, 1)
+    card = dom.by_id[rid]
+    for state in ("waiting_window", "waiting_app", "committed"):
+        [li] = dom.find("li", card, data_state=state, data_count=1)
+        assert li["text"].strip() == f"{state} 1"

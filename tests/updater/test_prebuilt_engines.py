@@ -64,9 +64,10 @@ class Device:
     stand-in of the given GPU and generation."""
 
     def __init__(self, folder: Path, fleet: Fleet, v1: Path, gpu: GpuInfo = ORIN,
-                 generation: int = 10):
+                 generation: int = 10, device_id: str = "dev-1", installed: bool = True):
         self.data = folder
-        self.config = make_device(folder, fleet, v1)
+        self.config = make_device(folder, fleet, v1, device_id=device_id,
+                                  installed=installed)
         self.cuda = StandinCuda([gpu])
         self.trt = make_trt(self.cuda, generation=generation)
         self.engine = TensorRTEngine(trt=self.trt, cuda=self.cuda)

@@ -7,8 +7,9 @@ const REFRESH_MS = 5000;
 const SVG = "http://www.w3.org/2000/svg";
 // States in the order a device passes them; the chart and tables list them so.
 const STATE_ORDER = ["downloading", "downloaded", "staged", "validated", "shadowing",
-  "shadow_waiting", "shadow_skipped", "shadow_passed", "activated", "committed",
-  "rejected_in_shadow", "failed", "rolled_back"];
+  "shadow_waiting", "shadow_skipped", "shadow_passed", "waiting_window", "waiting_app",
+  "deferral_expired", "activated", "committed", "rejected_in_shadow", "failed",
+  "rolled_back"];
 
 function el(tag, attrs, ...children) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4))
@@ -27,6 +28,13 @@ function el(tag, attrs, ...children) {
 function figure(id, field, value, text) {
   return el("span", {id, class: "figure", "data-field": field,
     "data-value": value === null ? "" : value}, text);
+}
+
+function bytes(n) {  // 1,234,567 B shown as 1.2 MB (SI units, as the CLI's commas count)
+  for (const [unit, size] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) {
+    if (n >= size) return `${(n / size).toFixed(1)} ${unit}`;
+  }
+  return `${n} B`;
 }
 
 function pct(share) {
@@ -118,7 +126,25 @@ function renderRollout(r) {
     r.waits_for ? el("p", {class: "waits", id: `${id}-waits-for`, "data-field": "waits-for"},
       r.waits_for) : null,
     renderShadow(id, r.shadow),
+    renderTravel(id, r),
     el("ul", {class: "device-states legend"}, ...devices));
+}
+
+// How the release travelled: bytes as deltas and as full files, devices waiting for a
+// window or their app, engines prebuilt or built (fleet status prints the same).
+function renderTravel(id, r) {
+  const d = r.downloads, w = r.waiting, e = r.engines;
+  if (!d || !w || !e) return null;
+  const n = (field, value) => figure(`${id}-${field}`, field, value, String(value));
+  const b = (field, value) => figure(`${id}-${field}`, field, value, bytes(value));
+  return el("p", {class: "travel", id: `${id}-travel`},
+    "downloads: ", n("delta-devices", d.delta.devices), " as deltas (",
+    b("delta-bytes", d.delta.bytes), "), ", n("full-devices", d.full.devices),
+    " as full files (", b("full-bytes", d.full.bytes), "); ", b("sent-bytes", d.bytes),
+    " sent, ", b("saved-bytes", d.saved_bytes), " saved · waiting for a window ",
+    n("waiting-window", w.window), ", for their app ", n("waiting-app", w.app),
+    " · engines ", n("engines-prebuilt", e.prebuilt), " prebuilt, ",
+    n("engines-built", e.built), " built");
 }
 
 // A rollout with a shadow phase: how its devices' shadows ended and how far the candidate
