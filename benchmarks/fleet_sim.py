@@ -2,6 +2,7 @@
 
     python -m benchmarks.fleet_sim [--devices 500] [--thermal-share 0.3] [--shadow]
     python -m benchmarks.fleet_sim --ingest --devices 10000 [--against CHECKOUT]
+    python -m benchmarks.fleet_sim --links [--devices 100] [--slow-share 0.1]
 
 Prints the timeline (what the operator and the fleet did, and the version counts after
 each poll round) and the final counts. ``--shadow`` runs the scenario twice, today's path
@@ -9,6 +10,14 @@ each poll round) and the final counts. ``--shadow`` runs the scenario twice, tod
 phase on the bad release's rollout, and prints them side by side: the live requests the
 bad release answered and how many of those answers were wrong, the devices that reported
 it, and when the fleet halted it. Measured, never asserted.
+
+``--links`` (updater/sim_links.py) puts a share of the devices (10%) behind a relay that
+paces their link (200 kB/s) and drops it every 300 kB (a reset and a clean close in
+turn), and rolls out a release that may only activate in a maintenance window
+(02:00-04:00 on a local clock that runs 10x, starting at 01:59). It runs twice, the
+release published without and with ``--delta-from 1`` (a retrained head), and prints,
+side by side, the bytes moved (what the devices received; the fleet's own count beside
+it) and the time until every device ran it.
 
 ``--ingest`` measures the fleet server alone: it runs as `outpost fleet serve` in its own
 process (that of ``--against CHECKOUT`` to compare with another version of the code), and
@@ -95,9 +104,56 @@ def ingest(args) -> int:
     return 0
 
 
+LINK_ROWS = (("devices (on the slow link)", lambda r: f"{r['devices']} ({r['slow_devices']})"),
+             ("release / its delta (bytes)", lambda r: f"{r['release_bytes']:,} / "
+              + (f"{r['delta_bytes']:,}" if r["delta_bytes"] else "-")),
+             ("bytes moved", lambda r: f"{r['bytes_moved']:,}"),
+             ("  over the slow links", lambda r: f"{r['bytes_slow_links']:,}"),
+             ("  slow links sent, metadata too", lambda r: f"{r['slow_link_sent']:,}"),
+             ("  over the others", lambda r: f"{r['bytes_fast_links']:,}"),
+             ("fleet: bytes as deltas", lambda r: _fleet(r, "delta")),
+             ("fleet: bytes as full files", lambda r: _fleet(r, "full")),
+             ("slow-link breaks", lambda r: str(r["link_breaks"])),
+             ("window opens after (s)", lambda r: str(r["window_opens_s"])),
+             ("slow devices ready after (s)", lambda r: str(r["slow_ready_s"])),
+             ("all devices ready after (s)", lambda r: str(r["all_ready_s"])),
+             ("time to 100% (s)", lambda r: str(r["time_to_100_s"])),
+             ("  local time then", lambda r: str(r["local_time_at_100"])),
+             ("devices on v2", lambda r: str(r["on_v2"])))
+
+
+def _fleet(r: dict, kind: str) -> str:
+    d = r["fleet_downloads"]
+    return "?" if d is None else f"{d[kind]['bytes']:,} ({d[kind]['devices']} devices)"
+
+
+def links(args) -> int:
+    from updater.sim_links import LinkScenario  # noqa: PLC0415
+
+    results = []
+    for deltas in (False, True):
+        print(f"== the release {'with' if deltas else 'without'} a delta", flush=True)
+        sim = LinkScenario(args.devices or 100, slow_share=args.slow_share, deltas=deltas)
+        try:
+            results.append(asyncio.run(sim.run()))
+        finally:
+            if not args.keep:
+                shutil.rmtree(sim.work, ignore_errors=True)
+    without, with_ = results
+    print(f"\n{'':32} {'without deltas':>24} {'with deltas':>24}")
+    for label, show in LINK_ROWS:
+        print(f"{label:32} {show(without):>24} {show(with_):>24}")
+    for r in results:
+        if r["errors"]:
+            print(f"update errors ({'with' if r['deltas'] else 'without'} deltas): "
+                  f"{r['errors']}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=500)
+    p.add_argument("--devices", type=int, default=None,
+                   help="simulated devices (500; --links: 100)")
     p.add_argument("--thermal-share", type=float, default=0.3)
     p.add_argument("--shadow", action="store_true",
                    help="also run the bad release with a shadow phase; compare the two")
@@ -106,8 +162,17 @@ def main() -> int:
                    help="measure the fleet server alone taking signed reports")
     p.add_argument("--against", metavar="CHECKOUT",
                    help="--ingest: run the fleet server of this checkout (compare)")
+    p.add_argument("--links", action="store_true",
+                   help="slow, dropping links and a maintenance window, without and with "
+                        "deltas")
+    p.add_argument("--slow-share", type=float, default=0.1,
+                   help="--links: the share of devices on the slow link")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the timeline says what happened
+    if args.links:
+        return links(args)
+    if args.devices is None:
+        args.devices = 500
     if args.ingest:
         return ingest(args)
     if not args.shadow:

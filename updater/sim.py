@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import tempfile
 import threading
 import time
@@ -108,6 +109,11 @@ class SimHost:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     shadow: int | None = None  # the version shadowing the active one
     shadow_stats: dict = field(default_factory=dict)
+    # The device's data dir: versions are kept where the agent finds a delta's base
+    # (models/<model>/<version>/model.onnx). None: under its staging folder.
+    home: Path | None = None
+    validated_at: dict[int, float] = field(default_factory=dict)  # version -> monotonic
+    activated_at: dict[int, float] = field(default_factory=dict)
 
     def _traffic(self, rows: int) -> np.ndarray:
         # Thermal sensors report cold readings near -20; the others near 0.
@@ -155,9 +161,12 @@ class SimHost:
         return version in self.versions
 
     def stage(self, model: str, version: int, folder: Path) -> None:
-        keep = folder.parent.parent / "kept" / f"{version}.onnx"  # staging/kept/
+        if self.home is None:
+            keep = folder.parent.parent / "kept" / f"{version}.onnx"  # staging/kept/
+        else:
+            keep = self.home / "models" / model / str(version) / "model.onnx"
         keep.parent.mkdir(parents=True, exist_ok=True)
-        keep.write_bytes((folder / "model.onnx").read_bytes())
+        os.replace(folder / "model.onnx", keep)  # moved in, as the repository does
         self.versions[version] = keep
 
     def prepare_and_validate(self, model: str, version: int, release_samples: Path,
@@ -174,9 +183,11 @@ class SimHost:
                     self.cache.validated[sha] = str(exc)
         if self.cache.validated[sha]:
             raise ReleaseError(self.cache.validated[sha])
+        self.validated_at[version] = time.monotonic()
 
     async def activate(self, model: str, version: int) -> None:
         self.current = version
+        self.activated_at[version] = time.monotonic()
 
     def health(self, model: str, version: int | None) -> Health | None:
         """Serve a little traffic on ``version``, then read its cumulative figures."""

@@ -8,13 +8,11 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
-import struct
 import threading
 import time
 
 import pytest
 
-from tests.support.relay import Relay, is_target
 from tests.support.updater_support import (
     active_version,
     fleet_offering,
@@ -25,6 +23,7 @@ from tests.support.updater_support import (
     run_outpost,
 )
 from tests.updater.test_delta_update import weights_model
+from updater.link_relay import Relay, is_target, reset
 
 CUT_EVERY = 50_000  # body bytes a target answer gets before the link breaks
 CHUNK = 4096  # the device's download_chunk_bytes (make_device)
@@ -54,7 +53,7 @@ class FlakyLink(Relay):
         client.sendall(headers + b"\r\n\r\n" + body[:CUT_EVERY])
         time.sleep(0.2)  # the device reads what was sent before the link breaks
         if how == "reset":
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset(client)
         elif how == "close":
             client.shutdown(socket.SHUT_WR)
         else:  # stall: the connection stays open and silent past the device's timeout

@@ -51,3 +51,26 @@ def test_with_a_shadow_phase_the_bad_release_never_answers_and_is_halted():
     shadow = summary["v3_shadow"]
     assert shadow["rejected"] == summary["v3_marked_bad"] >= 1
     assert shadow["worst_disagreement"] == 1.0  # NaN on every cold reading
+
+
+def test_slow_dropping_links_and_a_window_without_and_with_a_delta():
+    """The --links scenario, small: every device ends on v2, the slow link broke and was
+    resumed, and the fleet's count of bytes as deltas and as full files is the devices'."""
+    from updater.sim_links import LinkScenario
+
+    for deltas in (False, True):
+        sim = LinkScenario(8, slow_share=0.25, deltas=deltas, slow_bytes_per_s=1_000_000,
+                           clock_scale=60.0, poll_s=0.3, concurrency=8)
+        try:
+            r = asyncio.run(sim.run())
+        finally:
+            shutil.rmtree(sim.work, ignore_errors=True)
+        assert (r["on_v2"], r["slow_devices"], r["errors"]) == (8, 2, {}), r
+        kind = "delta" if deltas else "full"
+        size = r["delta_bytes"] if deltas else r["release_bytes"]
+        d = r["fleet_downloads"]
+        assert d[kind] == {"devices": 8, "bytes": 8 * size}, d
+        assert d["full_release_bytes"] == 8 * r["release_bytes"]
+        assert r["bytes_moved"] >= 8 * size  # a resumed chunk may come twice
+        if not deltas:  # 2.2 MB through a link that drops every 300 kB
+            assert r["link_breaks"] >= 2 * 7, r

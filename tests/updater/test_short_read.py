@@ -11,13 +11,13 @@ import threading
 import pytest
 
 from appliance.demo.launcher import ServerProcess
-from tests.support.relay import Relay, is_target
 from tests.support.updater_support import (
     fleet_offering,
     journal_notes,
     make_device,
     wait_done,
 )
+from updater.link_relay import Relay, is_target
 
 CUT_AFTER = 4096  # body bytes passed on before the first target download is cut
 
