@@ -5,8 +5,9 @@ and the rollout decisions the server signed.
 One interface, ``FleetStore``, two implementations: SQLite (``FleetDB``, DIR/fleet.db
 through sqlite-utils, the default, for one fleet server) and PostgreSQL
 (``fleet_db_postgres.PostgresFleetDB``, for several replicas on one database).
-``open_fleet_store`` picks one from the ``--db`` URL. The SQL both share is written here
-once, with ``?`` placeholders; each implementation runs it on its own connection.
+``fleet_store.open_fleet_store`` picks one from the ``--db`` URL. The SQL both share is
+written here once, with ``?`` placeholders; each implementation runs it on its own
+connection.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
-
-from updater.errors import FleetStoreError
 
 REPORT_STATES = ("downloading", "downloaded", "staged", "validated", "shadowing",
                  "shadow_waiting", "shadow_skipped", "shadow_passed", "rejected_in_shadow",
@@ -409,22 +408,3 @@ class FleetDB(FleetStore):
             else:
                 lo = row[0] + 1
         return lo
-
-
-def open_fleet_store(directory: Path, url: str | None = None) -> FleetStore:
-    """The store of the fleet in ``directory``: DIR/fleet.db without ``url`` (or with
-    ``sqlite``), PostgreSQL for a ``postgresql://`` URL (or any libpq connection string
-    starting with it). Raises FleetStoreError in one line for anything else."""
-    if not url or url == "sqlite":
-        return FleetDB(Path(directory) / "fleet.db")
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from updater.fleet_db_postgres import PostgresFleetDB  # noqa: PLC0415
-        except ImportError as exc:
-            raise FleetStoreError(
-                f"--db names PostgreSQL but psycopg is not installed ({exc.name}): "
-                f"pip install 'outpost-appliance[postgres]'") from exc
-        return PostgresFleetDB(url)
-    scheme = url.split(":", 1)[0][:40] if ":" in url else url[:40]
-    raise FleetStoreError(f"--db {scheme!r}...: the fleet store is 'sqlite' (DIR/fleet.db, "
-                          f"the default) or a postgresql://user@host:port/dbname URL")

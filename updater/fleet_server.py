@@ -33,10 +33,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from updater.dashboard import add_dashboard_routes
 from updater.errors import StoreUnavailable, UpdaterError
-from updater.fleet_db import REPORT_STATES, open_fleet_store
+from updater.fleet_db import REPORT_STATES
 from updater.fleet_decisions import Change, apply_change, settle
 from updater.fleet_repo import FleetRepo
 from updater.fleet_rollouts import Decision, LiveRollouts, plan_status
+from updater.fleet_store import open_fleet_store
 from updater.report_auth import ReportAuthError, Verifier
 from updater.rollout_tally import DOWNLOAD_KINDS, ENGINE_KINDS, fleet_view
 

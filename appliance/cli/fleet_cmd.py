@@ -59,7 +59,7 @@ def _store(args, directory: Path):
     """The fleet store --db (or $OUTPOST_FLEET_DB, which keeps a password out of ps) names."""
     import os  # noqa: PLC0415
 
-    from updater.fleet_db import open_fleet_store  # noqa: PLC0415
+    from updater.fleet_store import open_fleet_store  # noqa: PLC0415
 
     return open_fleet_store(directory, args.db or os.environ.get("OUTPOST_FLEET_DB"))
 
