@@ -5,6 +5,10 @@
 #
 #   build/smoke_test.sh [EXE]      EXE defaults to dist/outpost/outpost
 #
+# $OUTPOST_CONFIG, when set, is the one thing passed through to every step: the release
+# smoke under qemu-user (build/release_smoke.sh) fixes the model layout with it, which
+# measuring takes minutes under emulation.
+#
 # Exits 0 when every check passed; on the first failure prints what failed and the
 # server's log, and exits 1.
 set -euo pipefail
@@ -35,6 +39,7 @@ step=""
 # The only way anything runs here: the executable, a bare environment.
 # (Servers start as `env ... EXE &`, a simple command: env execs EXE, so $! is its pid.)
 ENV=(env -i PATH=/usr/bin:/bin HOME="$tmp" LANG=C.UTF-8 OUTPOST_DATA_DIR="$data")
+[[ -z "${OUTPOST_CONFIG:-}" ]] || ENV+=(OUTPOST_CONFIG="$(realpath "$OUTPOST_CONFIG")")
 outpost() { "${ENV[@]}" "$EXE" "$@"; }
 
 fail() {

@@ -4,7 +4,8 @@ Copies the build to /opt/outpost/<version>, links /usr/local/bin/outpost, writes
 default /etc/outpost/config.toml (an existing one is kept), the system user's sysusers.d
 entry and the systemd unit; on a live system creates the user and reloads systemd.
 `--root DIR` installs into a folder instead (nothing on this system changes);
-`--dry-run` prints the steps and does none of them.
+`--dry-run` prints the steps and does none of them. `--from` also takes a release tarball
+(build/release.sh), installed only when it matches the .sha256 beside it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def register(sub) -> None:
                    help="install into this folder instead of / (for images and tests)")
     p.add_argument("--dry-run", action="store_true", help="print the steps; change nothing")
     p.add_argument("--from", dest="source", type=Path, metavar="BUILD",
-                   help="the build to install: dist/outpost (default: this executable, "
-                        "when it is a frozen build)")
+                   help="the build to install: dist/outpost, or a release "
+                        "outpost-VERSION-linux-ARCH.tar.gz with its .sha256 beside it "
+                        "(default: this executable, when it is a frozen build)")
     p.add_argument("--user", default="outpost", help="the service's system user")
     p.add_argument("--force-config", action="store_true",
                    help="replace an existing /etc/outpost/config.toml with the default")
@@ -33,6 +35,17 @@ def register(sub) -> None:
 
 
 def install(args) -> int:
+    from appliance.deploy.release_archive import is_release_archive, unpacked
+
+    if args.source is None or not is_release_archive(args.source):
+        return _install(args)
+    with unpacked(args.source) as (folder, digest):  # refused unless its SHA-256 matches
+        print(f"outpost install: {args.source} matches its .sha256 ({digest[:16]}...)")
+        args.source = folder
+        return _install(args)
+
+
+def _install(args) -> int:
     from appliance.deploy.install import (
         PREFIX,
         Options,
