@@ -14,7 +14,12 @@ def make_agent(table: dict, data_path: Path, repo, engine, profile, *, service=N
     from updater.config import from_table  # noqa: PLC0415
     from updater.host import ApplianceHost  # noqa: PLC0415
 
-    ucfg = from_table(table, "the appliance config's [updater] table")
+    # The firmware profile's [updater] defaults (its usual link), the config's own win
+    defaults = profile.updater.defaults() if profile is not None else {}
+    where = "the appliance config's [updater] table" + (
+        f" (with {', '.join(defaults)} from firmware profile {profile.name})"
+        if defaults else "")
+    ucfg = from_table({**defaults, **table}, where)
     host = ApplianceHost(repo, engine, profile, service, socket_path)
     agent = Agent(ucfg, data_path, host, clock=local_clock())
     if service is not None:  # the app's word (update_activation) reaches this agent

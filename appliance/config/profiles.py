@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from appliance.config.schema import (
@@ -107,6 +107,22 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class UpdaterSettings:
+    # Defaults of the appliance config's [updater] keys of the same names on this device
+    # class (its usual link): the config's own [updater] values win.
+    max_download_bytes_per_s: int = 0  # 0: no cap
+    download_windows: str = ""  # local "HH:MM-HH:MM", comma-separated; "": any time
+
+    def check(self) -> None:  # the windows are read by the updater's own config
+        if self.max_download_bytes_per_s < 0:
+            raise ValueError("max_download_bytes_per_s must be >= 0 (0: no cap)")
+
+    def defaults(self) -> dict:
+        """The keys this profile sets, for the [updater] table's defaults."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(UpdaterSettings, k)}
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     device: DeviceMatch = field(default_factory=DeviceMatch)
@@ -117,6 +133,7 @@ class Profile:
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     server: ServerSettings = field(default_factory=ServerSettings)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    updater: UpdaterSettings = field(default_factory=UpdaterSettings)
     path: str = ""  # the file it came from (not a key of the file)
 
     def check(self) -> None:
@@ -169,7 +186,8 @@ def read_profile(path: Path) -> Profile:
                           f"a profile's name is its file name: rename one to match")
     if "path" in data:
         raise ConfigError(f"{path}: unknown key 'path'; allowed here: "
-                          f"batching, device, engine, memory, name, server, threads, warmup")
+                          f"batching, device, engine, memory, name, server, threads, updater, "
+                          f"warmup")
     return from_mapping(Profile, {**data, "name": name, "path": str(path)}, str(path))
 
 
