@@ -22,7 +22,7 @@ ME=release.sh
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/build/release_lib.sh"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 arch="" out="$REPO/dist" smoke=0
 while (( $# )); do
     case "$1" in

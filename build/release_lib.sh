@@ -96,8 +96,12 @@ in_root() {
             --cpuinfo) cpuinfo=$2; shift 2 ;;
         esac
     done
-    local root=$1
+    local root=$1 var pass=()
     shift
+    for var in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+        [[ -z "${!var:-}" ]] || pass+=("$var=${!var}")  # a proxy apt and pip must go through
+    done
+    (( ${#pass[@]} == 0 )) || set -- env "${pass[@]}" "$@"
     unshare --mount --propagation private -- bash -euc '
         root=$1 cpuinfo=$2 nbinds=$3; shift 3
         mount -t proc proc "$root/proc"
