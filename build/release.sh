@@ -177,6 +177,7 @@ tar -C "$root/src/dist" --sort=name --owner=0 --group=0 --numeric-owner \
 rm -f "$out/$name.tar.gz.sha256"   # the checksum is moved last: present means complete
 mv -f "$tmp/$name.tar.gz" "$out/"
 mv -f "$tmp/$name.tar.gz.sha256" "$out/"
+rmdir "$tmp"   # here, not only by the trap: --smoke execs, and an exec runs no trap
 say "built $out/$name.tar.gz ($(du -h "$out/$name.tar.gz" | cut -f1)) in" \
     "$(( $(date +%s) - release_start )) s; sha256 $(cut -d' ' -f1 "$out/$name.tar.gz.sha256")"
 
