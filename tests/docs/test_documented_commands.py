@@ -69,6 +69,7 @@ _LIVE_INSTALL = ("installs onto this system as root (/opt/outpost, /usr/local/bi
 NOT_RUNNABLE = {  # the command as the doc shows it -> why (it must still parse)
     "sudo ./outpost install": _LIVE_INSTALL,
     "sudo /tmp/outpost-new/outpost install": _LIVE_INSTALL,
+    "sudo outpost-0.1.0-linux-aarch64/outpost install --enable": _LIVE_INSTALL,
 }
 EXPECTED_FAILURE = {  # -> why; it must fail with one line, no traceback
     "outpost compile model.onnx --profile jetson-orin-nano-8gb -o model.plan":
