@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from appliance.errors import FailedPrecondition, InvalidArgument, OutpostError, Unavailable
+from engines.base import file_sha256
 from engines.files import replace_synced
 from updater import report_auth
 from updater.activation import (
@@ -618,7 +619,7 @@ class Agent:
         try:
             self._fetch_to(u, url, dpart, tf.length, f"delta {path}")
             _verify(tf, dpart, f"delta {path} failed TUF verification ({{}})")
-            if _sha256(base_file) != about.get("base_sha256"):
+            if file_sha256(base_file) != about.get("base_sha256"):
                 raise DeltaError(f"this device's {u.model} {base} ({base_file}) is not the "
                                  f"file the delta was made from")
             apply_delta(dpart, base_file, part, u.length)
@@ -758,13 +759,6 @@ class Agent:
                 self.journal.forget_dropped(dropped)
             sent += len(queued)
         return sent
-
-
-def _sha256(path: Path) -> str:
-    import hashlib  # noqa: PLC0415
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(info, path: Path, message: str) -> None:

@@ -10,7 +10,6 @@ checksum, is refused: a damaged or altered download never reaches /opt/outpost.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import platform
 import re
 import tarfile
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from appliance.errors import InvalidArgument
+from engines.base import file_sha256
 
 _NAME = re.compile(r"outpost-(?P<version>.+)-linux-(?P<arch>x86_64|aarch64)\.tar\.gz")
 _SUM_LINE = re.compile(r"(?P<digest>[0-9a-fA-F]{64}) [ *](?P<name>.+)")
@@ -26,14 +26,6 @@ _SUM_LINE = re.compile(r"(?P<digest>[0-9a-fA-F]{64}) [ *](?P<name>.+)")
 
 def is_release_archive(path: Path) -> bool:
     return path.name.endswith((".tar.gz", ".tgz"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_sha256(archive: Path) -> str:
