@@ -31,6 +31,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, log_path: Path, timeout_s: float,
+                   what: str = "the fleet server") -> None:
+    """Until 127.0.0.1:``port`` accepts a connection; RuntimeError with the end of its log
+    when ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {log_path.read_text()[-3000:]}") from None
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start in {timeout_s:g} s: "
+                       f"{log_path.read_text()[-3000:]}")
+
+
 @dataclass
 class ServerProcess:
     """`outpost fleet serve DIR` of the checkout at ``source``, on a free port."""
@@ -51,17 +68,8 @@ class ServerProcess:
              *(["--plan-check-s", str(self.plan_check_s)] if self.plan_check_s else []),
              *self.extra],
             cwd=self.source, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    log = (self.directory / "server.log").read_text()[-2000:]
-                    raise RuntimeError(f"the fleet server exited: {log}") from None
-                time.sleep(0.05)
-        raise RuntimeError("the fleet server did not start in 60 s")
+        wait_listening(self.proc, self.port, self.directory / "server.log", 60)
+        return self
 
     @property
     def url(self) -> str:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from appliance.demo.models import save_model
 from appliance.models.repository import Repository
 from updater.fleet_repo import FleetRepo, init_repo
+from updater.ingest_load import wait_listening
 from updater.validation import make_release_samples
 
 OUTPOST = [sys.executable, "-m", "appliance"]
@@ -83,15 +84,8 @@ class Fleet:
         self.proc = subprocess.Popen(
             [*OUTPOST, "fleet", "serve", str(self.dir), "--port", str(self.port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                assert self.proc.poll() is None, (self.dir / "server.log").read_text()
-                time.sleep(0.05)
-        raise AssertionError("fleet server did not start")
+        wait_listening(self.proc, self.port, self.dir / "server.log", 30)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

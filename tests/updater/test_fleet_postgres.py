@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -47,6 +46,7 @@ from updater import pg_cluster, report_auth
 from updater.cohort import desired_version
 from updater.fleet_decisions import Change, apply_change, settle, signed_rollout
 from updater.fleet_repo import releases_from_targets
+from updater.ingest_load import wait_listening
 from updater.plans import Plan
 from updater.report_auth import device_key
 
@@ -98,15 +98,8 @@ class Replica:
                 [*OUTPOST, "fleet", "serve", str(self.fleet.dir), "--db", self.db_url,
                  "--port", str(self.port), "--plan-check-s", "0.1",
                  "--timestamp-check-s", "0"], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-                time.sleep(0.05)
-        raise AssertionError(f"replica {self.name} did not start")
+        wait_listening(self.proc, self.port, self.log_path, 60, f"replica {self.name}")
+        return self
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

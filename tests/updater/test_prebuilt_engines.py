@@ -48,14 +48,15 @@ ORIN = GpuInfo(0, "Standin Orin", (8, 7), 8 << 30)
 XAVIER = GpuInfo(0, "Standin Xavier", (8, 7), 8 << 30)  # same sm, another GPU
 
 
-def doubling_model(path: Path) -> Path:
-    """y = 2x over [batch, 16]: release 2 (the device holds the demo identity as 1)."""
-    two = numpy_helper.from_array(np.full((16,), 2.0, np.float32), "two")
+def scaling_model(path: Path, factor: float = 2.0) -> Path:
+    """y = factor * x over [batch, 16]: release 2 doubles (the device holds the demo
+    identity as 1); another factor is another model of the same shapes."""
+    k = numpy_helper.from_array(np.full((16,), factor, np.float32), "k")
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "double",
+        [helper.make_node("Mul", ["x", "k"], ["y"])], "scale",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
-        initializer=[two])
+        initializer=[k])
     return save_model(graph, path)
 
 
@@ -93,7 +94,7 @@ class Device:
 def release(tmp_path, demo_files, capsys):
     """Release identity 2 with a plan compiled on an Orin with TensorRT 10.3 attached."""
     fleet = Fleet(tmp_path / "fleet")
-    model = doubling_model(tmp_path / "double.onnx")
+    model = scaling_model(tmp_path / "double.onnx")
     folder = tmp_path / "release"
     folder.mkdir()
     config, samples = make_release_samples(model, None, None, folder)
@@ -228,7 +229,7 @@ def test_a_signed_plan_that_does_not_deserialize_or_validate_here_is_dropped_and
     """A sidecar that lies about its plan passes attach-engine's checks (they read the
     key): the device's own TensorRT and validation are the last word."""
     fleet = Fleet(tmp_path / "fleet")
-    model = doubling_model(tmp_path / "double.onnx")
+    model = scaling_model(tmp_path / "double.onnx")
     folder = tmp_path / "release"
     folder.mkdir()
     config, samples = make_release_samples(model, None, None, folder)
@@ -239,7 +240,8 @@ def test_a_signed_plan_that_does_not_deserialize_or_validate_here_is_dropped_and
     if forged == "built on another gpu":
         _compile(model, config, plan, tmp_path / "ref2", capsys, gpu=XAVIER)
     else:
-        _compile(_tripling_model(tmp_path), config, plan, tmp_path / "ref2", capsys)
+        _compile(scaling_model(tmp_path / "triple.onnx", 3.0), config, plan,
+                 tmp_path / "ref2", capsys)
     sidecar = json.loads(meta_path(honest).read_text())  # the honest key, other bytes
     sidecar.update(sha256=file_sha256(plan), bytes=plan.stat().st_size)
     meta_path(plan).write_text(json.dumps(sidecar))
@@ -273,7 +275,7 @@ def test_a_signed_plan_that_does_not_deserialize_or_validate_here_is_dropped_and
 @pytest.fixture
 def published(tmp_path, capsys):
     fleet = Fleet(tmp_path / "fleet")
-    model = doubling_model(tmp_path / "double.onnx")
+    model = scaling_model(tmp_path / "double.onnx")
     folder = tmp_path / "release"
     folder.mkdir()
     config, samples = make_release_samples(model, None, None, folder)
@@ -342,7 +344,7 @@ def test_attach_engine_refuses_bad_input_in_one_line_and_changes_nothing(publish
         out, said = _attach(fleet, plan), ("its key can't be read", "outpost compile")
     elif case == "another model":
         other = tmp / "other.plan"
-        _compile(_tripling_model(tmp), published["config"], other, tmp / "ref2",
+        _compile(scaling_model(tmp / "triple.onnx", 3.0), published["config"], other, tmp / "ref2",
                  published["capsys"])
         out, said = _attach(fleet, other), ("not from release identity 2's model.onnx",)
     else:  # compiled without the release's config.toml: the profile's batch of 8
@@ -358,14 +360,3 @@ def test_attach_engine_refuses_bad_input_in_one_line_and_changes_nothing(publish
     _one_clear_line(out, *said)
     assert _signed_targets(fleet) == before
     assert not (fleet.dir / "targets" / "engines").exists()
-
-
-def _tripling_model(tmp: Path) -> Path:
-    """Another model of the same shapes: y = 3x."""
-    three = numpy_helper.from_array(np.full((16,), 3.0, np.float32), "three")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "three"], ["y"])], "triple",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
-        initializer=[three])
-    return save_model(graph, tmp / "triple.onnx")
