@@ -12,7 +12,10 @@ load), serves every client. For each model and concurrency, measured back to bac
 - ``http-bin``: the same with the binary tensor data extension, both ways;
 - ``perf_analyzer``: Triton's own C++ load generator, over HTTP with binary tensors
   (its default), batch 1, ``concurrency`` requests in flight, where its binary runs;
-- ``socket``: ``appliance.demo.workload.closed_loop`` over the msgpack Unix socket.
+- ``socket``: ``appliance.demo.workload.closed_loop`` over the msgpack Unix socket;
+- ``pa-bare``: perf_analyzer as above against the thinnest aiohttp server
+  (benchmarks/bare_servers.py: the raw session at its defaults called in the handler, no
+  batcher, no checks): what any aiohttp server adds on this machine, outpost's floor.
 
 The headline reference is the raw ONNX Runtime session at its own defaults, called back to
 back at batch 1 in this process (benchmarks/raw.py), measured in each round before the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -42,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.demo.models import sample_inputs  # noqa: E402
+from benchmarks.bare_servers import bare_server  # noqa: E402
 from benchmarks.bench_socket import layouts, start_default_server  # noqa: E402
 from benchmarks.raw import default_session, run_back_to_back  # noqa: E402
 
@@ -170,11 +175,15 @@ def main() -> int:
     models = args.models.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary, pa_env = find_perf_analyzer(args.perf_analyzer)
-    kinds = ("socket", "http-bin", "http-json", *(("perf_analyzer",) if binary else ()))
+    kinds = ("socket", "http-bin", "http-json",
+             *(("perf_analyzer", "pa-bare") if binary else ()))
 
-    with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp_name, \
+            contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         server, files = start_default_server(tmp, ["--http", "127.0.0.1:0"])
+        bare = stack.enter_context(bare_server("http", {m: files[m] for m in models})) \
+            if binary else None
         url = server.ready_record()["http"]
         address = url.removeprefix("http://")
         chosen = layouts(server)
@@ -206,11 +215,12 @@ def main() -> int:
                         raws.setdefault(m, []).append(raw_now[m])
                         for c in concurrencies:
                             for kind in kinds:
-                                if kind == "perf_analyzer":
-                                    csv_path = tmp / f"pa-{m}-{c}.csv"
+                                if kind in ("perf_analyzer", "pa-bare"):
+                                    csv_path = tmp / f"{kind}-{m}-{c}.csv"
                                     cmd = perf_analyzer_command(
-                                        binary, m, address, c, int(args.seconds * 1000),
-                                        args.stability, csv_path)
+                                        binary, m, bare if kind == "pa-bare" else address,
+                                        c, int(args.seconds * 1000), args.stability,
+                                        csv_path)
                                     got = run_perf_analyzer(cmd, pa_env, csv_path)
                                 else:
                                     target = str(server.socket_path) if kind == "socket" \
@@ -253,6 +263,11 @@ def main() -> int:
                   f">= 0.80: {ratio(1, 'http-bin'):.2f}; c=16 >= 0.85: "
                   f"{ratio(16, 'http-bin'):.2f}; HTTP JSON cnn c=1 >= 0.45: "
                   f"{ratio(1, 'http-json'):.2f}")
+            if binary:
+                print(f"the thinnest aiohttp server over the raw session (pa-bare), the same "
+                      f"client: c=1 {ratio(1, 'pa-bare'):.2f}, c=16 {ratio(16, 'pa-bare'):.2f}; "
+                      f"outpost (perf_analyzer): c=1 {ratio(1, 'perf_analyzer'):.2f}, c=16 "
+                      f"{ratio(16, 'perf_analyzer'):.2f}")
     return 0
 
 
