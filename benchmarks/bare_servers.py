@@ -3,12 +3,19 @@ Python server built on aiohttp or grpcio costs on this machine, measured with th
 client as outpost, so that a target out of reach of the library itself shows as such.
 
     python -m benchmarks.bare_servers {http,grpc} --port PORT NAME=MODEL.onnx ...
+    python -m benchmarks.bare_servers socket --path SOCKET NAME=MODEL.onnx ...
 
 Each model is an ONNX Runtime session at its own defaults (the raw engine of
 benchmarks/raw.py), called inline in the request's handler on the event loop: no batcher,
 no queue, no thread hand-off, no validation, no metrics, no routing. Only what perf_analyzer
 needs is served: health, model metadata and config, and infer with binary tensors (HTTP,
 Triton's binary extension) or ``raw_input_contents`` (gRPC), FP32 only, batch 1 or more.
+``socket``: frames over a Unix socket read straight into one buffer (asyncio's
+BufferedProtocol), each ``u32 length, u8 model index, the first input's FP32 bytes at
+batch 1``, answered ``u32 length, the first output's bytes``; a length of 0 means "the
+input is at the start of the shared memory region named by ``--shm``" (a NumPy view of the
+mapping, as outpost reads one). ``socket_loop`` is its client (blocking at c=1, asyncio
+with a connection per request in flight above).
 Malformed requests are not checked: this is a measuring stick, never a server.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import subprocess
@@ -37,6 +45,7 @@ class Model:
         self.session = default_session(Path(path))
         self.inputs = [(i.name, i.shape[1:]) for i in self.session.get_inputs()]
         self.outputs = [(o.name, o.shape[1:]) for o in self.session.get_outputs()]
+        self.first_input = (self.inputs[0][0], (1, *self.inputs[0][1]))
 
     def metadata(self) -> dict:
         def tensors(items):
@@ -168,39 +177,159 @@ async def serve_grpc(models: dict[str, Model], port: int) -> None:
     await server.wait_for_termination()
 
 
+# -- the msgpack socket's floor: length-prefixed frames over a Unix socket -----------------
+
+class SocketFrames(asyncio.BufferedProtocol):
+    """Frames read into one growing buffer, each answered as soon as it is whole."""
+
+    def __init__(self, models: list[Model], region: memoryview | None):
+        self.models = models
+        self.region = region
+        self.buf = bytearray(1 << 20)
+        self.filled = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int):
+        if len(self.buf) - self.filled < 1 << 16:
+            self.buf.extend(bytes(len(self.buf)))
+        return memoryview(self.buf)[self.filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        view, at = memoryview(self.buf), 0
+        while self.filled - at >= 5:
+            size = int.from_bytes(view[at:at + 4], "little")
+            if self.filled - at < 5 + size:
+                break
+            model = self.models[view[at + 4]]
+            name, shape = model.first_input
+            data = view[at + 5:at + 5 + size] if size else self.region
+            x = np.frombuffer(data, np.float32, int(np.prod(shape))).reshape(shape)
+            out = model.session.run(None, {name: x})[0]
+            self.transport.writelines([out.nbytes.to_bytes(4, "little"), out.data])
+            at += 5 + size
+        del view
+        if at:
+            self.buf[:self.filled - at] = self.buf[at:self.filled]
+            self.filled -= at
+
+
+async def serve_socket(models: dict[str, Model], path: str, shm: str | None = None) -> None:
+    import mmap
+    import os
+
+    region = None
+    if shm:  # mapped as outpost maps one (no resource tracker to unlink it at exit)
+        fd = os.open(f"/dev/shm/{shm.lstrip('/')}", os.O_RDWR)
+        region = memoryview(mmap.mmap(fd, 0))
+        os.close(fd)
+    loop = asyncio.get_running_loop()
+    await loop.create_unix_server(lambda: SocketFrames(list(models.values()), region), path)
+    print(f"bare socket listening on {path}", flush=True)
+    await asyncio.Event().wait()
+
+
+def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
+                seconds: float, warmup_s: float = 0.5) -> dict:
+    """A closed loop of ``concurrency`` requests in flight against ``serve_socket``: req/s
+    and latency percentiles (ms) over ``seconds`` after ``warmup_s``. ``x`` None: the
+    input is the one in the server's shared memory region."""
+    import time
+
+    frame = ([(x.nbytes).to_bytes(4, "little") + bytes([index]), x.tobytes()] if x is not None
+             else [bytes(4) + bytes([index])])
+    times: list[float] = []
+
+    def read_answer(sock) -> None:
+        head = sock.recv(4, socket.MSG_WAITALL)
+        need = int.from_bytes(head, "little")
+        while need:
+            got = len(sock.recv(need))
+            if not got or len(head) < 4:
+                raise ConnectionError("the bare server closed the connection")
+            need -= got
+
+    if concurrency == 1:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            start = time.perf_counter() + warmup_s
+            stop = start + seconds
+            while (t0 := time.perf_counter()) < stop:
+                sock.sendmsg(frame)
+                read_answer(sock)
+                if t0 >= start:
+                    times.append(time.perf_counter() - t0)
+    else:
+        async def one(start: float, stop: float) -> None:
+            reader, writer = await asyncio.open_unix_connection(path)
+            while (t0 := time.perf_counter()) < stop:
+                writer.writelines(frame)
+                need = int.from_bytes(await reader.readexactly(4), "little")
+                await reader.readexactly(need)
+                if t0 >= start:
+                    times.append(time.perf_counter() - t0)
+            writer.close()
+
+        async def all_of_them() -> None:
+            start = time.perf_counter() + warmup_s
+            await asyncio.gather(*(one(start, start + seconds) for _ in range(concurrency)))
+
+        asyncio.run(all_of_them())
+    ms = np.array(times) * 1e3
+    return {"rps": len(times) / seconds, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "failed": 0}
+
+
 @contextlib.contextmanager
-def bare_server(protocol: str, files: dict[str, Path]):
+def bare_server(protocol: str, files: dict[str, Path], shm: str | None = None):
     """A bare server over ``files`` (name -> ONNX file) in its own process, for the
-    benchmarks; yields its HOST:PORT."""
-    with socket.socket() as s:  # a free port (the benchmark is the only user here)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bare_servers", protocol, "--port", str(port),
-         *(f"{n}={p}" for n, p in files.items())],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()  # "... listening on" once it accepts, "" if it died
-        if "listening" not in line:
-            raise RuntimeError(f"bare {protocol} server did not start (exit {proc.wait()})")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    benchmarks; yields its HOST:PORT (the socket's path for ``socket``, which maps the
+    shared memory region ``shm`` where given)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="op-bare-") as tmp:
+        if protocol == "socket":
+            address = str(Path(tmp) / "bare.sock")
+            where = ["--path", address, *(["--shm", shm] if shm else [])]
+        else:
+            with socket.socket() as s:  # a free port (the benchmark is the only user here)
+                s.bind(("127.0.0.1", 0))
+                address = f"127.0.0.1:{s.getsockname()[1]}"
+            where = ["--port", address.rpartition(":")[2]]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bare_servers", protocol, *where,
+             *(f"{n}={p}" for n, p in files.items())],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()  # "... listening on" once it accepts; "": it died
+            if "listening" not in line:
+                raise RuntimeError(f"bare {protocol} server did not start "
+                                   f"(exit {proc.wait()})")
+            yield address
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("protocol", choices=("http", "grpc"))
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("protocol", choices=("http", "grpc", "socket"))
+    ap.add_argument("--port", type=int, help="http and grpc: listen on 127.0.0.1:PORT")
+    ap.add_argument("--path", help="socket: listen on this Unix socket")
+    ap.add_argument("--shm", help="socket: the shared memory region inputs may lie in")
     ap.add_argument("models", nargs="+", metavar="NAME=MODEL.onnx")
     args = ap.parse_args()
     models = {}
     for spec in args.models:
         name, _, path = spec.partition("=")
         models[name] = Model(name, path)
-    serve = serve_http if args.protocol == "http" else serve_grpc
+    serve = {"http": serve_http, "grpc": serve_grpc, "socket": serve_socket}[args.protocol]
+    where = args.path if args.protocol == "socket" else args.port
+    if args.shm:
+        serve = functools.partial(serve_socket, shm=args.shm)
     try:
         import uvloop  # outpost's loop where installed (--loop auto)
 
@@ -208,7 +337,7 @@ def main() -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(serve(models, args.port))
+        asyncio.run(serve(models, where))
     except KeyboardInterrupt:
         pass
     return 0

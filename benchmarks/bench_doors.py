@@ -19,7 +19,10 @@ back in every round after the raw engine:
   servers (benchmarks/bare_servers.py: the raw session at its defaults called in the
   handler, no batcher, no checks), the floor any server on those libraries has here. Its
   identity c=1 p50 is the library's round trip for 64 bytes: where it alone passes the
-  0.3 ms the shared-memory target allows, the transport, not the copy, is the gap.
+  0.3 ms the shared-memory target allows, the transport, not the copy, is the gap;
+- ``bare-socket-shm``: the same floor over a Unix socket: the image in a shared memory
+  region, a 5-byte frame naming it, the raw session at its defaults reading a view of the
+  mapping (benchmarks/bare_servers.py), c=1.
 
 The reference is the raw ONNX Runtime session at its own defaults called back to back at
 batch 1 in this process (benchmarks/raw.py). Printed, never asserted. The issue's targets:
@@ -37,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.demo.models import sample_inputs  # noqa: E402
 from benchmarks.bare_servers import bare_server  # noqa: E402
+from benchmarks.bare_servers import socket_loop as bare_socket_loop  # noqa: E402
 from benchmarks.bench_http import (  # noqa: E402
     find_perf_analyzer,
     median_round,
@@ -60,7 +65,7 @@ POINTS = [("cnn", 1, "socket"), ("cnn", 1, "socket-shm"), ("cnn", 1, "pa-http-sh
           ("cnn", 1, "pa-grpc-shm"), ("cnn", 1, "pa-grpc"), ("cnn", 16, "pa-grpc"),
           ("identity", 16, "pa-grpc"), ("cnn", 16, "pa-grpc-bare"),
           ("identity", 16, "pa-grpc-bare"), ("identity", 1, "pa-grpc-bare"),
-          ("identity", 1, "pa-http-bare")]
+          ("identity", 1, "pa-http-bare"), ("cnn", 1, "bare-socket-shm")]
 
 
 def socket_loop(args) -> dict:
@@ -88,6 +93,12 @@ def socket_loop(args) -> dict:
         else:
             times = _loop(lambda: c.infer(model, inputs), seconds)
     return _figures(times, seconds)
+
+
+def bare_shm_loop(args) -> dict:
+    """c=1 against the bare socket server, the image in its shared memory region."""
+    path, seconds = args
+    return bare_socket_loop(path, 0, None, 1, seconds)
 
 
 def grpc_loop(args) -> dict:
@@ -168,6 +179,13 @@ def main() -> int:
         http, grpc = ready["http"].removeprefix("http://"), ready["grpc"]
         bare = {proto: stack.enter_context(bare_server(proto, {m: files[m] for m in models}))
                 for proto in ("http", "grpc") if binary}
+        image = sample_inputs("cnn")["image"]
+        region = shared_memory.SharedMemory(create=True, size=image.nbytes)
+        stack.callback(region.unlink)
+        stack.callback(region.close)
+        np.ndarray(image.shape, image.dtype, region.buf)[:] = image
+        bare["socket-shm"] = stack.enter_context(
+            bare_server("socket", {"cnn": files["cnn"]}, shm=region.name))
         chosen = layouts(server)
         print(f"# outpost gRPC and shared memory: {os.cpu_count()} CPUs, server with no "
               f"flags but --http and --grpc, {args.seconds:g} s per point, batch 1")
@@ -204,6 +222,9 @@ def main() -> int:
                                 int(args.seconds * 1000), args.stability, csv_path,
                                 protocol=protocol, shared_memory=kind.endswith("shm")),
                                 pa_env, csv_path)
+                        elif kind == "bare-socket-shm":
+                            got = pool.apply(bare_shm_loop, ((bare["socket-shm"],
+                                                              args.seconds),))
                         elif kind == "py-grpc":
                             got = pool.apply(grpc_loop, ((grpc, m, c, args.seconds),))
                         else:
@@ -254,7 +275,7 @@ def print_targets(runs: dict[tuple, list[dict]]) -> None:
 
     print("targets (against raw ONNX Runtime at its defaults; bare: the thinnest server on "
           "the same library):")
-    for kind in ("socket-shm", "pa-http-shm", "pa-grpc-shm"):
+    for kind in ("socket-shm", "pa-http-shm", "pa-grpc-shm", "bare-socket-shm"):
         print(f"  cnn c=1 p50 through shared memory, {kind}: "
               f"{show(fig(('cnn', 1, kind), 'over'), '+.2f')} ms over raw (target <= +0.30)")
     print(f"  a bare round trip of 64 bytes at c=1 (identity p50): gRPC "

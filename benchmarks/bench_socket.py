@@ -7,7 +7,11 @@ the demo models added with no config (so each model's layout is measured at its 
 load, as it would be on the user's machine); the load comes from a separate client
 process over the Unix socket (batch-1 requests, closed loop): AsyncClient, and at
 concurrency 1 on the identity model also the blocking Client, without and with its busy
-polling (``--client-busy-poll-us``).
+polling (``--client-busy-poll-us``). The ``bare`` rows are the floor: the raw session at
+its defaults behind the thinnest server over a Unix socket (benchmarks/bare_servers.py:
+length-prefixed frames read into one buffer, the session called in the handler, no
+batcher, no checks, no msgpack) and its thinnest client, so a target below what any
+server over a Unix socket reaches on this machine shows as such.
 
 The headline reference is what the user would have without Outpost: the same ONNX model
 in an in-process ONNX Runtime session at ONNX Runtime's own defaults, called back to back
@@ -34,10 +38,19 @@ from appliance.client import Client  # noqa: E402
 from appliance.demo.launcher import ServerProcess  # noqa: E402
 from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
 from appliance.models.repository import Repository  # noqa: E402
+from benchmarks.bare_servers import bare_server  # noqa: E402
 from benchmarks.raw import default_session, layout_session, run_back_to_back  # noqa: E402
 
 # What the user's own machine would hand the server: nothing of a test or bench run.
 CLEAN_ENV = {"OUTPOST_PROFILES_DIR": "", "OUTPOST_CONFIG": ""}
+
+
+def _bare_client(args) -> dict:
+    from benchmarks.bare_servers import socket_loop
+
+    path, index, model, concurrency, seconds = args
+    x = next(iter(sample_inputs(model).values()))
+    return socket_loop(path, index, x, concurrency, seconds)
 
 
 def _client(args) -> dict:
@@ -117,16 +130,24 @@ def main() -> int:
         poll_us = args.client_busy_poll_us
         points = [("cnn", 1, "async", 0), ("cnn", 16, "async", 0), ("cnn", 64, "async", 0),
                   ("identity", 1, "blocking", 0), ("identity", 1, "blocking", poll_us),
-                  ("identity", 1, "async", 0), ("identity", 64, "async", 0)]
+                  ("identity", 1, "async", 0), ("identity", 64, "async", 0),
+                  ("cnn", 1, "bare", 0), ("cnn", 64, "bare", 0),
+                  ("identity", 1, "bare", 0), ("identity", 64, "bare", 0)]
+        order = {"cnn": 0, "identity": 1}  # the bare server's model indexes
         rounds: list[dict] = []
         try:
-            with ctx.Pool(1) as pool:
+            with ctx.Pool(1) as pool, bare_server(
+                    "socket", {m: files[m] for m in order}) as bare_path:
                 for _ in range(args.repeats):
                     row: dict = {"raw": {(m, kind): run_back_to_back(sess, m, args.seconds)
                                          for m, pair in raw.items()
                                          for kind, sess in pair.items()}}
                     for point in points:
                         model, c, client, busy_poll_us = point
+                        if client == "bare":
+                            row[point] = pool.apply(_bare_client, ((
+                                bare_path, order[model], model, c, args.seconds),))
+                            continue
                         row[point] = pool.apply(_client, ((
                             str(server.socket_path), model, c, args.seconds, args.loop,
                             client, busy_poll_us),))
@@ -186,6 +207,9 @@ def report(rounds: list[dict], points: list, poll_us: int, code: int) -> None:
           f"60 us of raw: {summary[points[3]]:.0f} us (Client; {summary[points[4]]:.0f} us "
           f"with busy_poll_us={poll_us}, {summary[points[5]]:.0f} us AsyncClient); "
           f"identity c=64 >= 28000 req/s: {summary[points[6]]:.0f}")
+    print(f"the bare floor, the same measures: cnn c=64 {summary[points[8]][0]:.1%}; cnn c=1 "
+          f"p50 {summary[points[7]][1]:.2f}x; identity c=1 {summary[points[9]]:.0f} us; "
+          f"identity c=64 {summary[points[10]]:.0f} req/s")
 
 
 if __name__ == "__main__":
