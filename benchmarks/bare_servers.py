@@ -244,10 +244,12 @@ def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
 
     def read_answer(sock) -> None:
         head = sock.recv(4, socket.MSG_WAITALL)
+        if len(head) < 4:
+            raise ConnectionError("the bare server closed the connection")
         need = int.from_bytes(head, "little")
         while need:
             got = len(sock.recv(need))
-            if not got or len(head) < 4:
+            if not got:
                 raise ConnectionError("the bare server closed the connection")
             need -= got
 
