@@ -86,7 +86,8 @@ def model_file(tmp: Path, name: str) -> Path:
     return BUILDERS[name](tmp / f"{name}.onnx")
 
 
-def setup(tmp: Path, name: str) -> Path:
+def setup(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A data dir holding the model alone, and the model's file."""
     data = tmp / name
     repo = Repository(data)
     cfg = None
@@ -96,7 +97,7 @@ def setup(tmp: Path, name: str) -> Path:
     model = model_file(tmp, name)
     repo.add(name, model, config_path=cfg)
     repo.close()
-    return data
+    return data, model
 
 
 PAUSE_S = 0.02  # between the "after a pause" requests
@@ -183,7 +184,7 @@ def raw_first_fresh(path: str, name: str, n_next: int) -> tuple[float, list[floa
 
 def run_model(tmp: Path, name: str, n_next: int, code: Path | None,
               repeat: int = 1) -> list[dict]:
-    data = setup(tmp, name)
+    data, model = setup(tmp, name)
     kw = {"extra_args": ["--log-level", "info"]}
     if code is not None:
         kw.update(command=[sys.executable, "-m", "appliance"], cwd=code,
@@ -194,8 +195,7 @@ def run_model(tmp: Path, name: str, n_next: int, code: Path | None,
         c1(str(server.socket_path), name, 50)  # (its pauses: 0.4 s)
         asyncio.run(_bursts(server, name, 5))
     rows = []
-    model = str(model_file(tmp, name))
-    for mode, measure in (("raw engine", lambda s: raw_first_fresh(model, name, n_next)),
+    for mode, measure in (("raw engine", lambda s: raw_first_fresh(str(model), name, n_next)),
                           ("c=1", lambda s: c1(str(s.socket_path), name, n_next)),
                           ("c=1 new client", lambda s: c1_fresh_client(
                               str(s.socket_path), name, n_next)),
