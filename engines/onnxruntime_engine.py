@@ -135,13 +135,15 @@ class OnnxRuntimeEngine(Engine):
         so.inter_op_num_threads = runtime.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        # Spinning threads start a batch sooner but take CPU from the server's own loop:
-        # whether they pay is measured per model (appliance/scheduling/tuning.py).
+        # Spinning, the threads wait for work in a busy loop, during a batch and for a while
+        # after it (ONNX Runtime's own spin count, about 50 ms of a core on the benchmark
+        # machine) before they sleep: the next batch of a steady stream finds them awake.
+        # Stopped after each batch instead (``session.force_spinning_stop``), they slept
+        # between a sequential client's requests and each batch paid their wake-up: the
+        # demo CNN at c=1 took 0.3-0.6 ms longer a request over the socket. Whether
+        # spinning pays is measured per model (appliance/scheduling/tuning.py).
         so.add_session_config_entry("session.intra_op.allow_spinning",
                                     "1" if runtime.spinning else "0")
-        # Spinning or not, the threads sleep once a batch is done: between batches they
-        # would take a fifth of a core from the server's loop (measured on the demo CNN).
-        so.add_session_config_entry("session.force_spinning_stop", "1")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(str(artifact.path), so, providers=["CPUExecutionProvider"])

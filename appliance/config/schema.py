@@ -164,7 +164,7 @@ class ThreadsConfig:
 
     intra_op: int | str = "auto"  # threads inside one engine call
     inter_op: int = 1
-    spinning: bool | str = "auto"  # ONNX Runtime's intra-op threads spin between batches
+    spinning: bool | str = "auto"  # ONNX Runtime's intra-op threads spin for the next batch
 
     def check(self) -> None:
         _auto_or_at_least_one(self.intra_op, "intra_op")
