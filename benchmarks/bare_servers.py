@@ -10,6 +10,9 @@ benchmarks/raw.py), called inline in the request's handler on the event loop: no
 no queue, no thread hand-off, no validation, no metrics, no routing. Only what perf_analyzer
 needs is served: health, model metadata and config, and infer with binary tensors (HTTP,
 Triton's binary extension) or ``raw_input_contents`` (gRPC), FP32 only, batch 1 or more.
+HTTP also takes JSON tensors: the body parsed by simdjson, each input's ``data`` copied
+out in one C pass (as outpost's fast path does, appliance/transport/http/json_arrays.py),
+the outputs written by orjson from the arrays: the least any Python JSON server does.
 ``socket``: frames over a Unix socket read straight into one buffer (asyncio's
 BufferedProtocol), each ``u32 length, u8 model index, the first input's FP32 bytes at
 batch 1``, answered ``u32 length, the first output's bytes``; a length of 0 means "the
@@ -84,6 +87,8 @@ def http_app(models: dict[str, Model]):
     async def infer(request):
         model = models[request.match_info["model"]]
         body = await request.read()
+        if "Inference-Header-Content-Length" not in request.headers:
+            return json_infer(model, body)
         head_len = int(request.headers["Inference-Header-Content-Length"])
         head = json.loads(body[:head_len])
         feeds, at = {}, head_len
@@ -100,6 +105,21 @@ def http_app(models: dict[str, Model]):
         return web.Response(body=b"".join([out_head, *(r.tobytes() for r in results)]),
                             headers={"Inference-Header-Content-Length": str(len(out_head))},
                             content_type="application/octet-stream")
+
+    def json_infer(model: Model, body: bytes):
+        import orjson
+        import simdjson
+
+        doc = simdjson.Parser().parse(body)
+        feeds = {i["name"]: np.frombuffer(i["data"].as_buffer(of_type="d"), np.float64)
+                 .astype(np.float32).reshape(list(i["shape"])) for i in doc["inputs"]}
+        results = model.run(feeds)
+        outs = [{"name": n, "datatype": "FP32", "shape": list(r.shape), "data": r.ravel()}
+                for (n, _), r in zip(model.outputs, results)]
+        return web.Response(body=orjson.dumps({"model_name": model.name, "model_version": "1",
+                                               "outputs": outs},
+                                              option=orjson.OPT_SERIALIZE_NUMPY),
+                            content_type="application/json")
 
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/v2", server_metadata)

@@ -15,7 +15,10 @@ load), serves every client. For each model and concurrency, measured back to bac
 - ``socket``: ``appliance.demo.workload.closed_loop`` over the msgpack Unix socket;
 - ``pa-bare``: perf_analyzer as above against the thinnest aiohttp server
   (benchmarks/bare_servers.py: the raw session at its defaults called in the handler, no
-  batcher, no checks): what any aiohttp server adds on this machine, outpost's floor.
+  batcher, no checks): what any aiohttp server adds on this machine, outpost's floor;
+- ``json-bare``: the ``http-json`` client against that same bare server, which parses the
+  JSON tensors as outpost's fast path does (simdjson, one C pass an array) and writes its
+  answer with orjson: the JSON floor.
 
 The headline reference is the raw ONNX Runtime session at its own defaults, called back to
 back at batch 1 in this process (benchmarks/raw.py), measured in each round before the
@@ -151,7 +154,7 @@ def _python_client(args) -> dict:
         uvloop.install()
     except ImportError:
         pass
-    if kind.startswith("http-"):
+    if kind.startswith("http-") or kind == "json-bare":
         return asyncio.run(http_closed_loop(target, model, concurrency, seconds,
                                             binary=kind == "http-bin"))
     r = asyncio.run(closed_loop(model, sample_inputs(model), concurrency, seconds,
@@ -175,15 +178,14 @@ def main() -> int:
     models = args.models.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary, pa_env = find_perf_analyzer(args.perf_analyzer)
-    kinds = ("socket", "http-bin", "http-json",
+    kinds = ("socket", "http-bin", "http-json", "json-bare",
              *(("perf_analyzer", "pa-bare") if binary else ()))
 
     with tempfile.TemporaryDirectory(prefix="op-bench-") as tmp_name, \
             contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         server, files = start_default_server(tmp, ["--http", "127.0.0.1:0"])
-        bare = stack.enter_context(bare_server("http", {m: files[m] for m in models})) \
-            if binary else None
+        bare = stack.enter_context(bare_server("http", {m: files[m] for m in models}))
         url = server.ready_record()["http"]
         address = url.removeprefix("http://")
         chosen = layouts(server)
@@ -223,8 +225,8 @@ def main() -> int:
                                         csv_path)
                                     got = run_perf_analyzer(cmd, pa_env, csv_path)
                                 else:
-                                    target = str(server.socket_path) if kind == "socket" \
-                                        else url
+                                    target = {"socket": str(server.socket_path),
+                                              "json-bare": f"http://{bare}"}.get(kind, url)
                                     got = pool.apply(_python_client,
                                                      ((kind, target, m, c, args.seconds),))
                                 got["raw"] = raw_now[m]
@@ -263,6 +265,9 @@ def main() -> int:
                   f">= 0.80: {ratio(1, 'http-bin'):.2f}; c=16 >= 0.85: "
                   f"{ratio(16, 'http-bin'):.2f}; HTTP JSON cnn c=1 >= 0.45: "
                   f"{ratio(1, 'http-json'):.2f}")
+            print(f"the thinnest aiohttp server with the same JSON parse (json-bare), the "
+                  f"same client: c=1 {ratio(1, 'json-bare'):.2f}, c=16 "
+                  f"{ratio(16, 'json-bare'):.2f}")
             if binary:
                 print(f"the thinnest aiohttp server over the raw session (pa-bare), the same "
                       f"client: c=1 {ratio(1, 'pa-bare'):.2f}, c=16 {ratio(16, 'pa-bare'):.2f}; "

@@ -48,7 +48,7 @@ def test_bare_socket_answers_the_frame_and_the_shared_memory_input(identity):
         region.unlink()
 
 
-def test_bare_http_answers_triton_binary_requests(identity):
+def test_bare_http_answers_triton_binary_and_json_requests(identity):
     x = _x()
     with bare_server("http", {"identity": identity}) as address:
         url = f"http://{address}/v2/models/identity"
@@ -65,6 +65,13 @@ def test_bare_http_answers_triton_binary_requests(identity):
         out = json.loads(body[:at])["outputs"][0]
         assert out["shape"] == [1, 16]
         np.testing.assert_array_equal(np.frombuffer(body[at:], np.float32), x.ravel())
+        # JSON tensors both ways, nested as the shape says.
+        req = urllib.request.Request(f"{url}/infer", data=json.dumps({"inputs": [
+            {"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x.tolist()}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            out = json.load(resp)["outputs"][0]
+        assert out["shape"] == [1, 16] and out["data"] == x.ravel().tolist()
 
 
 def test_bare_grpc_answers_tritonclient(identity):
