@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+ANSWER_TIMEOUT_S = 30  # socket_loop's c=1 client gives up on an answer after this long
 
 
 class Model:
@@ -262,6 +266,15 @@ def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
              else [bytes(4) + bytes([index])])
     times: list[float] = []
 
+    def send_frame(sock) -> None:
+        parts = [memoryview(p) for p in frame]
+        while parts:  # one sendmsg may take part of it (a signal, the send timeout)
+            sent = sock.sendmsg(parts)
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts.pop(0))
+            if sent:
+                parts[0] = parts[0][sent:]
+
     def read_answer(sock) -> None:
         head = sock.recv(4, socket.MSG_WAITALL)
         if len(head) < 4:
@@ -275,12 +288,21 @@ def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
 
     if concurrency == 1:
         with socket.socket(socket.AF_UNIX) as sock:
+            # Kernel timeouts (no poll() before each call, as a Python timeout would add):
+            # a lost answer ends the run with an error instead of waiting for ever.
+            timeval = struct.pack("@ll", ANSWER_TIMEOUT_S, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             sock.connect(path)
             start = time.perf_counter() + warmup_s
             stop = start + seconds
             while (t0 := time.perf_counter()) < stop:
-                sock.sendmsg(frame)
-                read_answer(sock)
+                try:
+                    send_frame(sock)
+                    read_answer(sock)
+                except BlockingIOError:  # SO_RCVTIMEO or SO_SNDTIMEO passed
+                    raise ConnectionError(f"the bare server at {path} took no request or "
+                                          f"sent no answer in {ANSWER_TIMEOUT_S} s") from None
                 if t0 >= start:
                     times.append(time.perf_counter() - t0)
     else:
