@@ -129,12 +129,12 @@ def main() -> int:
                for m in ("cnn", "identity")}
         ctx = multiprocessing.get_context("spawn")
         poll_us = args.client_busy_poll_us
-        points = [("cnn", 1, "async", 0), ("cnn", 16, "async", 0), ("cnn", 64, "async", 0),
+        points = [("cnn", 1, "async", 0), ("cnn", 1, "blocking", 0), ("cnn", 16, "async", 0),
+                  ("cnn", 64, "async", 0),
                   ("identity", 1, "blocking", 0), ("identity", 1, "blocking", poll_us),
                   ("identity", 1, "async", 0), ("identity", 64, "async", 0),
                   ("cnn", 1, "bare", 0), ("cnn", 64, "bare", 0),
-                  ("identity", 1, "bare", 0), ("identity", 64, "bare", 0),
-                  ("cnn", 1, "blocking", 0)]
+                  ("identity", 1, "bare", 0), ("identity", 64, "bare", 0)]
         order = {"cnn": 0, "identity": 1}  # the bare server's model indexes
         rounds: list[dict] = []
         try:
@@ -203,16 +203,20 @@ def report(rounds: list[dict], points: list, poll_us: int, code: int) -> None:
         print(f"{model:9} {c:<4}  {label:22} {rps:8.0f}  {p50:8.2f} {p99:8.2f}{extra}"
               f"{f'  {failed} failed' if failed else ''}")
     print(f"\nserver exit code {code}")
-    c64, c1, c1_blocking = summary[points[2]], summary[points[0]], summary[points[11]]
+    def at(model, c, client, poll=0):
+        return summary[(model, c, client, poll)]
+
     print(f"targets (against raw ONNX Runtime at its defaults): cnn c=64 >= 90%: "
-          f"{c64[0]:.1%}; cnn c=1 p50 <= 1.15x raw p50: {c1[1]:.2f}x (AsyncClient; "
-          f"{c1_blocking[1]:.2f}x Client); identity c=1 within "
-          f"60 us of raw: {summary[points[3]]:.0f} us (Client; {summary[points[4]]:.0f} us "
-          f"with busy_poll_us={poll_us}, {summary[points[5]]:.0f} us AsyncClient); "
-          f"identity c=64 >= 28000 req/s: {summary[points[6]]:.0f}")
-    print(f"the bare floor, the same measures: cnn c=64 {summary[points[8]][0]:.1%}; cnn c=1 "
-          f"p50 {summary[points[7]][1]:.2f}x; identity c=1 {summary[points[9]]:.0f} us; "
-          f"identity c=64 {summary[points[10]]:.0f} req/s")
+          f"{at('cnn', 64, 'async')[0]:.1%}; cnn c=1 p50 <= 1.15x raw p50: "
+          f"{at('cnn', 1, 'async')[1]:.2f}x (AsyncClient; {at('cnn', 1, 'blocking')[1]:.2f}x "
+          f"Client); identity c=1 within 60 us of raw: {at('identity', 1, 'blocking'):.0f} us "
+          f"(Client; {at('identity', 1, 'blocking', poll_us):.0f} us with "
+          f"busy_poll_us={poll_us}, {at('identity', 1, 'async'):.0f} us AsyncClient); "
+          f"identity c=64 >= 28000 req/s: {at('identity', 64, 'async'):.0f}")
+    print(f"the bare floor, the same measures: cnn c=64 {at('cnn', 64, 'bare')[0]:.1%}; cnn "
+          f"c=1 p50 {at('cnn', 1, 'bare')[1]:.2f}x; identity c=1 "
+          f"{at('identity', 1, 'bare'):.0f} us; identity c=64 "
+          f"{at('identity', 64, 'bare'):.0f} req/s")
 
 
 if __name__ == "__main__":
