@@ -21,9 +21,10 @@ rows/s and of the quickest c=1 latency among them are as good, and of those a sp
 is taken: spinning is ONNX Runtime's own default, and in a server its threads, awake
 between a sequential client's requests, saved the demo CNN 0.3-0.6 ms a request, more than
 this in-process measure shows on a noisy host; so not spinning is taken only where it
-measures better, on either count (a profile for power-budgeted boards fixes it off: spinning spends
-a core for some 50 ms after each batch). The preferred batch is the smallest size within
-``BATCH_TOLERANCE`` of the best rows/s: larger batches only add latency there.
+measures better, on either count (a profile for power-budgeted boards fixes it off:
+spinning spends a core for some 50 ms after each batch). The preferred batch is the
+smallest size within ``BATCH_TOLERANCE`` of the best rows/s: larger batches only add
+latency there.
 
 Whether batching or threads pay depends on the device and the engine: on a GPU, or for a
 model whose per-call overhead dominates (a small MLP), rows/s grows with the batch; a
