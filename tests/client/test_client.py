@@ -73,6 +73,31 @@ def test_a_server_that_never_answers_times_out_with_one_clear_error(short_tmp):
             conn.close()
 
 
+def test_a_server_that_never_reads_a_large_request_times_out_with_one_clear_error(short_tmp):
+    """A tensor larger than the sockets' buffers goes out in parts; a server that reads
+    none of it makes the send wait, and the kernel's SO_SNDTIMEO ends it."""
+    path = short_tmp / "deaf.sock"
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.bind(str(path))
+    deaf.listen(1)
+    held = []
+    accepting = threading.Thread(target=lambda: held.append(deaf.accept()), daemon=True)
+    accepting.start()
+    big = np.zeros((16 << 20) // 4, np.float32)  # 16 MiB: far past both buffers
+    try:
+        with Client(path, timeout_s=0.3) as c:
+            t0 = time.monotonic()
+            with pytest.raises(errors.Unavailable) as e:
+                c.infer("cnn", {"x": big})
+            waited = time.monotonic() - t0
+        assert "no answer from the server within 0.3 s" in str(e.value)
+        assert 0.25 <= waited < 5, waited
+    finally:
+        deaf.close()
+        for conn, _ in held:
+            conn.close()
+
+
 def test_a_negative_busy_poll_is_refused(module_server):
     with pytest.raises(errors.InvalidArgument, match="busy_poll_us"):
         Client(module_server.socket_path, busy_poll_us=-1)
