@@ -30,7 +30,6 @@ import contextlib
 import functools
 import json
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +261,8 @@ def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
     input is the one in the server's shared memory region."""
     import time
 
+    from appliance.client.blocking import kernel_timeouts
+
     frame = ([(x.nbytes).to_bytes(4, "little") + bytes([index]), x.tobytes()] if x is not None
              else [bytes(4) + bytes([index])])
     times: list[float] = []
@@ -288,11 +289,9 @@ def socket_loop(path: str, index: int, x: np.ndarray | None, concurrency: int,
 
     if concurrency == 1:
         with socket.socket(socket.AF_UNIX) as sock:
-            # Kernel timeouts (no poll() before each call, as a Python timeout would add):
+            # Kernel timeouts, as outpost's Client sets them (no poll() before each call):
             # a lost answer ends the run with an error instead of waiting for ever.
-            timeval = struct.pack("@ll", ANSWER_TIMEOUT_S, 0)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            kernel_timeouts(sock, ANSWER_TIMEOUT_S)
             sock.connect(path)
             start = time.perf_counter() + warmup_s
             stop = start + seconds

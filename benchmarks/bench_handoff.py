@@ -7,11 +7,11 @@ event loop puts the job on the instance's queue, its worker thread wakes and run
 session, and the answer comes back to the loop with ``call_soon_threadsafe``. Two wake-ups
 a request, which a server answering on the loop itself would not pay (the bare servers of
 benchmarks/bare_servers.py call the session in the handler). Here, in one process on
-uvloop, the same session (the engine as outpost loads it, at ONNX Runtime's default thread
-count, spinning) runs batch 1 both ways, each run after a 0.5 ms pause as a sequential
-client's request comes; rounds interleave the two, with a pause between them so that
-spinning threads park. Printed: the p50 of each, and the median of the per-round
-differences.
+uvloop, the same session (the engine as outpost loads it, an intra-op thread for each
+core outpost may use (appliance/config/cpus.py), spinning) runs batch 1 both ways, each
+run after a 0.5 ms pause as a sequential client's request comes; rounds interleave the
+two, with a pause between them so that spinning threads park. Printed: the p50 of each,
+and the median of the per-round differences.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from appliance.config.cpus import usable_cpus  # noqa: E402
 from appliance.demo.models import BUILDERS, sample_inputs  # noqa: E402
 from appliance.scheduling.instance import ModelInstance  # noqa: E402
 from engines.base import BuildOptions, RuntimeOptions  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> int:
         build = BuildOptions(max_batch_size=1)
         artifact = engine.prepare(BUILDERS[args.model](Path(tmp) / "m.onnx"), build,
                                   Path(tmp) / "engines")
-        threads = len(os.sched_getaffinity(0))
+        threads = usable_cpus().count
         session = engine.load(artifact, build, dataclasses.replace(
             RuntimeOptions(), intra_op_threads=threads, spinning=True))
         instance = ModelInstance(session, f"{args.model}-bench")

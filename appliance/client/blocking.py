@@ -27,7 +27,7 @@ RECV_BYTES = 1 << 16
 T = TypeVar("T")
 
 
-def _kernel_timeouts(sock: socket.socket, timeout_s: float | None) -> None:
+def kernel_timeouts(sock: socket.socket, timeout_s: float | None) -> None:
     """Leave the timeout to the kernel (SO_RCVTIMEO, SO_SNDTIMEO): with a Python socket
     timeout, every send and receive is a poll() and then the call, and a non-blocking
     receive (busy polling) would wait in that poll. None: no timeout."""
@@ -77,7 +77,7 @@ class Client(Ops):
                 widen(self._sock)
                 self._sock.settimeout(timeout_s)
                 self._sock.connect(str(path or default_socket()))
-            _kernel_timeouts(self._sock, timeout_s)
+            kernel_timeouts(self._sock, timeout_s)
         except OSError as exc:
             where = tcp or str(path or default_socket())
             raise Unavailable(f"can't connect to the outpost server at {where}: "

@@ -4,6 +4,7 @@ timeout, both clients carrying every op, and answers that refuse the stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import socket
 import threading
@@ -48,17 +49,28 @@ def test_busy_polling_still_waits_for_a_slow_answer(module_server):
         assert c.infer("cnn", image)["probs"].shape == (1, 10)
 
 
+@contextlib.contextmanager
+def _silent_server(path, connections: int):
+    """A Unix socket at ``path`` that accepts ``connections`` and never reads nor
+    answers; closed, with what it accepted, on the way out."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(path))
+    silent.listen(4)
+    held = []
+    threading.Thread(target=lambda: held.extend(silent.accept() for _ in range(connections)),
+                     daemon=True).start()
+    try:
+        yield
+    finally:
+        silent.close()
+        for conn, _ in held:
+            conn.close()
+
+
 def test_a_server_that_never_answers_times_out_with_one_clear_error(short_tmp):
     """The timeout is the kernel's (SO_RCVTIMEO), with or without busy polling."""
     path = short_tmp / "mute.sock"
-    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    mute.bind(str(path))
-    mute.listen(4)
-    held = []
-    accepting = threading.Thread(target=lambda: held.extend(mute.accept() for _ in range(2)),
-                                 daemon=True)
-    accepting.start()
-    try:
+    with _silent_server(path, connections=2):
         for busy_poll_us in (0, 1000):
             with Client(path, timeout_s=0.3, busy_poll_us=busy_poll_us) as c:
                 t0 = time.monotonic()
@@ -67,35 +79,20 @@ def test_a_server_that_never_answers_times_out_with_one_clear_error(short_tmp):
                 waited = time.monotonic() - t0
             assert "no answer from the server within 0.3 s" in str(e.value)
             assert 0.25 <= waited < 5, waited
-    finally:
-        mute.close()
-        for conn, _ in held:
-            conn.close()
 
 
 def test_a_server_that_never_reads_a_large_request_times_out_with_one_clear_error(short_tmp):
     """A tensor larger than the sockets' buffers goes out in parts; a server that reads
     none of it makes the send wait, and the kernel's SO_SNDTIMEO ends it."""
     path = short_tmp / "deaf.sock"
-    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    deaf.bind(str(path))
-    deaf.listen(1)
-    held = []
-    accepting = threading.Thread(target=lambda: held.append(deaf.accept()), daemon=True)
-    accepting.start()
     big = np.zeros((16 << 20) // 4, np.float32)  # 16 MiB: far past both buffers
-    try:
-        with Client(path, timeout_s=0.3) as c:
-            t0 = time.monotonic()
-            with pytest.raises(errors.Unavailable) as e:
-                c.infer("cnn", {"x": big})
-            waited = time.monotonic() - t0
-        assert "no answer from the server within 0.3 s" in str(e.value)
-        assert 0.25 <= waited < 5, waited
-    finally:
-        deaf.close()
-        for conn, _ in held:
-            conn.close()
+    with _silent_server(path, connections=1), Client(path, timeout_s=0.3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable) as e:
+            c.infer("cnn", {"x": big})
+        waited = time.monotonic() - t0
+    assert "no answer from the server within 0.3 s" in str(e.value)
+    assert 0.25 <= waited < 5, waited
 
 
 def test_a_negative_busy_poll_is_refused(module_server):
